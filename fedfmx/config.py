@@ -1,0 +1,160 @@
+"""Fleet configuration: pydantic models are the single source of truth, YAML is parsed once here.
+
+The defaults *are* the embedded demo fleet (`device_configs/fleets/demo.yaml` mirrors them), so
+`fedfmx-edge simulate` with no file runs the README's main job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedfmx.errors import ConfigError
+
+MethodName = Literal["fedfmx", "fedavg"]
+
+
+class Section(BaseModel):
+    """Strict config section: unknown keys are errors, not silently ignored typos."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    dataset: Literal["fashion_mnist", "digits"] = "fashion_mnist"
+    path: Path | None = None
+    """Directory of the data files; None uses the dataset's standard location."""
+    train_per_class: int | None = Field(default=None, gt=0)
+    """Cap on training samples per class (small slices for fast runs); None keeps all."""
+    test_per_class: int | None = Field(default=None, gt=0)
+
+
+class ProtocolConfig(Section):
+    """The class-incremental federated protocol: tasks, clients, non-IID split, misalignment."""
+
+    num_tasks: int = Field(default=5, ge=1)
+    num_clients: int = Field(default=5, ge=1)
+    alpha: float = Field(default=0.5, gt=0)
+    """Dirichlet concentration of the per-task client split (smaller = more non-IID)."""
+    rounds_per_task: int = Field(default=3, ge=1)
+    max_lag: int = Field(default=1, ge=0)
+    """Each client meets a task's classes after a seeded lag drawn from [0, max_lag] rounds."""
+    lags: list[int] | None = None
+    """Explicit per-client lags; overrides `max_lag`."""
+
+    @model_validator(mode="after")
+    def _lags_fit_rounds(self) -> ProtocolConfig:
+        largest = max(self.lags) if self.lags else self.max_lag
+        if largest >= self.rounds_per_task:
+            raise ValueError(
+                f"lags must be < rounds_per_task ({self.rounds_per_task}) so every client "
+                "meets every task"
+            )
+        if self.lags is not None and len(self.lags) != self.num_clients:
+            raise ValueError(f"lags needs one entry per client ({self.num_clients})")
+        return self
+
+
+class ModelConfig(Section):
+    backbone_channels: list[int] = Field(default=[16, 32, 64], min_length=1)
+    feature_dim: int = Field(default=128, gt=0)
+    num_experts: int = Field(default=8, ge=1)
+    expert_hidden: int = Field(default=32, gt=0)
+    backbone_mode: Literal["freeze_after_first_task", "train"] = "train"
+    """Keep training the backbone under the Fisher penalty, or freeze it once the first task is
+    learnt (the experts then carry the increments; cheaper uplink, but a 2-class first task is a
+    poor teacher: see docs/decisions.md)."""
+
+
+class FedFMXConfig(Section):
+    """Hyper-parameters of FRES, AES, RAR and the Fisher penalty (DESIGN §4)."""
+
+    fres_lambda: float = Field(default=1.0, ge=0)
+    """λ in u_e = P_e − λ·S_e."""
+    fres_route_weight: float = Field(default=0.1, ge=0)
+    """Weight of the loss that aligns the router with the FRES scores on new classes."""
+    fres_temperature: float = Field(default=0.5, gt=0)
+    aes_tau: float = Field(default=0.05, ge=0)
+    """AES adds an expert while its marginal utility p_e − cost exceeds τ."""
+    aes_cost: float = Field(default=0.05, ge=0)
+    k_min: int = Field(default=1, ge=1)
+    k_max: int = Field(default=3, ge=1)
+    max_experts_per_round: int = Field(default=2, ge=1)
+    """Budget: at most this many experts are trained and sent per device and round."""
+    ewc_weight: float = Field(default=100.0, ge=0)
+    fisher_decay: float = Field(default=0.5, ge=0, le=1)
+    """Online-EWC accumulation: F ← γ·F + F_new when a device meets a new task."""
+    fisher_samples: int = Field(default=256, gt=0)
+    rar_weight: float = Field(default=0.01, ge=0)
+    z_loss_weight: float = Field(default=0.001, ge=0)
+
+    @model_validator(mode="after")
+    def _k_range(self) -> FedFMXConfig:
+        if self.k_min > self.k_max:
+            raise ValueError("k_min must be <= k_max")
+        return self
+
+
+class TrainingConfig(Section):
+    local_epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=0.01, gt=0)
+    exemplars_per_class: int = Field(default=20, ge=0)
+    """Per-class cap of each device's exemplar buffer (raw data stays on the device)."""
+    threads: int = Field(default=2, ge=1)
+
+
+class FleetConfig(Section):
+    name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    seed: int = 0
+    method: MethodName = "fedfmx"
+    data: DataConfig = DataConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
+    model: ModelConfig = ModelConfig()
+    fedfmx: FedFMXConfig = FedFMXConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _experts_fit(self) -> FleetConfig:
+        if self.fedfmx.k_max > self.model.num_experts:
+            raise ValueError(
+                f"fedfmx.k_max must be <= model.num_experts ({self.model.num_experts})"
+            )
+        return self
+
+
+def _first_error(error: ValidationError) -> str:
+    """One line: where the first problem is and what is allowed there."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "file"
+    return f"{where}: {first['msg']}"
+
+
+def parse_fleet(raw: object, source: str = "fleet") -> FleetConfig:
+    """Validate an already-parsed YAML document; errors name the field and the allowed values."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return FleetConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_first_error(error)}") from None
+
+
+def load_fleet(path: Path | None) -> FleetConfig:
+    """Read a fleet YAML file, or the embedded default when `path` is None."""
+    if path is None:
+        return FleetConfig()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such fleet file") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    return parse_fleet(raw, str(path))

@@ -1,0 +1,212 @@
+"""Real image data sets, read offline from files a package manager installed.
+
+Every reader returns the same `ImageDataset` (float32 images in [0, 1], shaped [N, 1, H, W],
+int64 labels that index `class_names`), so the rest of the code never knows where data came
+from. Anything wrong with the files is a `DataError` of one line that names the path and the fix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from fedfmx.errors import ConfigError, DataError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+DATASET_NAMES = ("fashion_mnist", "digits")
+
+_IDX_DTYPES: dict[int, np.dtype[np.generic]] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+_FASHION_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """A labelled train/test split; `eq=False` because arrays have no single truth value."""
+
+    name: str
+    class_names: tuple[str, ...]
+    """Index = the data set's own label."""
+    train_x: np.ndarray
+    """float32 [N, 1, H, W], values in [0, 1]."""
+    train_y: np.ndarray
+    """int64 [N]."""
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def _idx_error(path: Path, problem: str) -> DataError:
+    return DataError(f"{path}: {problem}; replace it with an intact copy of the IDX file")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (LeCun's MNIST format), gzip'd or plain, into a native-endian array.
+
+    Layout: bytes 0-1 are zero, byte 2 the dtype code, byte 3 the number of dims d, then d
+    big-endian uint32 sizes, then prod(sizes) big-endian items. The file must hold exactly
+    4 + 4·d + prod(sizes)·itemsize bytes, so a truncated or padded file is caught here rather
+    than as a mis-shaped array later. Gzip is recognised by its magic bytes, not the name.
+    """
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == _GZIP_MAGIC:
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; pass the directory that holds it") from None
+    except (OSError, EOFError, zlib.error) as error:
+        raise _idx_error(path, f"unreadable or corrupt gzip ({error})") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00":
+        raise _idx_error(path, "not an IDX file (bad magic number)")
+    dtype = _IDX_DTYPES.get(raw[2])
+    if dtype is None:
+        raise _idx_error(path, f"unknown IDX dtype code 0x{raw[2]:02x}")
+    ndims = raw[3]
+    header_size = 4 + 4 * ndims
+    if len(raw) < header_size:
+        raise _idx_error(path, f"header truncated ({len(raw)} bytes for {ndims} dims)")
+    shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">u4", count=ndims, offset=4))
+    expected = header_size + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise _idx_error(path, f"header says shape {shape} ({expected} bytes), file has {len(raw)}")
+    data = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_fashion_mnist(root: Path | None = None) -> ImageDataset:
+    """Zalando's Fashion-MNIST from the four standard IDX files (gzip'd or not) in `root`."""
+    root = FASHION_MNIST_DIR if root is None else root
+    found = {key: _find_idx(root, stem) for key, stem in _FASHION_FILES.items()}
+    paths = {key: path for key, path in found.items() if path is not None}
+    if len(paths) < len(_FASHION_FILES):
+        missing = [stem for key, stem in _FASHION_FILES.items() if key not in paths]
+        raise DataError(
+            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}): run "
+            "`sudo apt-get install -y dataset-fashion-mnist` or pass --data-path DIR holding "
+            "the four *-ubyte.gz files"
+        )
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise _idx_error(paths[f"{split}_x"], "expected uint8 images [N, H, W]")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise _idx_error(paths[f"{split}_y"], f"expected {len(images)} labels, one per image")
+        if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise _idx_error(paths[f"{split}_y"], "labels outside 0..9")
+    return ImageDataset(
+        name="fashion_mnist",
+        class_names=FASHION_MNIST_CLASSES,
+        train_x=_as_unit_images(arrays["train_x"], 255.0),
+        train_y=arrays["train_y"].astype(np.int64),
+        test_x=_as_unit_images(arrays["test_x"], 255.0),
+        test_y=arrays["test_y"].astype(np.int64),
+    )
+
+
+def _as_unit_images(images: np.ndarray, max_value: float) -> np.ndarray:
+    """[N, H, W] in [0, max_value] -> float32 [N, 1, H, W] in [0, 1]."""
+    return (images.astype(np.float32) / np.float32(max_value))[:, None, :, :]
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    """UCI optdigits (8x8, 1,797 images, shipped inside scikit-learn), split stratified by class.
+
+    Pixel values are counts 0..16, so x / 16 maps them onto [0, 1]. Each split keeps the
+    original sample order, so the split depends on `seed` alone.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_digits()
+    images = np.asarray(bunch.images)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels
+    )
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    unit = _as_unit_images(images, 16.0)
+    return ImageDataset(
+        name="digits",
+        class_names=tuple(str(c) for c in range(10)),
+        train_x=unit[train_idx],
+        train_y=labels[train_idx],
+        test_x=unit[test_idx],
+        test_y=labels[test_idx],
+    )
+
+
+def load_dataset(name: str, path: Path | None = None) -> ImageDataset:
+    """Dispatch on the configured data-set name; `path` overrides Fashion-MNIST's directory."""
+    if name == "fashion_mnist":
+        return load_fashion_mnist(path)
+    if name == "digits":
+        if path is not None:
+            raise ConfigError(f"digits ships inside scikit-learn and takes no path (got {path})")
+        return load_digits()
+    raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
+
+
+def _cap_per_class(labels: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices keeping at most `cap` uniformly drawn samples of each class."""
+    if cap is None:
+        return np.arange(len(labels))
+    if cap < 1:
+        raise ConfigError(f"per-class caps must be >= 1 or None, got {cap}")
+    kept = [
+        rng.choice(members, size=min(cap, len(members)), replace=False)
+        for members in (np.flatnonzero(labels == c) for c in np.unique(labels))
+    ]
+    return np.sort(np.concatenate(kept)) if kept else np.arange(0)
+
+
+def subsample(
+    ds: ImageDataset, train_per_class: int | None, test_per_class: int | None, seed: int
+) -> ImageDataset:
+    """Seeded per-class caps (for fast runs); kept samples stay in their original order."""
+    rng = np.random.default_rng(seed)
+    train_idx = _cap_per_class(ds.train_y, train_per_class, rng)
+    test_idx = _cap_per_class(ds.test_y, test_per_class, rng)
+    return replace(
+        ds,
+        train_x=ds.train_x[train_idx],
+        train_y=ds.train_y[train_idx],
+        test_x=ds.test_x[test_idx],
+        test_y=ds.test_y[test_idx],
+    )

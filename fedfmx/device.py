@@ -1,0 +1,191 @@
+"""The device side of a round, free of any transport: announcement and model in, update bytes out.
+
+The in-process engine and `fedfmx-edge join` both drive a `DeviceLearner`, so the learning a
+device does is the same whichever way its messages travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS, HEAD_WEIGHT, Arrays
+from fedfmx.codec import encode_update
+from fedfmx.config import FleetConfig
+from fedfmx.exemplars import ExemplarBuffer
+from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
+from fedfmx.messages import CodecSettings, ModelHeader, RoundAnnouncement, UpdateHeader
+from fedfmx.methods import LocalContext, LocalOutcome, make_method
+from fedfmx.model import FedFMXModel, build_model, load_numpy_state
+from fedfmx.stream import ClientStream
+from fedfmx.training import LocalData
+
+
+@dataclass
+class LocalRows:
+    """The data a device holds: images and class *names* (class ids are the fleet's business)."""
+
+    x: np.ndarray
+    names: np.ndarray
+
+
+@dataclass
+class DeviceState:
+    """What a device must keep across rounds (and persist to survive a restart)."""
+
+    old_fisher: TensorMap = field(default_factory=dict)
+    anchor: TensorMap = field(default_factory=dict)
+    """The parameters the Fisher was measured at (EWC's `θ*`)."""
+    held: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    """Train indices of the current task's rows received so far."""
+    residual: dict[str, np.ndarray] = field(default_factory=dict)
+    """Codec error-feedback residual."""
+
+
+class DeviceLearner:
+    """One device's learning: stream, exemplars, Fisher, method, and its update encoding."""
+
+    def __init__(
+        self,
+        device_id: str,
+        fleet: FleetConfig,
+        train_x: np.ndarray,
+        train_names: np.ndarray,
+        stream: ClientStream,
+        seed: int,
+        codec: CodecSettings | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.fleet = fleet
+        self.train_x = train_x
+        self.train_names = train_names
+        self.stream = stream
+        self.method = make_method(fleet.method)
+        self.codec = codec or CodecSettings()
+        per_class = fleet.training.exemplars_per_class if self.method.uses_exemplars else 0
+        self.exemplars = ExemplarBuffer(per_class, None, seed)
+        self.state = DeviceState()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def handle_round(
+        self, announcement: RoundAnnouncement, model: ModelHeader, weights: Arrays
+    ) -> bytes | None:
+        """Train on what the stream holds at this round and return the encoded update.
+
+        Returns None when this device has not met its first task yet (class misalignment).
+        """
+        position = self.stream.position(announcement.round)
+        if position.task is None:
+            return None
+        network = build_model(
+            self.fleet.model, self.fleet.fedfmx, len(model.class_names), self.fleet.seed
+        )
+        load_numpy_state(network, weights)
+        if self.stream.meets_new_task(announcement.round) and len(self.state.held):
+            self._close_task(network)
+        self.state.held = self.stream.available(announcement.round)
+        current = LocalRows(self.train_x[self.state.held], self.train_names[self.state.held])
+        old_x, old_names = self.exemplars.arrays()
+        local_names = _local_class_names(model.class_names, current.names, old_names)
+        network.grow_head(len(local_names))
+        index = {name: i for i, name in enumerate(local_names)}
+        data = LocalData(
+            x_new=torch.from_numpy(current.x),
+            y_new=torch.tensor([index[n] for n in current.names], dtype=torch.long),
+            x_old=torch.from_numpy(old_x),
+            y_old=torch.tensor([index[n] for n in old_names], dtype=torch.long),
+        )
+        context = LocalContext(
+            model=network,
+            data=data,
+            fleet=self.fleet,
+            old_fisher=self.state.old_fisher,
+            anchor=self.state.anchor,
+            fleet_usage=torch.tensor(announcement.expert_usage, dtype=torch.float32),
+            train_backbone=announcement.train_backbone,
+            generator=self.generator,
+        )
+        outcome = self.method.train(context)
+        tensors, header = self._update(
+            announcement, model, weights, network, outcome, local_names, data
+        )
+        encoded = encode_update(header, tensors, self.state.residual)
+        self.state.residual = dict(encoded.residual)
+        return encoded.payload
+
+    def _close_task(self, network: FedFMXModel) -> None:
+        """On meeting a new task: keep exemplars of the old one and fold its Fisher in."""
+        previous = LocalRows(self.train_x[self.state.held], self.train_names[self.state.held])
+        if self.method.uses_fisher:
+            names = [
+                n for n, _ in network.named_parameters() if n.startswith(("experts.", "router."))
+            ]
+            if self.fleet.model.backbone_mode == "train":
+                names += [n for n, _ in network.named_parameters() if n.startswith("backbone.")]
+            old_x, _ = self.exemplars.arrays()
+            rows = np.concatenate([previous.x, old_x]) if len(old_x) else previous.x
+            pick = np.random.default_rng(
+                int(self.generator.initial_seed()) + len(self.state.old_fisher)
+            ).permutation(len(rows))
+            sample = torch.from_numpy(rows[pick[: self.fleet.fedfmx.fisher_samples]])
+            fresh = diagonal_fisher(network, sample, names, self.generator)
+            params = dict(network.named_parameters())
+            self.state.anchor = {name: params[name].detach().clone() for name in names}
+            self.state.old_fisher = accumulate_fisher(
+                self.state.old_fisher, fresh, self.fleet.fedfmx.fisher_decay
+            )
+        self.exemplars.add(previous.x, previous.names)
+
+    def _update(
+        self,
+        announcement: RoundAnnouncement,
+        model: ModelHeader,
+        base: Arrays,
+        network: FedFMXModel,
+        outcome: LocalOutcome,
+        local_names: list[str],
+        data: LocalData,
+    ) -> tuple[Arrays, UpdateHeader]:
+        """Deltas of what the method trained, head rows of the classes held, and the header."""
+        trained = {name: value.detach().numpy() for name, value in network.state_dict().items()}
+        tensors = {name: trained[name] - base[name] for name in outcome.sent}
+        if outcome.merge_fisher:
+            tensors |= {
+                FISHER_PREFIX + name: value.numpy() for name, value in outcome.merge_fisher.items()
+            }
+        labels = torch.cat([data.y_new, data.y_old]).numpy()
+        held = sorted(set(labels.tolist()))
+        counts = np.bincount(labels, minlength=len(local_names))
+        known = len(model.class_names)
+        rows = trained[HEAD_WEIGHT][held].copy()
+        for i, class_id in enumerate(held):
+            if (
+                class_id < known
+            ):  # registered class: delta against the global row; new: against zero
+                rows[i] -= base[HEAD_WEIGHT][class_id]
+        tensors[HEAD_ROWS] = rows
+        header = UpdateHeader(
+            fleet=announcement.fleet,
+            device_id=self.device_id,
+            round=announcement.round,
+            base_version=model.version,
+            num_samples=len(labels),
+            expert_ids=outcome.expert_ids,
+            head_classes=[local_names[c] for c in held],
+            class_counts=[int(counts[c]) for c in held],
+            expert_usage=outcome.result.usage.tolist(),
+            includes_backbone=any(name.startswith("backbone.") for name in outcome.sent),
+            includes_fisher=bool(outcome.merge_fisher),
+            codec=self.codec,
+            train_loss=outcome.result.loss,
+        )
+        return tensors, header
+
+
+def _local_class_names(registry: list[str], *held: np.ndarray) -> list[str]:
+    """The fleet's registry, then the classes this device holds that are not registered yet."""
+    known = set(registry)
+    fresh = sorted({str(name) for names in held for name in names} - known)
+    return [*registry, *fresh]

@@ -1,0 +1,171 @@
+"""The aggregator's round logic, free of any transport and of torch (numpy merges only).
+
+`RoundKeeper` announces a round, accepts validated update payloads (each device once per round:
+a duplicate changes nothing), and closes the round with the associative merge. The in-process
+engine and `fedfmx-edge serve` both drive it; the service adds MQTT and persistence around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedfmx.aggregation import (
+    FISHER_PREFIX,
+    HEAD_ROWS,
+    HEAD_WEIGHT,
+    Arrays,
+    MergeSums,
+    apply_merge,
+    update_sums,
+    usage_fractions,
+)
+from fedfmx.codec import decode_update, encode_model
+from fedfmx.config import FleetConfig
+from fedfmx.errors import ProtocolError
+from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
+
+log = logging.getLogger(__name__)
+
+MAX_UPDATE_BYTES = 64 * 1024 * 1024
+UPDATE_NORM_BOUND = 1e4
+
+
+@dataclass
+class GlobalModel:
+    """One version of the fleet's model: weights plus the class registry."""
+
+    version: int
+    weights: Arrays
+    class_names: list[str]
+    expert_usage: list[float]
+
+
+@dataclass
+class OpenRound:
+    announcement: RoundAnnouncement
+    sums: MergeSums = field(default_factory=MergeSums)
+    received: set[str] = field(default_factory=set)
+
+
+def train_backbone(fleet: FleetConfig, task: int) -> bool:
+    """The backbone learns on the first task, and afterwards only in `train` mode."""
+    return task == 0 or fleet.model.backbone_mode == "train"
+
+
+def expected_update_shapes(
+    header: UpdateHeader, weights: Mapping[str, np.ndarray]
+) -> dict[str, tuple[int, ...]]:
+    """The exact tensor names and shapes an update with this header must carry."""
+    num_experts = len(
+        [n for n in weights if n.startswith("experts.") and n.endswith(".fc1.weight")]
+    )
+    if any(not 0 <= e < num_experts for e in header.expert_ids):
+        raise ProtocolError(f"expert ids {header.expert_ids} outside 0..{num_experts - 1}")
+    prefixes = ["router."] + (["backbone."] if header.includes_backbone else [])
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, value in weights.items():
+        expert = name.split(".")[1] if name.startswith("experts.") else None
+        if (expert is not None and int(expert) in header.expert_ids) or name.startswith(
+            tuple(prefixes)
+        ):
+            shapes[name] = value.shape
+            if expert is not None and header.includes_fisher:
+                shapes[FISHER_PREFIX + name] = value.shape
+    shapes[HEAD_ROWS] = (len(header.head_classes), weights[HEAD_WEIGHT].shape[1])
+    return shapes
+
+
+class RoundKeeper:
+    """Round bookkeeping and merging for one fleet."""
+
+    def __init__(self, fleet: FleetConfig, model: GlobalModel) -> None:
+        self.fleet = fleet
+        self.model = model
+        self.current: OpenRound | None = None
+        self._model_payload: tuple[int, bytes] | None = None
+
+    def open_round(
+        self, round_index: int, participants: list[str], deadline_unix: float
+    ) -> RoundAnnouncement:
+        task = round_index // self.fleet.protocol.rounds_per_task
+        announcement = RoundAnnouncement(
+            fleet=self.fleet.name,
+            round=round_index,
+            task=task,
+            model_version=self.model.version,
+            participants=participants,
+            deadline_unix=deadline_unix,
+            expert_usage=self.model.expert_usage,
+            class_names=self.model.class_names,
+            train_backbone=train_backbone(self.fleet, task),
+        )
+        self.current = OpenRound(announcement)
+        return announcement
+
+    def model_header(self) -> ModelHeader:
+        return ModelHeader(
+            fleet=self.fleet.name, version=self.model.version, class_names=self.model.class_names
+        )
+
+    def model_payload(self) -> bytes:
+        """The current version, encoded once and reused for every device."""
+        if self._model_payload is None or self._model_payload[0] != self.model.version:
+            self._model_payload = (
+                self.model.version,
+                encode_model(self.model_header(), self.model.weights),
+            )
+        return self._model_payload[1]
+
+    def accept(self, payload: bytes, sender: str | None = None) -> UpdateHeader | None:
+        """Validate and fold one update in; returns None for a duplicate (QoS 1 redelivery).
+
+        Raises ProtocolError with the reason for anything malformed, hostile or out of place.
+        """
+        if self.current is None:
+            raise ProtocolError("no round is open")
+        header, tensors = decode_update(
+            payload,
+            lambda h: expected_update_shapes(h, self.model.weights),
+            max_bytes=MAX_UPDATE_BYTES,
+            norm_bound=UPDATE_NORM_BOUND,
+        )
+        announcement = self.current.announcement
+        if sender is not None and header.device_id != sender:
+            raise ProtocolError(
+                f"header says device {header.device_id!r} but it came from {sender!r}"
+            )
+        if header.fleet != announcement.fleet:
+            raise ProtocolError(
+                f"update for fleet {header.fleet!r}, this is {announcement.fleet!r}"
+            )
+        if header.round != announcement.round or header.base_version != self.model.version:
+            raise ProtocolError(
+                f"update for round {header.round} / version {header.base_version}, "
+                f"open is round {announcement.round} / version {self.model.version}"
+            )
+        if header.device_id not in announcement.participants:
+            raise ProtocolError(
+                f"device {header.device_id!r} is not a participant of round {header.round}"
+            )
+        if header.device_id in self.current.received:
+            return None
+        self.current.sums.add(update_sums(header, tensors, self.model.class_names))
+        self.current.received.add(header.device_id)
+        return header
+
+    def close_round(self) -> GlobalModel:
+        """Merge what was received into the next version (the same version if nothing came)."""
+        if self.current is None:
+            raise ProtocolError("no round is open")
+        sums = self.current.sums
+        self.current = None
+        if sums.updates == 0:
+            return self.model
+        weights, class_names = apply_merge(self.model.weights, self.model.class_names, sums)
+        usage = usage_fractions(sums.usage, len(self.model.expert_usage))
+        self.model = GlobalModel(self.model.version + 1, weights, class_names, usage)
+        return self.model

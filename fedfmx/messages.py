@@ -1,0 +1,94 @@
+"""Protocol messages shared by the in-process engine and the MQTT transport.
+
+Every message is a pydantic model serialised as JSON with a schema version; tensors never travel
+inside these models but beside them, as safetensors (see `fedfmx.codec`). Unknown fields are
+rejected so that a malformed or hostile header fails validation before it touches any state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class Message(BaseModel):
+    """Base of every protocol message: strict, frozen, versioned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class CodecSettings(Message):
+    """How an update's tensors are compressed; stated in the update header."""
+
+    quantize: Literal["none", "int8"] = "none"
+    topk_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    zstd_level: int | None = Field(default=None, ge=1, le=22)
+
+
+class Hello(Message):
+    """A device introduces itself: what it is and which classes it has met."""
+
+    fleet: str
+    device_id: str
+    profile: str
+    classes_met: list[str]
+    sample_counts: dict[str, int]
+
+
+class RoundAnnouncement(Message):
+    """The aggregator opens a round: which model to start from and who takes part."""
+
+    fleet: str
+    round: int = Field(ge=0)
+    task: int = Field(ge=0)
+    model_version: int = Field(ge=0)
+    participants: list[str]
+    deadline_unix: float
+    expert_usage: list[float]
+    """Fleet-wide fraction of routed samples per expert over the last round (RAR's `f_e`)."""
+    class_names: list[str]
+    """The class registry: index = global class id, in order of first appearance."""
+    train_backbone: bool
+    """Whether devices train (and send) the backbone this round."""
+
+
+class UpdateHeader(Message):
+    """What a device sends beside its tensors: enough for the aggregator to validate and merge.
+
+    Tensors are deltas against the model version `base_version`: `experts.<e>.<param>` for each
+    id in `expert_ids`, `router.<param>`, `backbone.<param>` when the backbone was trained,
+    `head.rows` (one row per name in `head_classes`) and `fisher.<name>` for the diagonal Fisher
+    of every expert parameter sent (used by the Fisher-weighted merge).
+    """
+
+    fleet: str
+    device_id: str
+    round: int = Field(ge=0)
+    base_version: int = Field(ge=0)
+    num_samples: int = Field(gt=0)
+    expert_ids: list[int]
+    head_classes: list[str]
+    class_counts: list[int]
+    """Samples per class in `head_classes`, same order: the weights of the per-class head merge."""
+    expert_usage: list[float]
+    """Samples this device routed to each expert during the round (summed fleet-wide)."""
+    includes_backbone: bool = False
+    """Whether `backbone.<param>` deltas are included (the backbone was trained this round)."""
+    includes_fisher: bool = False
+    """Whether `fisher.experts.<e>.<param>` accompany the expert deltas."""
+    codec: CodecSettings = CodecSettings()
+    train_loss: float
+
+
+class ModelHeader(Message):
+    """Describes a global model version; its tensors (full fp32 values) travel beside it."""
+
+    fleet: str
+    version: int = Field(ge=0)
+    class_names: list[str]
+    """Global class ids in order: row `i` of `head.weight` is class `class_names[i]`."""

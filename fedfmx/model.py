@@ -1,0 +1,178 @@
+"""The FedFMX network: CNN backbone, bottleneck experts, linear router and a growing linear head.
+
+Output feature (DESIGN §3): `z + Σ_{e∈S(x)} w_e(x)·h_e(z)`, with `S(x)` the AES subset and `w` the
+gate probabilities renormalised over it. Routing is compute-and-mask (every expert runs on every
+row, unselected ones get weight 0): with a handful of small experts that costs little and keeps
+the graph static, so it exports to ONNX and TorchScript unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedfmx.config import FedFMXConfig, ModelConfig
+from fedfmx.routing import aes_mask
+
+
+class Backbone(nn.Module):
+    """Small CNN (conv-GroupNorm-ReLU-pool blocks, then a linear projection) sized for a Pi.
+
+    GroupNorm rather than BatchNorm: its statistics are per sample, so non-IID devices do not
+    drag shared running means apart, and nothing changes between training and inference.
+    """
+
+    def __init__(self, channels: list[int], feature_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = 1
+        for width in channels:
+            layers += [
+                nn.Conv2d(previous, width, 3, padding=1),
+                nn.GroupNorm(min(8, width), width),
+                nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            previous = width
+        self.conv = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.proj = nn.Linear(previous * 4, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.flatten(self.pool(self.conv(x)), 1))
+
+
+class Expert(nn.Module):
+    """Bottleneck adapter `h_e(z) = W2·relu(W1·z + b1) + b2`."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        with torch.no_grad():  # start close to the identity block so old features survive
+            self.fc2.weight.mul_(0.1)
+            self.fc2.bias.zero_()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(z)))
+
+
+class LinearHead(nn.Module):
+    """One row per class seen so far, no bias: `logits = W·z`; it grows a row per new class.
+
+    A bias-free linear head keeps each class fully described by its row, which is what the
+    per-class merge averages. (A cosine head failed to train the from-scratch backbone in the
+    few steps a device takes per round: the features of an untrained CNN barely differ in
+    direction.)
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * dim**-0.5)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.weight.t()
+
+
+@dataclass
+class Routing:
+    """What the MoE block decided for a batch (the Mixtral-style second output)."""
+
+    logits: torch.Tensor
+    """Router logits [B, E] (before any FRES bias): input of the z-loss."""
+    probs: torch.Tensor
+    """Gate probabilities [B, E] used for selection and weighting."""
+    mask: torch.Tensor
+    """Selected subset S(x) [B, E] as 0/1 floats."""
+    weights: torch.Tensor
+    """Gate probabilities renormalised over S(x) [B, E]; zero outside it."""
+
+    def usage(self) -> torch.Tensor:
+        """Rows routed to each expert [E]."""
+        return self.mask.sum(dim=0)
+
+
+class FedFMXModel(nn.Module):
+    """Backbone → MoE of adapters → linear head over the classes registered so far."""
+
+    def __init__(self, model: ModelConfig, routing: FedFMXConfig, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = Backbone(model.backbone_channels, model.feature_dim)
+        self.experts = nn.ModuleList(
+            Expert(model.feature_dim, model.expert_hidden) for _ in range(model.num_experts)
+        )
+        self.router = nn.Linear(model.feature_dim, model.num_experts)
+        self.head = LinearHead(num_classes, model.feature_dim)
+        self.aes = routing
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def route(
+        self, z: torch.Tensor, bias: torch.Tensor | None = None, dense: bool = False
+    ) -> Routing:
+        """Gate, select with AES (or all experts when `dense`), and renormalise over the subset."""
+        logits = self.router(z)
+        probs = torch.softmax(logits if bias is None else logits + bias, dim=1)
+        if dense:
+            mask = torch.ones_like(probs)
+        else:
+            mask = aes_mask(
+                probs, self.aes.aes_tau, self.aes.aes_cost, self.aes.k_min, self.aes.k_max
+            )
+        weighted = probs * mask
+        weights = weighted / weighted.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return Routing(logits=logits, probs=probs, mask=mask, weights=weights)
+
+    def mix(self, z: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """`z + Σ_e w_e·h_e(z)`: every expert runs, unselected ones are weighted by zero."""
+        outputs = torch.stack([expert(z) for expert in self.experts], dim=1)  # [B, E, d]
+        return z + (routing.weights.unsqueeze(-1) * outputs).sum(dim=1)
+
+    def forward_routed(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, dense: bool = False
+    ) -> tuple[torch.Tensor, Routing]:
+        z = self.backbone(x)
+        routing = self.route(z, bias, dense)
+        return self.head(self.mix(z, routing)), routing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_routed(x)[0]
+
+    def grow_head(self, num_classes: int) -> None:
+        """Append freshly initialised rows until the head has `num_classes` rows."""
+        missing = num_classes - self.head.weight.shape[0]
+        if missing <= 0:
+            return
+        dim = self.head.weight.shape[1]
+        extra = torch.randn(missing, dim) * dim**-0.5
+        self.head.weight = nn.Parameter(torch.cat([self.head.weight.detach(), extra]))
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters as float32 numpy arrays: the form the aggregator and codec use."""
+    return {
+        name: tensor.detach().cpu().numpy().astype(np.float32)
+        for name, tensor in model.state_dict().items()
+    }
+
+
+def load_numpy_state(model: FedFMXModel, state: dict[str, np.ndarray]) -> None:
+    """Load a numpy state, growing the head to the state's number of classes first."""
+    model.grow_head(state["head.weight"].shape[0])
+    model.load_state_dict(
+        {name: torch.from_numpy(np.asarray(value)) for name, value in state.items()}
+    )
+
+
+def build_model(
+    model: ModelConfig, routing: FedFMXConfig, num_classes: int, seed: int
+) -> FedFMXModel:
+    """A freshly initialised model; the seed makes every party build the same initial weights."""
+    torch.manual_seed(seed)
+    return FedFMXModel(model, routing, num_classes)

@@ -1,0 +1,221 @@
+"""The in-process federation engine: one aggregator and N devices in one process, no network.
+
+Messages still travel as they would over MQTT (announcements as pydantic models, models and
+updates as encoded bytes), so the byte counts are real and the MQTT transport plugs into the
+same `RoundKeeper` and `DeviceLearner`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedfmx.codec import decode_model
+from fedfmx.config import FleetConfig
+from fedfmx.datasets import ImageDataset, load_dataset, subsample
+from fedfmx.device import DeviceLearner
+from fedfmx.federation import GlobalModel, RoundKeeper
+from fedfmx.metrics import (
+    AccuracyMatrix,
+    accuracy,
+    average_incremental_accuracy,
+    backward_transfer,
+    final_accuracy,
+    forgetting,
+    predict,
+)
+from fedfmx.model import build_model, load_numpy_state, state_to_numpy
+from fedfmx.stream import IncrementalPlan
+
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class RoundLog:
+    round: int
+    task: int
+    updates: int
+    uplink_bytes: int
+    downlink_bytes: int
+    mean_loss: float
+
+
+@dataclass
+class SimulationResult:
+    """Everything `--results` writes (see `to_json`)."""
+
+    method: str
+    config: dict[str, object]
+    class_order: list[str]
+    accuracy_matrix: AccuracyMatrix
+    seen_accuracy: list[float]
+    uplink_bytes: int
+    downlink_bytes: int
+    rounds: list[RoundLog] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    @property
+    def final_accuracy(self) -> float:
+        return final_accuracy(self.seen_accuracy)
+
+    @property
+    def average_incremental_accuracy(self) -> float:
+        return average_incremental_accuracy(self.seen_accuracy)
+
+    @property
+    def forgetting(self) -> float:
+        return forgetting(self.accuracy_matrix)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "final_accuracy": self.final_accuracy,
+            "average_incremental_accuracy": self.average_incremental_accuracy,
+            "forgetting": self.forgetting,
+            "backward_transfer": backward_transfer(self.accuracy_matrix),
+            "seen_accuracy": self.seen_accuracy,
+            "accuracy_matrix": self.accuracy_matrix,
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "uplink_bytes_per_client_round": _per_update(self.uplink_bytes, self.rounds),
+            "class_order": self.class_order,
+            "rounds": [vars(r) for r in self.rounds],
+            "wall_time_s": self.wall_time_s,
+            "config": self.config,
+        }
+
+
+def _per_update(total: int, rounds: list[RoundLog]) -> float:
+    updates = sum(r.updates for r in rounds)
+    return total / updates if updates else 0.0
+
+
+def initial_model(fleet: FleetConfig) -> GlobalModel:
+    """Version 0: freshly initialised weights (seeded) and no classes yet."""
+    network = build_model(fleet.model, fleet.fedfmx, 0, fleet.seed)
+    usage = [1.0 / fleet.model.num_experts] * fleet.model.num_experts
+    return GlobalModel(
+        version=0, weights=state_to_numpy(network), class_names=[], expert_usage=usage
+    )
+
+
+def load_fleet_dataset(fleet: FleetConfig) -> ImageDataset:
+    """The fleet's data set, sliced to the configured per-class caps."""
+    data = fleet.data
+    dataset = load_dataset(data.dataset, data.path)
+    if data.train_per_class is None and data.test_per_class is None:
+        return dataset
+    return subsample(dataset, data.train_per_class, data.test_per_class, fleet.seed)
+
+
+def make_plan(fleet: FleetConfig, dataset: ImageDataset) -> IncrementalPlan:
+    protocol = fleet.protocol
+    return IncrementalPlan.build(
+        dataset.train_y,
+        len(dataset.class_names),
+        protocol.num_tasks,
+        protocol.num_clients,
+        protocol.alpha,
+        protocol.max_lag,
+        protocol.rounds_per_task,
+        fleet.seed,
+        lags=protocol.lags,
+    )
+
+
+def device_id(client: int) -> str:
+    return f"device-{client:03d}"
+
+
+def evaluate(
+    fleet: FleetConfig, model: GlobalModel, dataset: ImageDataset, tasks: list[list[int]], upto: int
+) -> tuple[list[float], float]:
+    """Accuracy on each task 0..upto's test classes, and on all of them together."""
+    network = build_model(fleet.model, fleet.fedfmx, len(model.class_names), fleet.seed)
+    load_numpy_state(network, model.weights)
+    registry = {name: i for i, name in enumerate(model.class_names)}
+    names = np.array(dataset.class_names)
+    global_ids = torch.tensor([registry.get(str(n), -1) for n in names[dataset.test_y]])
+    seen = np.isin(dataset.test_y, [c for task in tasks[: upto + 1] for c in task])
+    predicted = predict(network, torch.from_numpy(dataset.test_x[seen])) if len(registry) else None
+    targets = global_ids[torch.from_numpy(seen)]
+    task_of = {c: t for t, task in enumerate(tasks) for c in task}
+    per_task_rows = np.array([task_of[int(c)] for c in dataset.test_y[seen]])
+    if predicted is None:
+        return [0.0] * (upto + 1), 0.0
+    per_task = [
+        accuracy(
+            predicted[torch.from_numpy(per_task_rows == t)],
+            targets[torch.from_numpy(per_task_rows == t)],
+        )
+        for t in range(upto + 1)
+    ]
+    return per_task, accuracy(predicted, targets)
+
+
+ProgressHook = Callable[[RoundLog], None]
+
+
+def run_inproc(
+    fleet: FleetConfig, dataset: ImageDataset, on_round: ProgressHook | None = None
+) -> SimulationResult:
+    """Run every task and round of `fleet` in this process and measure it."""
+    torch.set_num_threads(fleet.training.threads)
+    started = time.perf_counter()
+    plan = make_plan(fleet, dataset)
+    keeper = RoundKeeper(fleet, initial_model(fleet))
+    names = np.array(dataset.class_names)[dataset.train_y]
+    devices = [
+        DeviceLearner(
+            device_id(k),
+            fleet,
+            dataset.train_x,
+            names,
+            plan.stream(k, fleet.seed),
+            seed=fleet.seed * 1000 + k,
+        )
+        for k in range(fleet.protocol.num_clients)
+    ]
+    result = SimulationResult(
+        method=fleet.method,
+        config=fleet.model_dump(mode="json"),
+        class_order=[dataset.class_names[c] for task in plan.tasks for c in task],
+        accuracy_matrix=[],
+        seen_accuracy=[],
+        uplink_bytes=0,
+        downlink_bytes=0,
+    )
+    for round_index in range(plan.num_rounds):
+        participants = [d.device_id for d in devices]
+        announcement = keeper.open_round(round_index, participants, deadline_unix=0.0)
+        payload = keeper.model_payload()
+        header, weights = decode_model(payload, max_bytes=MAX_MODEL_BYTES)
+        log = RoundLog(round_index, announcement.task, 0, 0, 0, 0.0)
+        losses = []
+        for device in devices:
+            log.downlink_bytes += len(payload) + len(announcement.model_dump_json())
+            update = device.handle_round(announcement, header, weights)
+            if update is None:
+                continue
+            accepted = keeper.accept(update)
+            if accepted is not None:
+                log.updates += 1
+                log.uplink_bytes += len(update)
+                losses.append(accepted.train_loss)
+        keeper.close_round()
+        log.mean_loss = float(np.mean(losses)) if losses else 0.0
+        result.rounds.append(log)
+        result.uplink_bytes += log.uplink_bytes
+        result.downlink_bytes += log.downlink_bytes
+        if on_round is not None:
+            on_round(log)
+        if (round_index + 1) % fleet.protocol.rounds_per_task == 0:
+            per_task, seen = evaluate(fleet, keeper.model, dataset, plan.tasks, announcement.task)
+            result.accuracy_matrix.append(per_task)
+            result.seen_accuracy.append(seen)
+    result.wall_time_s = time.perf_counter() - started
+    return result

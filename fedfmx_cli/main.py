@@ -1,0 +1,116 @@
+"""`fedfmx-edge`: simulate a fleet (and, as the product grows, serve, join, export...)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.plots import plot_seen_accuracy
+from fedfmx.simulation import RoundLog, SimulationResult, load_fleet_dataset, run_inproc
+from fedfmx_cli.console import console, one_line_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+class Transport(StrEnum):
+    inproc = "inproc"
+
+
+FleetOption = Annotated[
+    Path | None, typer.Option("--fleet", help="Fleet YAML; default: the embedded demo fleet.")
+]
+
+
+def _apply_overrides(
+    fleet: FleetConfig, method: str | None, seed: int | None, data_path: Path | None
+) -> FleetConfig:
+    update: dict[str, object] = {}
+    if method is not None:
+        update["method"] = method
+    if seed is not None:
+        update["seed"] = seed
+    if data_path is not None:
+        update["data"] = fleet.data.model_copy(update={"path": data_path})
+    return FleetConfig.model_validate(fleet.model_copy(update=update).model_dump())
+
+
+def _print_summary(result: SimulationResult) -> None:
+    table = Table(title=f"{result.method}: accuracy after each task (%)")
+    table.add_column("after task", justify="right")
+    for j in range(len(result.accuracy_matrix)):
+        table.add_column(f"task {j}", justify="right")
+    table.add_column("all seen", justify="right", style="bold")
+    for t, row in enumerate(result.accuracy_matrix):
+        cells = [f"{100 * v:.1f}" for v in row] + [""] * (len(result.accuracy_matrix) - len(row))
+        table.add_row(str(t), *cells, f"{100 * result.seen_accuracy[t]:.1f}")
+    out = Console()
+    out.print(table)
+    out.print(
+        f"final accuracy {100 * result.final_accuracy:.1f}%  "
+        f"average incremental {100 * result.average_incremental_accuracy:.1f}%  "
+        f"forgetting {100 * result.forgetting:.1f} pts  "
+        f"uplink {result.uplink_bytes / 1e6:.2f} MB  "
+        f"downlink {result.downlink_bytes / 1e6:.2f} MB  ({result.wall_time_s:.0f} s)"
+    )
+
+
+@app.command()
+@one_line_errors
+def simulate(
+    fleet_file: FleetOption = None,
+    transport: Annotated[
+        Transport, typer.Option(help="How devices and aggregator talk.")
+    ] = Transport.inproc,
+    method: Annotated[str | None, typer.Option(help="Override the fleet's method.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the fleet's seed.")] = None,
+    data_path: Annotated[
+        Path | None, typer.Option(help="Directory holding the data set files.")
+    ] = None,
+    results: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG of accuracy per task here.")
+    ] = None,
+) -> None:
+    """Run a whole class-incremental federation: every task, every round, every device."""
+    fleet = _apply_overrides(load_fleet(fleet_file), method, seed, data_path)
+    dataset = load_fleet_dataset(fleet)
+    total = fleet.protocol.num_tasks * fleet.protocol.rounds_per_task
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not sys.stderr.isatty(),
+    ) as progress:
+        bar = progress.add_task(f"{fleet.name} · {fleet.method}", total=total, status="")
+
+        def on_round(log: RoundLog) -> None:
+            status = f"task {log.task} · {log.updates} updates · loss {log.mean_loss:.3f}"
+            progress.update(bar, advance=1, status=status)
+            if not sys.stderr.isatty():
+                console.print(f"round {log.round + 1}/{total}: {status}", highlight=False)
+
+        result = run_inproc(fleet, dataset, on_round)
+    _print_summary(result)
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(result.to_json(), indent=2))
+    if plot is not None:
+        plot_seen_accuracy(
+            {result.method: result.seen_accuracy}, plot, f"{fleet.name}: {fleet.data.dataset}"
+        )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,219 @@
+"""Data readers: IDX parsing, the real Fashion-MNIST files, digits, and per-class subsampling."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedfmx.datasets import (
+    FASHION_MNIST_DIR,
+    ImageDataset,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    read_idx,
+    subsample,
+)
+from fedfmx.errors import ConfigError, DataError
+
+TWO_IMAGES = np.array([[[0, 1, 2], [3, 4, 5]], [[250, 251, 252], [253, 254, 255]]], np.uint8)
+
+
+def idx_bytes(array: np.ndarray, dtype_code: int = 0x08) -> bytes:
+    """IDX by hand: two zero bytes, the dtype code, ndims, big-endian uint32 dims, the data."""
+    header = bytes([0, 0, dtype_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+def write_fashion_dir(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """The four Fashion-MNIST file names, plain (not gzip'd), train and test identical."""
+    root.mkdir(exist_ok=True)
+    for split in ("train", "t10k"):
+        (root / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+        (root / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+
+
+def test_read_idx_plain_and_gzip_give_the_same_array(tmp_path: Path) -> None:
+    plain, packed = tmp_path / "images", tmp_path / "images.gz"
+    plain.write_bytes(idx_bytes(TWO_IMAGES))
+    packed.write_bytes(gzip.compress(idx_bytes(TWO_IMAGES)))
+    for path in (plain, packed):
+        array = read_idx(path)
+        assert array.shape == (2, 2, 3)
+        assert array.dtype == np.uint8
+        assert array[1, 1, 2] == 255
+        np.testing.assert_array_equal(array, TWO_IMAGES)
+
+
+def test_read_idx_converts_big_endian_int32_to_native(tmp_path: Path) -> None:
+    path = tmp_path / "ints"
+    path.write_bytes(idx_bytes(np.array([1, 256, -2], dtype=">i4"), dtype_code=0x0C))
+    array = read_idx(path)
+    assert array.dtype == np.dtype("int32")
+    assert array.tolist() == [1, 256, -2]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (idx_bytes(TWO_IMAGES)[:-1], "shape (2, 2, 3) (28 bytes), file has 27"),
+        (idx_bytes(TWO_IMAGES) + b"\x00", "(28 bytes), file has 29"),
+        (b"\x01\x02" + idx_bytes(TWO_IMAGES)[2:], "bad magic"),
+        (bytes([0, 0, 0x07, 1, 0, 0, 0, 1, 9]), "unknown IDX dtype code 0x07"),
+        (bytes([0, 0, 0x08, 3, 0, 0, 0, 2]), "header truncated"),
+        (gzip.compress(idx_bytes(TWO_IMAGES))[:-10], "corrupt gzip"),
+    ],
+    ids=["short", "padded", "magic", "dtype", "header", "truncated-gzip"],
+)
+def test_read_idx_rejects_broken_files_naming_path(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    path = tmp_path / "broken-idx3-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        read_idx(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_read_idx_missing_file_is_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        read_idx(tmp_path / "absent")
+
+
+def test_fashion_mnist_loader_accepts_plain_files_and_scales_to_unit(tmp_path: Path) -> None:
+    write_fashion_dir(tmp_path / "fm", TWO_IMAGES, np.array([9, 0], np.uint8))
+    ds = load_fashion_mnist(tmp_path / "fm")
+    assert ds.train_x.shape == (2, 1, 2, 3)
+    assert ds.train_x.dtype == np.float32
+    assert ds.train_x[0, 0, 0, 1] == pytest.approx(1 / 255)
+    assert ds.train_x[1, 0, 1, 2] == 1.0
+    assert ds.train_y.dtype == np.int64
+    assert ds.train_y.tolist() == [9, 0]
+    assert ds.class_names[ds.train_y[0]] == "Ankle boot"
+
+
+def test_fashion_mnist_missing_dir_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as caught:
+        load_fashion_mnist(tmp_path / "nowhere")
+    message = str(caught.value)
+    assert str(tmp_path / "nowhere") in message
+    assert "apt-get install -y dataset-fashion-mnist" in message
+    assert "--data-path" in message
+    assert "\n" not in message
+
+
+def test_fashion_mnist_label_count_must_match_images(tmp_path: Path) -> None:
+    write_fashion_dir(tmp_path / "fm", TWO_IMAGES, np.array([1, 2, 3], np.uint8))
+    with pytest.raises(DataError, match="expected 2 labels"):
+        load_fashion_mnist(tmp_path / "fm")
+
+
+def test_fashion_mnist_labels_beyond_nine_rejected(tmp_path: Path) -> None:
+    write_fashion_dir(tmp_path / "fm", TWO_IMAGES, np.array([1, 10], np.uint8))
+    with pytest.raises(DataError, match=r"outside 0\.\.9"):
+        load_fashion_mnist(tmp_path / "fm")
+
+
+@pytest.fixture(scope="module")
+def fashion() -> ImageDataset:
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(
+            f"Fashion-MNIST absent from {FASHION_MNIST_DIR} "
+            "(sudo apt-get install -y dataset-fashion-mnist)"
+        )
+    return load_fashion_mnist()
+
+
+@pytest.mark.fmnist
+def test_real_fashion_mnist_has_the_published_shape_and_balance(fashion: ImageDataset) -> None:
+    assert fashion.train_x.shape == (60_000, 1, 28, 28)
+    assert fashion.test_x.shape == (10_000, 1, 28, 28)
+    assert fashion.train_x.dtype == np.float32
+    assert fashion.train_x.min() == 0.0 and fashion.train_x.max() == 1.0
+    assert np.bincount(fashion.train_y).tolist() == [6_000] * 10
+    assert np.bincount(fashion.test_y).tolist() == [1_000] * 10
+    # The first training label of Fashion-MNIST is 9 (an ankle boot), the first test label too.
+    assert fashion.train_y[0] == 9 and fashion.test_y[0] == 9
+    assert fashion.class_names[0] == "T-shirt/top"
+    assert fashion.class_names[9] == "Ankle boot"
+
+
+@pytest.mark.fmnist
+def test_subsample_real_fashion_mnist_caps_each_class(fashion: ImageDataset) -> None:
+    small = subsample(fashion, train_per_class=30, test_per_class=5, seed=3)
+    assert np.bincount(small.train_y).tolist() == [30] * 10
+    assert np.bincount(small.test_y).tolist() == [5] * 10
+    assert small.class_names == fashion.class_names
+
+
+def test_digits_split_is_stratified_seeded_and_unit_scaled() -> None:
+    ds = load_digits(test_fraction=0.2, seed=0)
+    assert ds.train_x.shape[1:] == (1, 8, 8)
+    assert len(ds.train_y) + len(ds.test_y) == 1797
+    assert len(ds.test_y) == 360  # ceil(0.2 * 1797)
+    assert ds.train_x.dtype == np.float32
+    assert ds.train_x.min() == 0.0 and ds.train_x.max() == 1.0
+    assert ds.class_names == tuple("0123456789")
+    # Stratified: every class keeps about 20 % of its ~180 samples in the test split.
+    assert np.all(np.abs(np.bincount(ds.test_y) - 36) <= 1)
+    again = load_digits(test_fraction=0.2, seed=0)
+    np.testing.assert_array_equal(ds.test_x, again.test_x)
+    other = load_digits(test_fraction=0.2, seed=1)
+    assert not np.array_equal(ds.test_y, other.test_y)
+
+
+def test_digits_rejects_a_fraction_outside_unit_interval() -> None:
+    with pytest.raises(ConfigError, match="test_fraction"):
+        load_digits(test_fraction=1.0)
+
+
+def test_load_dataset_dispatches_and_lists_the_allowed_names(tmp_path: Path) -> None:
+    write_fashion_dir(tmp_path / "fm", TWO_IMAGES, np.array([0, 1], np.uint8))
+    assert load_dataset("fashion_mnist", tmp_path / "fm").name == "fashion_mnist"
+    assert load_dataset("digits").name == "digits"
+    with pytest.raises(ConfigError, match="fashion_mnist, digits"):
+        load_dataset("cifar10")
+    with pytest.raises(ConfigError, match="takes no path"):
+        load_dataset("digits", tmp_path)
+
+
+def tiny_dataset() -> ImageDataset:
+    train_y = np.array([0, 1, 0, 1, 0, 2, 0, 1], np.int64)
+    test_y = np.array([2, 2, 2, 0], np.int64)
+    return ImageDataset(
+        name="tiny",
+        class_names=("a", "b", "c"),
+        train_x=np.arange(8, dtype=np.float32).reshape(8, 1, 1, 1),
+        train_y=train_y,
+        test_x=np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1),
+        test_y=test_y,
+    )
+
+
+def test_subsample_caps_per_class_keeps_order_and_pairs() -> None:
+    ds = tiny_dataset()
+    small = subsample(ds, train_per_class=2, test_per_class=1, seed=0)
+    # Class 0 has 4 samples (cap 2), class 1 has 3 (cap 2), class 2 has 1 (kept).
+    assert np.bincount(small.train_y).tolist() == [2, 2, 1]
+    assert np.bincount(small.test_y, minlength=3).tolist() == [1, 0, 1]
+    positions = small.train_x.ravel().astype(int)
+    assert positions.tolist() == sorted(positions.tolist())
+    np.testing.assert_array_equal(ds.train_y[positions], small.train_y)
+    again = subsample(ds, train_per_class=2, test_per_class=1, seed=0)
+    np.testing.assert_array_equal(small.train_x, again.train_x)
+
+
+def test_subsample_none_keeps_everything_and_zero_is_rejected() -> None:
+    ds = tiny_dataset()
+    full = subsample(ds, None, None, seed=0)
+    np.testing.assert_array_equal(full.train_y, ds.train_y)
+    np.testing.assert_array_equal(full.test_x, ds.test_x)
+    with pytest.raises(ConfigError):
+        subsample(ds, 0, None, seed=0)
