@@ -24,6 +24,11 @@ FISHER_EPSILON = 1e-12
 Arrays = dict[str, np.ndarray]
 
 
+def fisher_summary_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the Fisher summary sent for a parameter: one value per row of a matrix."""
+    return (shape[0], 1) if len(shape) == 2 else shape
+
+
 @dataclass
 class WeightedSum:
     """`Σ_k w_k⊙x_k` and `Σ_k w_k` for one tensor (`w` a scalar or an elementwise array)."""

@@ -14,7 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedfmx.errors import ConfigError
 
-MethodName = Literal["fedfmx", "fedavg"]
+MethodName = Literal[
+    "fedfmx",
+    "no_fres",
+    "fixed_topk",
+    "no_rar",
+    "fedavg",
+    "fedprox",
+    "fedewc",
+    "fedlwf",
+    "fedavg_replay",
+    "dense_moe",
+    "joint",
+]
 
 
 class Section(BaseModel):
@@ -107,6 +119,16 @@ class TrainingConfig(Section):
     threads: int = Field(default=2, ge=1)
 
 
+class BaselineConfig(Section):
+    """Hyper-parameters of the baselines' distinctive terms."""
+
+    prox_mu: float = Field(default=0.01, ge=0)
+    """FedProx: (μ/2)·‖θ − θ_global‖²."""
+    ewc_weight: float = Field(default=100.0, ge=0)
+    lwf_weight: float = Field(default=1.0, ge=0)
+    lwf_temperature: float = Field(default=2.0, gt=0)
+
+
 class FleetConfig(Section):
     name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     seed: int = 0
@@ -116,6 +138,21 @@ class FleetConfig(Section):
     model: ModelConfig = ModelConfig()
     fedfmx: FedFMXConfig = FedFMXConfig()
     training: TrainingConfig = TrainingConfig()
+    baselines: BaselineConfig = BaselineConfig()
+
+    @property
+    def routing(self) -> FedFMXConfig:
+        """The routing the method runs with, at training and at inference alike.
+
+        `fixed_topk` replaces AES by a fixed top-k (k = k_max); `dense_moe` activates every
+        expert; every other method uses AES as configured.
+        """
+        if self.method == "fixed_topk":
+            return self.fedfmx.model_copy(update={"k_min": self.fedfmx.k_max})
+        if self.method == "dense_moe":
+            experts = self.model.num_experts
+            return self.fedfmx.model_copy(update={"k_min": experts, "k_max": experts})
+        return self.fedfmx
 
     @model_validator(mode="after")
     def _experts_fit(self) -> FleetConfig:

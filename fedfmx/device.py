@@ -18,7 +18,7 @@ from fedfmx.exemplars import ExemplarBuffer
 from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
 from fedfmx.messages import CodecSettings, ModelHeader, RoundAnnouncement, UpdateHeader
 from fedfmx.methods import LocalContext, LocalOutcome, make_method
-from fedfmx.model import FedFMXModel, build_model, load_numpy_state
+from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
 from fedfmx.stream import ClientStream
 from fedfmx.training import LocalData
 
@@ -42,6 +42,8 @@ class DeviceState:
     """Train indices of the current task's rows received so far."""
     residual: dict[str, np.ndarray] = field(default_factory=dict)
     """Codec error-feedback residual."""
+    teacher: Arrays | None = None
+    """The model when the device last closed a task (LwF's teacher)."""
 
 
 class DeviceLearner:
@@ -80,7 +82,7 @@ class DeviceLearner:
         if position.task is None:
             return None
         network = build_model(
-            self.fleet.model, self.fleet.fedfmx, len(model.class_names), self.fleet.seed
+            self.fleet.model, self.fleet.routing, len(model.class_names), self.fleet.seed
         )
         load_numpy_state(network, weights)
         if self.stream.meets_new_task(announcement.round) and len(self.state.held):
@@ -103,6 +105,7 @@ class DeviceLearner:
             fleet=self.fleet,
             old_fisher=self.state.old_fisher,
             anchor=self.state.anchor,
+            teacher=self._teacher(),
             fleet_usage=torch.tensor(announcement.expert_usage, dtype=torch.float32),
             train_backbone=announcement.train_backbone,
             generator=self.generator,
@@ -115,27 +118,34 @@ class DeviceLearner:
         self.state.residual = dict(encoded.residual)
         return encoded.payload
 
+    def _teacher(self) -> FedFMXModel | None:
+        if self.state.teacher is None:
+            return None
+        classes = self.state.teacher[HEAD_WEIGHT].shape[0]
+        teacher = build_model(self.fleet.model, self.fleet.routing, classes, self.fleet.seed)
+        load_numpy_state(teacher, self.state.teacher)
+        return teacher.eval()
+
     def _close_task(self, network: FedFMXModel) -> None:
-        """On meeting a new task: keep exemplars of the old one and fold its Fisher in."""
+        """On meeting a new task: keep exemplars of the old one, fold its Fisher in, and keep
+        the current model as the distillation teacher (for the methods that use them)."""
         previous = LocalRows(self.train_x[self.state.held], self.train_names[self.state.held])
-        if self.method.uses_fisher:
-            names = [
-                n for n, _ in network.named_parameters() if n.startswith(("experts.", "router."))
-            ]
-            if self.fleet.model.backbone_mode == "train":
-                names += [n for n, _ in network.named_parameters() if n.startswith("backbone.")]
+        names = self.method.fisher_names(network, self.fleet)
+        if names:
             old_x, _ = self.exemplars.arrays()
-            rows = np.concatenate([previous.x, old_x]) if len(old_x) else previous.x
-            pick = np.random.default_rng(
-                int(self.generator.initial_seed()) + len(self.state.old_fisher)
-            ).permutation(len(rows))
-            sample = torch.from_numpy(rows[pick[: self.fleet.fedfmx.fisher_samples]])
+            rows = torch.from_numpy(
+                np.concatenate([previous.x, old_x]) if len(old_x) else previous.x
+            )
+            pick = torch.randperm(len(rows), generator=self.generator)
+            sample = rows[pick[: self.fleet.fedfmx.fisher_samples]]
             fresh = diagonal_fisher(network, sample, names, self.generator)
             params = dict(network.named_parameters())
             self.state.anchor = {name: params[name].detach().clone() for name in names}
             self.state.old_fisher = accumulate_fisher(
                 self.state.old_fisher, fresh, self.fleet.fedfmx.fisher_decay
             )
+        if self.method.uses_teacher:
+            self.state.teacher = state_to_numpy(network)
         self.exemplars.add(previous.x, previous.names)
 
     def _update(

@@ -20,6 +20,7 @@ from fedfmx.aggregation import (
     Arrays,
     MergeSums,
     apply_merge,
+    fisher_summary_shape,
     update_sums,
     usage_fractions,
 )
@@ -74,7 +75,7 @@ def expected_update_shapes(
         ):
             shapes[name] = value.shape
             if expert is not None and header.includes_fisher:
-                shapes[FISHER_PREFIX + name] = value.shape
+                shapes[FISHER_PREFIX + name] = fisher_summary_shape(value.shape)
     shapes[HEAD_ROWS] = (len(header.head_classes), weights[HEAD_WEIGHT].shape[1])
     return shapes
 

@@ -64,6 +64,16 @@ def diagonal_fisher(
     return {name: value / max(len(x), 1) for name, value in fisher.items()}
 
 
+def fisher_summary(fisher: torch.Tensor) -> torch.Tensor:
+    """What travels for the merge: the mean Fisher of each output row (`[rows, 1]`) of a matrix,
+    the full diagonal of a vector (shape: `fedfmx.aggregation.fisher_summary_shape`).
+
+    Rows are the natural unit of an expert's weights, and this keeps the Fisher a small
+    fraction of the update instead of doubling it.
+    """
+    return fisher.mean(dim=1, keepdim=True) if fisher.dim() == 2 else fisher
+
+
 def accumulate_fisher(
     old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor], decay: float
 ) -> TensorMap:

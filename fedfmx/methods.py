@@ -1,7 +1,9 @@
 """Federated methods as small strategies over one local loop and one merge.
 
-A method decides, on the device, which parameters to train and send and which loss terms to add.
-The round loop (in-process or MQTT), the codec and the merge are shared by all of them.
+A method decides, on the device, which parameters to train and send and which loss terms to
+add; the round loop (in-process or MQTT), the codec and the merge are shared by all of them.
+FedFMX and its ablations are one class with switches; the FedAvg family is another, composing
+the classic continual-learning terms (proximal, EWC, LwF, replay).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fedfmx.fisher import (
     TensorMap,
     diagonal_fisher,
     expert_parameter_names,
+    fisher_summary,
     fres_scores,
     new_class_gradients,
     select_trained_experts,
@@ -28,12 +31,16 @@ from fedfmx.training import (
     LocalData,
     LossTerm,
     TrainResult,
+    distillation_term,
     ewc_penalty,
     fres_routing_term,
+    proximal_term,
     rar_terms,
     steps_per_round,
     train_local,
 )
+
+HEAD = "head.weight"
 
 
 @dataclass
@@ -47,6 +54,8 @@ class LocalContext:
     """Old-knowledge Fisher accumulated on this device (online EWC)."""
     anchor: TensorMap
     """Parameters when the device last closed a task: EWC's `θ*`."""
+    teacher: FedFMXModel | None
+    """The model as it was when the device last closed a task (LwF's teacher)."""
     fleet_usage: torch.Tensor
     """RAR's `f_e` published by the aggregator."""
     train_backbone: bool
@@ -65,23 +74,57 @@ class LocalOutcome:
 
 
 class Method(Protocol):
-    name: str
-    uses_exemplars: bool
-    uses_fisher: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def uses_exemplars(self) -> bool:
+        """Whether the device keeps an exemplar buffer and replays it."""
+        ...
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the device keeps the model of its last task as a distillation teacher."""
+        ...
+
+    def fisher_names(self, model: FedFMXModel, fleet: FleetConfig) -> list[str]:
+        """Parameters whose old-knowledge Fisher the device keeps (empty: none)."""
+        ...
 
     def train(self, context: LocalContext) -> LocalOutcome: ...
 
 
-def _names(model: FedFMXModel, prefix: str) -> list[str]:
-    return [name for name, _ in model.named_parameters() if name.startswith(prefix)]
+def parameter_names(model: FedFMXModel, *prefixes: str) -> list[str]:
+    return [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
 
 
+def _fisher_sample(data: LocalData, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """Up to `limit` rows of everything the device holds (new rows and exemplars)."""
+    rows = torch.cat([data.x_new, data.x_old]) if len(data.x_old) else data.x_new
+    return rows[torch.randperm(len(rows), generator=generator)[:limit]]
+
+
+@dataclass(frozen=True)
 class FedFMX:
-    """FRES picks the experts worth training, AES routes, RAR balances, EWC protects old classes."""
+    """FRES picks the experts worth training, AES routes, RAR balances, EWC protects old classes.
 
-    name = "fedfmx"
-    uses_exemplars = True
-    uses_fisher = True
+    The switches give the ablations: `use_fres=False` picks experts by the router's mean gate
+    probability on new rows (router only); `use_rar=False` drops the load-balance and z-loss
+    terms. The `fixed_topk` ablation is a routing setting (`FleetConfig.routing`), since it must
+    hold at inference too.
+    """
+
+    name: str = "fedfmx"
+    use_fres: bool = True
+    use_rar: bool = True
+    uses_exemplars: bool = True
+    uses_teacher: bool = False
+
+    def fisher_names(self, model: FedFMXModel, fleet: FleetConfig) -> list[str]:
+        names = parameter_names(model, "experts.", "router.")
+        if fleet.model.backbone_mode == "train":
+            names += parameter_names(model, "backbone.")
+        return names
 
     def train(self, context: LocalContext) -> LocalOutcome:
         model, data, cfg = context.model, context.data, context.fleet.fedfmx
@@ -89,22 +132,25 @@ class FedFMX:
         expert_names = expert_parameter_names(model)
         scores = self.score(context, expert_names)
         selected = select_trained_experts(scores.utility, cfg.max_experts_per_round)
-        sent = [name for e in selected for name in expert_names[e]] + _names(model, "router.")
+        sent = [name for e in selected for name in expert_names[e]]
+        sent += parameter_names(model, "router.")
         if context.train_backbone:
-            sent += _names(model, "backbone.")
+            sent += parameter_names(model, "backbone.")
         penalised = {name: value for name, value in context.old_fisher.items() if name in sent}
-        terms: list[LossTerm] = [
-            ewc_penalty(penalised, context.anchor, cfg.ewc_weight),
-            rar_terms(context.fleet_usage, cfg.rar_weight, cfg.z_loss_weight),
-            fres_routing_term(scores.utility, cfg.fres_route_weight, cfg.fres_temperature),
-        ]
-        bias = torch.log(
-            fres_route_target(scores.utility, cfg.fres_temperature) * model.num_experts
-        )
+        terms: list[LossTerm] = [ewc_penalty(penalised, context.anchor, cfg.ewc_weight)]
+        if self.use_rar:
+            terms.append(rar_terms(context.fleet_usage, cfg.rar_weight, cfg.z_loss_weight))
+        bias = None
+        if self.use_fres:
+            terms.append(
+                fres_routing_term(scores.utility, cfg.fres_route_weight, cfg.fres_temperature)
+            )
+            target = fres_route_target(scores.utility, cfg.fres_temperature)
+            bias = torch.log(target * model.num_experts)
         result = train_local(
             model,
             data,
-            [*sent, "head.weight"],
+            [*sent, HEAD],
             terms,
             epochs=training.local_epochs,
             batch_size=training.batch_size,
@@ -114,20 +160,23 @@ class FedFMX:
         )
         merge_names = [name for e in selected for name in expert_names[e]]
         sample = _fisher_sample(data, cfg.fisher_samples, context.generator)
-        merge_fisher = (
-            diagonal_fisher(model, sample, merge_names, context.generator) if merge_names else {}
-        )
-        return LocalOutcome(
-            sent=sent, expert_ids=selected, merge_fisher=merge_fisher, result=result, scores=scores
-        )
+        fisher = diagonal_fisher(model, sample, merge_names, context.generator)
+        merge_fisher = {name: fisher_summary(value) for name, value in fisher.items()}
+        return LocalOutcome(sent, selected, merge_fisher, result, scores)
 
-    @staticmethod
-    def score(context: LocalContext, expert_names: Mapping[int, list[str]]) -> FresScores:
-        """FRES on a slice of the new-class rows; η is the step the local round will take."""
+    def score(self, context: LocalContext, expert_names: Mapping[int, list[str]]) -> FresScores:
+        """FRES on a slice of the new-class rows; η is the step the local round will take.
+
+        Without FRES the "score" is the router's mean gate probability on those rows.
+        """
         data, training = context.data, context.fleet.training
-        rows = torch.randperm(len(data.x_new), generator=context.generator)[
-            : context.fleet.fedfmx.fisher_samples
-        ]
+        limit = context.fleet.fedfmx.fisher_samples
+        rows = torch.randperm(len(data.x_new), generator=context.generator)[:limit]
+        if not self.use_fres:
+            with torch.no_grad():
+                _, routing = context.model.forward_routed(data.x_new[rows])
+            gate = routing.probs.mean(dim=0)
+            return FresScores(plasticity=gate, stability=torch.zeros_like(gate), utility=gate)
         gradients = new_class_gradients(
             context.model, data.x_new[rows], data.y_new[rows], expert_names
         )
@@ -142,39 +191,72 @@ class FedFMX:
         return fres_scores(gradients, fisher, eta, context.fleet.fedfmx.fres_lambda)
 
 
-class FedAvg:
-    """FedAvg fine-tuning of the whole model: the lower bound every method must beat."""
+@dataclass(frozen=True)
+class FedAvgFamily:
+    """FedAvg fine-tuning of the whole model, optionally with one continual-learning term.
 
-    name = "fedavg"
-    uses_exemplars = False
-    uses_fisher = False
+    The switches add FedProx's proximal term, an EWC penalty, LwF distillation, or exemplar
+    replay. `dense_moe` is this with replay and every expert active (`FleetConfig.routing`).
+    """
+
+    name: str = "fedavg"
+    prox: bool = False
+    ewc: bool = False
+    lwf: bool = False
+    uses_exemplars: bool = False
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.lwf
+
+    def fisher_names(self, model: FedFMXModel, fleet: FleetConfig) -> list[str]:
+        return [name for name, _ in model.named_parameters() if name != HEAD] if self.ewc else []
 
     def train(self, context: LocalContext) -> LocalOutcome:
-        model, training = context.model, context.fleet.training
-        sent = [name for name, _ in model.named_parameters() if name != "head.weight"]
+        model, fleet = context.model, context.fleet
+        sent = [name for name, _ in model.named_parameters() if name != HEAD]
+        terms: list[LossTerm] = []
+        if self.prox:
+            params = dict(model.named_parameters())
+            start = {name: params[name].detach().clone() for name in sent}
+            terms.append(proximal_term(start, fleet.baselines.prox_mu))
+        if self.ewc:
+            terms.append(
+                ewc_penalty(context.old_fisher, context.anchor, fleet.baselines.ewc_weight)
+            )
+        if self.lwf and context.teacher is not None:
+            terms.append(
+                distillation_term(
+                    context.teacher, fleet.baselines.lwf_weight, fleet.baselines.lwf_temperature
+                )
+            )
         result = train_local(
             model,
             context.data,
-            [*sent, "head.weight"],
-            [],
-            epochs=training.local_epochs,
-            batch_size=training.batch_size,
-            lr=training.lr,
+            [*sent, HEAD],
+            terms,
+            epochs=fleet.training.local_epochs,
+            batch_size=fleet.training.batch_size,
+            lr=fleet.training.lr,
             generator=context.generator,
         )
-        return LocalOutcome(
-            sent=sent, expert_ids=list(range(model.num_experts)), merge_fisher=None, result=result
-        )
+        return LocalOutcome(sent, list(range(model.num_experts)), None, result)
 
 
-def _fisher_sample(data: LocalData, limit: int, generator: torch.Generator) -> torch.Tensor:
-    """Up to `limit` rows of everything the device holds (new rows and exemplars)."""
-    rows = torch.cat([data.x_new, data.x_old]) if len(data.x_old) else data.x_new
-    return rows[torch.randperm(len(rows), generator=generator)[:limit]]
-
-
-METHODS: dict[str, type[FedFMX] | type[FedAvg]] = {"fedfmx": FedFMX, "fedavg": FedAvg}
+METHODS: dict[str, Method] = {
+    "fedfmx": FedFMX(),
+    "no_fres": FedFMX(name="no_fres", use_fres=False),
+    "fixed_topk": FedFMX(name="fixed_topk"),
+    "no_rar": FedFMX(name="no_rar", use_rar=False),
+    "fedavg": FedAvgFamily(),
+    "fedprox": FedAvgFamily(name="fedprox", prox=True),
+    "fedewc": FedAvgFamily(name="fedewc", ewc=True),
+    "fedlwf": FedAvgFamily(name="fedlwf", lwf=True),
+    "fedavg_replay": FedAvgFamily(name="fedavg_replay", uses_exemplars=True),
+    "dense_moe": FedAvgFamily(name="dense_moe", uses_exemplars=True),
+}
+"""Every federated method by name; `joint` (centralised upper bound) lives in the simulator."""
 
 
 def make_method(name: str) -> Method:
-    return METHODS[name]()
+    return METHODS[name]

@@ -30,6 +30,7 @@ from fedfmx.metrics import (
 )
 from fedfmx.model import build_model, load_numpy_state, state_to_numpy
 from fedfmx.stream import IncrementalPlan
+from fedfmx.training import LocalData, train_local
 
 MAX_MODEL_BYTES = 256 * 1024 * 1024
 
@@ -57,6 +58,8 @@ class SimulationResult:
     downlink_bytes: int
     rounds: list[RoundLog] = field(default_factory=list)
     wall_time_s: float = 0.0
+    final_model: GlobalModel | None = None
+    """The last global model (not part of the JSON; `--checkpoint-out` saves it)."""
 
     @property
     def final_accuracy(self) -> float:
@@ -96,7 +99,7 @@ def _per_update(total: int, rounds: list[RoundLog]) -> float:
 
 def initial_model(fleet: FleetConfig) -> GlobalModel:
     """Version 0: freshly initialised weights (seeded) and no classes yet."""
-    network = build_model(fleet.model, fleet.fedfmx, 0, fleet.seed)
+    network = build_model(fleet.model, fleet.routing, 0, fleet.seed)
     usage = [1.0 / fleet.model.num_experts] * fleet.model.num_experts
     return GlobalModel(
         version=0, weights=state_to_numpy(network), class_names=[], expert_usage=usage
@@ -135,7 +138,7 @@ def evaluate(
     fleet: FleetConfig, model: GlobalModel, dataset: ImageDataset, tasks: list[list[int]], upto: int
 ) -> tuple[list[float], float]:
     """Accuracy on each task 0..upto's test classes, and on all of them together."""
-    network = build_model(fleet.model, fleet.fedfmx, len(model.class_names), fleet.seed)
+    network = build_model(fleet.model, fleet.routing, len(model.class_names), fleet.seed)
     load_numpy_state(network, model.weights)
     registry = {name: i for i, name in enumerate(model.class_names)}
     names = np.array(dataset.class_names)
@@ -160,6 +163,90 @@ def evaluate(
 ProgressHook = Callable[[RoundLog], None]
 
 
+def run_simulation(
+    fleet: FleetConfig, dataset: ImageDataset, on_round: ProgressHook | None = None
+) -> SimulationResult:
+    """The in-process engine for federated methods, the centralised run for `joint`."""
+    if fleet.method == "joint":
+        return run_joint(fleet, dataset, on_round)
+    return run_inproc(fleet, dataset, on_round)
+
+
+def _empty_result(
+    fleet: FleetConfig, dataset: ImageDataset, plan: IncrementalPlan
+) -> SimulationResult:
+    return SimulationResult(
+        method=fleet.method,
+        config=fleet.model_dump(mode="json"),
+        class_order=[dataset.class_names[c] for task in plan.tasks for c in task],
+        accuracy_matrix=[],
+        seen_accuracy=[],
+        uplink_bytes=0,
+        downlink_bytes=0,
+    )
+
+
+def _record_task(
+    result: SimulationResult,
+    fleet: FleetConfig,
+    model: GlobalModel,
+    dataset: ImageDataset,
+    plan: IncrementalPlan,
+    task: int,
+) -> None:
+    per_task, seen = evaluate(fleet, model, dataset, plan.tasks, task)
+    result.accuracy_matrix.append(per_task)
+    result.seen_accuracy.append(seen)
+
+
+def run_joint(
+    fleet: FleetConfig, dataset: ImageDataset, on_round: ProgressHook | None = None
+) -> SimulationResult:
+    """Upper bound: one model trained centrally on all data of every task seen so far.
+
+    Same rounds and local epochs as the federation, no devices, no bytes on the wire.
+    """
+    torch.set_num_threads(fleet.training.threads)
+    started = time.perf_counter()
+    plan = make_plan(fleet, dataset)
+    result = _empty_result(fleet, dataset, plan)
+    network = build_model(fleet.model, fleet.routing, 0, fleet.seed)
+    generator = torch.Generator().manual_seed(fleet.seed)
+    class_names: list[str] = []
+    for round_index in range(plan.num_rounds):
+        task = plan.task_of_round(round_index)
+        seen = [c for t in plan.tasks[: task + 1] for c in t]
+        class_names += [
+            dataset.class_names[c] for c in seen if dataset.class_names[c] not in class_names
+        ]
+        network.grow_head(len(class_names))
+        rows = np.isin(dataset.train_y, seen)
+        ids = {dataset.class_names[c]: class_names.index(dataset.class_names[c]) for c in seen}
+        labels = torch.tensor([ids[dataset.class_names[c]] for c in dataset.train_y[rows]])
+        empty = torch.empty(0)
+        data = LocalData(torch.from_numpy(dataset.train_x[rows]), labels, empty, empty.long())
+        trained = train_local(
+            network,
+            data,
+            [n for n, _ in network.named_parameters()],
+            [],
+            epochs=fleet.training.local_epochs,
+            batch_size=fleet.training.batch_size,
+            lr=fleet.training.lr,
+            generator=generator,
+        )
+        log = RoundLog(round_index, task, 1, 0, 0, trained.loss)
+        result.rounds.append(log)
+        if on_round is not None:
+            on_round(log)
+        if (round_index + 1) % fleet.protocol.rounds_per_task == 0:
+            model = GlobalModel(round_index + 1, state_to_numpy(network), list(class_names), [])
+            _record_task(result, fleet, model, dataset, plan, task)
+            result.final_model = model
+    result.wall_time_s = time.perf_counter() - started
+    return result
+
+
 def run_inproc(
     fleet: FleetConfig, dataset: ImageDataset, on_round: ProgressHook | None = None
 ) -> SimulationResult:
@@ -180,15 +267,7 @@ def run_inproc(
         )
         for k in range(fleet.protocol.num_clients)
     ]
-    result = SimulationResult(
-        method=fleet.method,
-        config=fleet.model_dump(mode="json"),
-        class_order=[dataset.class_names[c] for task in plan.tasks for c in task],
-        accuracy_matrix=[],
-        seen_accuracy=[],
-        uplink_bytes=0,
-        downlink_bytes=0,
-    )
+    result = _empty_result(fleet, dataset, plan)
     for round_index in range(plan.num_rounds):
         participants = [d.device_id for d in devices]
         announcement = keeper.open_round(round_index, participants, deadline_unix=0.0)
@@ -214,8 +293,7 @@ def run_inproc(
         if on_round is not None:
             on_round(log)
         if (round_index + 1) % fleet.protocol.rounds_per_task == 0:
-            per_task, seen = evaluate(fleet, keeper.model, dataset, plan.tasks, announcement.task)
-            result.accuracy_matrix.append(per_task)
-            result.seen_accuracy.append(seen)
+            _record_task(result, fleet, keeper.model, dataset, plan, announcement.task)
+    result.final_model = keeper.model
     result.wall_time_s = time.perf_counter() - started
     return result

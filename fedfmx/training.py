@@ -155,7 +155,7 @@ def train_local(
                 (term(model, forward) for term in terms), torch.tensor(0.0)
             )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             optimizer.step()
             usage += routing.usage().detach()
@@ -169,3 +169,41 @@ def train_local(
 def steps_per_round(num_rows: int, batch_size: int, epochs: int) -> int:
     """How many SGD steps a local round takes (FRES's step size η is lr times this)."""
     return epochs * max(1, -(-num_rows // batch_size))
+
+
+def proximal_term(start: Mapping[str, torch.Tensor], mu: float) -> LossTerm:
+    """FedProx: `(μ/2)·‖θ − θ_global‖²` over the parameters in `start`."""
+
+    def term(model: FedFMXModel, _: Forward) -> torch.Tensor:
+        params = dict(model.named_parameters())
+        total = sum(
+            ((params[name] - value).pow(2).sum() for name, value in start.items()),
+            torch.tensor(0.0),
+        )
+        return 0.5 * mu * total
+
+    return term
+
+
+def distillation_term(teacher: FedFMXModel, weight: float, temperature: float) -> LossTerm:
+    """LwF: `w·T²·KL(softmax(t_old/T) ‖ softmax(s_old/T))` over the teacher's classes.
+
+    `t_old` are the teacher's logits (the model when the device last closed a task), `s_old`
+    the student's logits for the same classes; every row of the batch is distilled.
+    """
+
+    def term(_: FedFMXModel, forward: Forward) -> torch.Tensor:
+        with torch.no_grad():
+            target = teacher(forward.batch.x)
+        old = forward.logits[:, : target.shape[1]]
+        return (
+            weight
+            * temperature**2
+            * F.kl_div(
+                F.log_softmax(old / temperature, dim=1),
+                F.softmax(target / temperature, dim=1),
+                reduction="batchmean",
+            )
+        )
+
+    return term

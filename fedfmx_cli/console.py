@@ -11,7 +11,7 @@ from rich.console import Console
 
 from fedfmx.errors import FedFMXError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 P = ParamSpec("P")
 R = TypeVar("R")

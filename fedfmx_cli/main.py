@@ -1,9 +1,10 @@
-"""`fedfmx-edge`: simulate a fleet (and, as the product grows, serve, join, export...)."""
+"""fedfmx-edge: federated class-incremental learning for edge fleets (FedFMX)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -13,9 +14,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from export.checkpoint import Checkpoint, InputSpec, save_checkpoint
+from fedfmx.benchmark import (
+    ALL_METHODS,
+    BENCH_FLEET,
+    FULL,
+    REDUCED,
+    markdown_table,
+    run_grid,
+    write_outputs,
+)
 from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.errors import ConfigError
+from fedfmx.messages import ModelHeader
 from fedfmx.plots import plot_seen_accuracy
-from fedfmx.simulation import RoundLog, SimulationResult, load_fleet_dataset, run_inproc
+from fedfmx.simulation import RoundLog, SimulationResult, load_fleet_dataset, run_simulation
+from fedfmx_cli import deploy
 from fedfmx_cli.console import console, one_line_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -79,6 +93,9 @@ def simulate(
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG of accuracy per task here.")
     ] = None,
+    checkpoint_out: Annotated[
+        Path | None, typer.Option(help="Save the final global model here (for `export`).")
+    ] = None,
 ) -> None:
     """Run a whole class-incremental federation: every task, every round, every device."""
     fleet = _apply_overrides(load_fleet(fleet_file), method, seed, data_path)
@@ -101,7 +118,7 @@ def simulate(
             if not sys.stderr.isatty():
                 console.print(f"round {log.round + 1}/{total}: {status}", highlight=False)
 
-        result = run_inproc(fleet, dataset, on_round)
+        result = run_simulation(fleet, dataset, on_round)
     _print_summary(result)
     if results is not None:
         results.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +127,59 @@ def simulate(
         plot_seen_accuracy(
             {result.method: result.seen_accuracy}, plot, f"{fleet.name}: {fleet.data.dataset}"
         )
+    if checkpoint_out is not None and result.final_model is not None:
+        final = result.final_model
+        header = ModelHeader(fleet=fleet.name, version=final.version, class_names=final.class_names)
+        spec = InputSpec.of_dataset(dataset)
+        save_checkpoint(Checkpoint(fleet, header, spec, final.weights), checkpoint_out)
+
+
+deploy.register(app)
+
+bench = typer.Typer(no_args_is_help=True, help="Reproducible benchmarks (JSON + PNG).")
+app.add_typer(bench, name="bench")
+
+
+class GridName(StrEnum):
+    reduced = "reduced"
+    full = "full"
+
+
+@bench.command("fcil")
+@one_line_errors
+def bench_fcil(
+    fleet_file: Annotated[
+        Path | None, typer.Option("--fleet", help="Base fleet; default: the FCIL benchmark fleet.")
+    ] = None,
+    grid: Annotated[
+        GridName, typer.Option(help="reduced: minutes; full: hours.")
+    ] = GridName.reduced,
+    methods: Annotated[list[str] | None, typer.Option("--method", help="Repeat to pick.")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Repeat to pick.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for <name>.json and <name>.png.")] = Path(
+        "benchmarks/results"
+    ),
+    name: Annotated[str, typer.Option(help="Output file stem.")] = "fcil_fmnist",
+) -> None:
+    """FedFMX against the baselines and ablations: methods x seeds x settings."""
+    chosen = FULL if grid is GridName.full else REDUCED
+    if methods:
+        unknown = sorted(set(methods) - set(ALL_METHODS))
+        if unknown:
+            raise ConfigError(
+                f"unknown method {unknown[0]!r}; choose from {', '.join(ALL_METHODS)}"
+            )
+        chosen = replace(chosen, methods=tuple(methods))
+    if seeds:
+        chosen = replace(chosen, seeds=tuple(seeds))
+    base = (
+        load_fleet(fleet_file)
+        if fleet_file is not None
+        else FleetConfig.model_validate(BENCH_FLEET)
+    )
+    document = run_grid(base, chosen, progress=lambda line: console.print(line, highlight=False))
+    write_outputs(document, out / f"{name}.json", out / f"{name}.png")
+    Console().print(markdown_table(document))
 
 
 def main() -> None:

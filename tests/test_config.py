@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from fedfmx.benchmark import BENCH_FLEET
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError
 
@@ -48,3 +49,7 @@ def test_bad_fleet_gives_one_line_naming_the_field(
 def test_missing_fleet_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such fleet file"):
         load_fleet(tmp_path / "absent.yaml")
+
+
+def test_benchmark_fleet_file_matches_the_embedded_one() -> None:
+    assert load_fleet(FLEETS / "fcil-fmnist.yaml") == FleetConfig.model_validate(BENCH_FLEET)

@@ -3,6 +3,7 @@
 import math
 
 import torch
+from torch.nn import functional as F
 
 from fedfmx.config import FedFMXConfig, ModelConfig
 from fedfmx.model import build_model
@@ -11,7 +12,9 @@ from fedfmx.training import (
     Forward,
     LocalData,
     batches,
+    distillation_term,
     ewc_penalty,
+    proximal_term,
     rar_terms,
     steps_per_round,
     train_local,
@@ -27,7 +30,7 @@ def test_ewc_penalty_hand_value() -> None:
     fisher = {name: torch.tensor([2.0, 4.0])}
     # (μ/2)·Σ F·(θ−θ*)² = (10/2)·(2 + 4) = 30
     value = ewc_penalty(fisher, anchor, weight=10.0)(model, _forward(model))
-    assert math.isclose(float(value), 30.0, rel_tol=1e-6)
+    assert math.isclose(float(value.detach()), 30.0, rel_tol=1e-6)
 
 
 def _forward(model: torch.nn.Module) -> Forward:
@@ -88,3 +91,32 @@ def test_train_local_changes_only_trainable_parameters() -> None:
     for name, param in model.named_parameters():
         changed = not torch.equal(param.detach(), before[name])
         assert changed == (name in trainable), name
+
+
+def test_proximal_term_hand_value() -> None:
+    model = build_model(CONFIG, FedFMXConfig(k_max=2), 2, seed=0)
+    start = {"router.bias": model.router.bias.detach() + 2.0}  # θ − θ_g = −2 on 2 entries
+    # (μ/2)·‖θ − θ_g‖² = (0.5/2)·(4 + 4) = 2
+    value = proximal_term(start, mu=0.5)(model, _forward(model))
+    assert math.isclose(float(value.detach()), 2.0, rel_tol=1e-6)
+
+
+def test_distillation_is_zero_against_itself_and_matches_kl_by_hand() -> None:
+    student = build_model(CONFIG, FedFMXConfig(k_max=2), 3, seed=0)
+    teacher = build_model(CONFIG, FedFMXConfig(k_max=2), 2, seed=0)
+    teacher.load_state_dict(
+        {k: v[:2] if k == "head.weight" else v for k, v in student.state_dict().items()}
+    )
+    forward = _forward(student)
+    assert float(distillation_term(teacher, 1.0, 2.0)(student, forward).detach()) < 1e-6
+    # a teacher that is sure of class 0 vs a student that is not
+    with torch.no_grad():
+        teacher.head.weight.zero_()
+        teacher.head.weight[0] += 1e3 * F.normalize(torch.ones(8), dim=0)
+    t = 2.0
+    target = torch.softmax(teacher(forward.batch.x) / t, dim=1)
+    log_student = torch.log_softmax(forward.logits[:, :2] / t, dim=1)
+    expected = t**2 * (target * (torch.log(target.clamp_min(1e-12)) - log_student)).sum(1).mean()
+    value = distillation_term(teacher, 1.0, t)(student, forward)
+    assert torch.allclose(value, expected, atol=1e-5)
+    assert float(value.detach()) > 0.01

@@ -1,0 +1,43 @@
+"""FCIL benchmark: FedFMX against federated continual-learning baselines and ablations.
+
+    python benchmarks/fcil.py                 # reduced grid (Split Fashion-MNIST slice, 3 seeds)
+    python benchmarks/fcil.py --grid full     # every setting, full data (hours on 2 cores)
+
+Writes benchmarks/results/fcil_fmnist.json and .png, and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from fedfmx.benchmark import FULL, REDUCED, markdown_table, run_grid, write_outputs
+from fedfmx.config import load_fleet
+
+RESULTS = Path(__file__).parent / "results"
+FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "fcil-fmnist.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--grid", choices=["reduced", "full"], default="reduced")
+    parser.add_argument("--methods", nargs="*", help="subset of methods (default: all)")
+    parser.add_argument("--seeds", nargs="*", type=int, help="seeds (default: 0 1 2)")
+    parser.add_argument("--fleet", type=Path, default=FLEET)
+    parser.add_argument("--name", default="fcil_fmnist", help="output file stem under results/")
+    args = parser.parse_args()
+    grid = FULL if args.grid == "full" else REDUCED
+    if args.methods:
+        grid = replace(grid, methods=tuple(args.methods))
+    if args.seeds:
+        grid = replace(grid, seeds=tuple(args.seeds))
+    document = run_grid(load_fleet(args.fleet), grid, progress=lambda line: print(line, flush=True))
+    write_outputs(document, RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.png")
+    print(markdown_table(document))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Images a device hands to the model: a directory of PNGs or an IDX file, normalised as in
+training (`raw / pixel_max`, float32 [N, C, H, W]) according to the file's `InputSpec`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from export.checkpoint import InputSpec
+from fedfmx.datasets import read_idx
+from fedfmx.errors import DataError
+
+PNG_PIXEL_MAX = 255.0
+
+
+def load_images(
+    path: Path, spec: InputSpec, limit: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Images under `path` (PNG directory or IDX file) and a name for each (file name or index)."""
+    if path.is_dir():
+        images, names = _load_png_dir(path, spec, limit)
+    elif path.is_file():
+        images = _load_idx(path, spec, limit)
+        names = [f"{path.name}[{i}]" for i in range(len(images))]
+    else:
+        raise DataError(f"{path}: no such file or directory; pass a PNG directory or an IDX file")
+    if len(images) == 0:
+        raise DataError(f"{path}: no images found")
+    return images, names
+
+
+def _load_png_dir(
+    directory: Path, spec: InputSpec, limit: int | None
+) -> tuple[np.ndarray, list[str]]:
+    """Grayscale (or RGB when the model takes 3 channels), resized to the model's input size."""
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() == ".png")[:limit]
+    mode = "L" if spec.channels == 1 else "RGB"
+    arrays = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                size = (spec.width, spec.height)
+                pixels = image.convert(mode).resize(size, Image.Resampling.BILINEAR)
+                arrays.append(np.asarray(pixels, dtype=np.float32) / PNG_PIXEL_MAX)
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{file}: not a readable PNG ({error})") from None
+    if not arrays:
+        return np.zeros((0, spec.channels, spec.height, spec.width), np.float32), []
+    stacked = np.stack(arrays)
+    images = stacked[:, None] if spec.channels == 1 else stacked.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(images), [file.name for file in files]
+
+
+def _load_idx(path: Path, spec: InputSpec, limit: int | None) -> np.ndarray:
+    """Integer IDX images are divided by `pixel_max`; float IDX images are taken as normalised."""
+    raw = read_idx(path)[:limit]
+    if raw.ndim == 3:
+        raw = raw[:, None]
+    expected = (spec.channels, spec.height, spec.width)
+    if raw.ndim != 4 or raw.shape[1:] != expected:
+        raise DataError(
+            f"{path}: images of shape {raw.shape[1:]}, the model takes {expected} "
+            "([N, H, W] or [N, C, H, W])"
+        )
+    scale = spec.pixel_max if np.issubdtype(raw.dtype, np.integer) else 1.0
+    return np.ascontiguousarray(raw.astype(np.float32) / np.float32(scale))

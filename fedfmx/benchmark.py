@@ -1,0 +1,222 @@
+"""The FCIL benchmark grid: methods x seeds x settings on the same data, budget and backbone.
+
+Used by `benchmarks/fcil.py` and `fedfmx-edge bench fcil`; the package never imports the
+`benchmarks/` folder, the scripts there import this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedfmx.config import FleetConfig
+from fedfmx.datasets import ImageDataset
+from fedfmx.plots import plot_seen_accuracy
+from fedfmx.simulation import SimulationResult, load_fleet_dataset, run_simulation
+
+ALL_METHODS = (
+    "fedfmx",
+    "fedavg",
+    "fedprox",
+    "fedewc",
+    "fedlwf",
+    "fedavg_replay",
+    "dense_moe",
+    "no_fres",
+    "fixed_topk",
+    "no_rar",
+    "joint",
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One data setting of the grid: non-IID strength and class misalignment."""
+
+    alpha: float
+    max_lag: int
+
+    @property
+    def label(self) -> str:
+        return f"alpha={self.alpha},lag={self.max_lag}"
+
+
+BENCH_FLEET: dict[str, object] = {
+    "name": "fcil-fmnist",
+    "data": {"dataset": "fashion_mnist"},
+    "protocol": {"num_tasks": 5, "num_clients": 10, "rounds_per_task": 3},
+}
+"""The benchmark's base fleet (also `device_configs/fleets/fcil-fmnist.yaml`): Split
+Fashion-MNIST, 5 tasks of 2 classes, 10 devices; every other value is the default."""
+
+FULL_SETTINGS = (Setting(0.5, 0), Setting(0.5, 1), Setting(0.1, 0), Setting(0.1, 1))
+
+
+@dataclass(frozen=True)
+class Grid:
+    methods: Sequence[str]
+    seeds: Sequence[int]
+    settings: Sequence[Setting]
+    train_per_class: int | None
+    test_per_class: int | None
+
+
+REDUCED = Grid(ALL_METHODS, (0, 1, 2), (Setting(0.5, 1),), train_per_class=600, test_per_class=300)
+FULL = Grid(ALL_METHODS, (0, 1, 2), FULL_SETTINGS, train_per_class=None, test_per_class=None)
+
+METRICS = (
+    "final_accuracy",
+    "average_incremental_accuracy",
+    "forgetting",
+    "uplink_bytes_per_client_round",
+    "downlink_bytes_per_client_round",
+    "wall_time_s",
+)
+
+
+def bench_fleet(
+    base: FleetConfig, grid: Grid, setting: Setting, method: str, seed: int
+) -> FleetConfig:
+    """The base fleet with this cell's method, seed, setting and data slice."""
+    return FleetConfig.model_validate(
+        base.model_dump()
+        | {
+            "method": method,
+            "seed": seed,
+            "protocol": base.protocol.model_dump()
+            | {"alpha": setting.alpha, "max_lag": setting.max_lag, "lags": None},
+            "data": base.data.model_dump()
+            | {"train_per_class": grid.train_per_class, "test_per_class": grid.test_per_class},
+        }
+    )
+
+
+def summarise(results: Sequence[SimulationResult]) -> dict[str, object]:
+    """Mean and std over seeds of every metric, and the mean seen-accuracy curve."""
+    rows = [_metrics(result) for result in results]
+    summary: dict[str, object] = {
+        name: {
+            "mean": float(np.mean([r[name] for r in rows])),
+            "std": float(np.std([r[name] for r in rows])),
+        }
+        for name in METRICS
+    }
+    curves = np.array([result.seen_accuracy for result in results])
+    summary["seen_accuracy_mean"] = curves.mean(axis=0).tolist()
+    summary["seen_accuracy_std"] = curves.std(axis=0).tolist()
+    summary["runs"] = [
+        r | {"seed": result.config["seed"]} for r, result in zip(rows, results, strict=True)
+    ]
+    return summary
+
+
+def _metrics(result: SimulationResult) -> dict[str, float]:
+    updates = sum(r.updates for r in result.rounds)
+    rounds = len(result.rounds)
+    clients = int(result.config["protocol"]["num_clients"])  # type: ignore[index]
+    return {
+        "final_accuracy": result.final_accuracy,
+        "average_incremental_accuracy": result.average_incremental_accuracy,
+        "forgetting": result.forgetting,
+        "uplink_bytes_per_client_round": result.uplink_bytes / updates if updates else 0.0,
+        "downlink_bytes_per_client_round": result.downlink_bytes / (rounds * clients)
+        if rounds
+        else 0.0,
+        "wall_time_s": result.wall_time_s,
+    }
+
+
+Progress = Callable[[str], None]
+
+
+def run_grid(base: FleetConfig, grid: Grid, progress: Progress | None = None) -> dict[str, object]:
+    """Run every cell; returns the JSON document the benchmark writes."""
+    started = time.perf_counter()
+    datasets: dict[tuple[int | None, int | None, int], ImageDataset] = {}
+    table: dict[str, dict[str, object]] = {}
+    for setting in grid.settings:
+        table[setting.label] = {}
+        for method in grid.methods:
+            results = []
+            for seed in grid.seeds:
+                fleet = bench_fleet(base, grid, setting, method, seed)
+                key = (grid.train_per_class, grid.test_per_class, seed)
+                if key not in datasets:
+                    datasets[key] = load_fleet_dataset(fleet)
+                results.append(run_simulation(fleet, datasets[key]))
+                if progress is not None:
+                    last = results[-1]
+                    progress(
+                        f"{setting.label} {method} seed {seed}: "
+                        f"final {100 * last.final_accuracy:.1f}% "
+                        f"forgetting {100 * last.forgetting:.1f} ({last.wall_time_s:.0f} s)"
+                    )
+            table[setting.label][method] = summarise(results)
+    return {
+        "benchmark": "fcil",
+        "dataset": base.data.dataset,
+        "grid": {
+            "methods": list(grid.methods),
+            "seeds": list(grid.seeds),
+            "settings": [s.label for s in grid.settings],
+            "train_per_class": grid.train_per_class,
+            "test_per_class": grid.test_per_class,
+        },
+        "base_fleet": base.model_dump(mode="json"),
+        "machine": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "total_wall_time_s": time.perf_counter() - started,
+        "results": table,
+    }
+
+
+def write_outputs(document: dict[str, object], json_path: Path, png_path: Path) -> None:
+    """The JSON document, and a PNG of the first setting's mean seen-accuracy curves (± std)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(document, indent=2))
+    results: dict[str, dict[str, dict[str, list[float]]]] = document["results"]  # type: ignore[assignment]
+    label, methods = next(iter(results.items()))
+    plot_seen_accuracy(
+        {name: cell["seen_accuracy_mean"] for name, cell in methods.items()},
+        png_path,
+        f"Split {document['dataset']}: {label} (mean of {len(document['grid']['seeds'])} seeds)",  # type: ignore[index]
+        spread={name: cell["seen_accuracy_std"] for name, cell in methods.items()},
+    )
+
+
+def markdown_table(document: dict[str, object]) -> str:
+    """method x metric, mean ± std, one table per setting (for benchmarks/README.md)."""
+    lines = []
+    results: dict[str, dict[str, dict[str, dict[str, float]]]] = document["results"]  # type: ignore[assignment]
+    for label, methods in results.items():
+        lines += [
+            f"**{label}**",
+            "",
+            "| method | final acc (%) | avg incr. acc (%) | forgetting (pts) "
+            "| uplink / client / round (KB) | wall (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, cell in methods.items():
+            uplink = cell["uplink_bytes_per_client_round"]["mean"] / 1e3
+            lines.append(
+                f"| {name} | {_pm(cell['final_accuracy'], 100)} "
+                f"| {_pm(cell['average_incremental_accuracy'], 100)} "
+                f"| {_pm(cell['forgetting'], 100)} | {uplink:.1f} "
+                f"| {cell['wall_time_s']['mean']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pm(cell: dict[str, float], scale: float) -> str:
+    return f"{scale * cell['mean']:.1f} ± {scale * cell['std']:.1f}"

@@ -1,0 +1,291 @@
+"""Update and model codec: what travels between devices and the aggregator, and its validation.
+
+Wire layout (both directions)::
+
+    MAGIC (4 bytes) | header length (u32, big-endian) | header JSON (utf-8) | body
+
+`MAGIC` is `FMXU` for an update, `FMXM` for a model. The body is a safetensors file, zstd-
+compressed when the header's codec says so (a model body is compressed when it starts with the
+zstd frame magic). Nothing is ever pickled.
+
+An update's tensors are encoded per `UpdateHeader.codec`:
+
+- plain: `<name>` float32, as given;
+- `quantize="int8"`: symmetric per row, `q = round(x / s)`, `s = max|row| / 127`, stored as
+  `<name>.q` (int8, same shape) and `<name>.scale` (float32, one per row; a 1-D tensor is one
+  row); decoding gives `q·s`, within `s/2` of `x`;
+- `topk_fraction=f` (not for `fisher.*`): of `x + r` (r the error-feedback residual kept on the
+  device) only the `k = max(1, ceil(f·n))` largest magnitudes travel, as `<name>.idx` (int32 flat
+  indices, increasing) and `<name>.v` (float32, or int8 with one `<name>.scale` when quantised);
+  the new residual is `x + r − decoded`, so what is not sent now is sent later.
+
+`decode_update` checks everything before the caller sees a tensor: sizes, magic, header schema,
+compression bomb, safetensors framing, the exact set of names, dtypes and shapes the receiver
+expects for this header, index ranges, finite scales and values, non-negative Fisher values and
+the L2 norm bound. Anything else is a `ProtocolError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+from pydantic import BaseModel, ValidationError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+from fedfmx.errors import ProtocolError
+from fedfmx.messages import CodecSettings, ModelHeader, UpdateHeader
+
+UPDATE_MAGIC = b"FMXU"
+MODEL_MAGIC = b"FMXM"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+FISHER_PREFIX = "fisher."
+DECOMPRESSION_FACTOR = 8
+"""A body may decompress to at most this many times the payload limit (zip-bomb guard)."""
+
+Arrays = dict[str, np.ndarray]
+ExpectedShapes = Callable[[UpdateHeader], Mapping[str, tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    payload: bytes
+    residual: Arrays
+    """Error-feedback residual to keep on the device (empty unless top-k is on)."""
+
+
+def _frame(magic: bytes, header: BaseModel, body: bytes) -> bytes:
+    text = header.model_dump_json().encode()
+    return magic + struct.pack(">I", len(text)) + text + body
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """View as [rows, columns]: the first dimension is the row, a vector is one row."""
+    return x.reshape(1, -1) if x.ndim <= 1 else x.reshape(x.shape[0], -1)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: `q = round(x/s)`, `s = max|row|/127` (0 for an all-zero row)."""
+    rows = _rows(x).astype(np.float32)
+    scale = (np.abs(rows).max(axis=1) / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)[:, None]
+    q = np.clip(np.rint(rows / safe), -127, 127).astype(np.int8)
+    return q.reshape(x.shape), scale
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (_rows(q).astype(np.float32) * scale[:, None]).reshape(q.shape)
+
+
+def topk_count(fraction: float, size: int) -> int:
+    return max(1, math.ceil(fraction * size)) if size else 0
+
+
+def _encode_tensor(
+    name: str, x: np.ndarray, codec: CodecSettings, residual: np.ndarray | None
+) -> tuple[Arrays, np.ndarray | None]:
+    """Stored parts of one tensor, and its new residual (None when top-k does not apply)."""
+    x = np.asarray(x, dtype=np.float32)
+    if codec.topk_fraction is None or name.startswith(FISHER_PREFIX):
+        if codec.quantize == "int8":
+            q, scale = quantize_rows(x)
+            return {f"{name}.q": q, f"{name}.scale": scale}, None
+        return {name: np.ascontiguousarray(x)}, None
+    target = (x if residual is None else x + residual).ravel()
+    k = topk_count(codec.topk_fraction, target.size)
+    index = np.sort(np.argpartition(-np.abs(target), k - 1)[:k]).astype(np.int32)
+    parts: Arrays = {f"{name}.idx": index}
+    if codec.quantize == "int8":
+        q, scale = quantize_rows(target[index])
+        parts |= {f"{name}.v": q, f"{name}.scale": scale}
+        sent = dequantize_rows(q, scale)
+    else:
+        parts[f"{name}.v"] = target[index]
+        sent = target[index]
+    decoded = np.zeros_like(target)
+    decoded[index] = sent
+    return parts, (target - decoded).reshape(x.shape)
+
+
+def encode_update(
+    header: UpdateHeader,
+    tensors: Mapping[str, np.ndarray],
+    residual: Mapping[str, np.ndarray] | None = None,
+) -> EncodedUpdate:
+    """Encode an update with the codec its header names; returns the new residual too."""
+    stored: Arrays = {}
+    new_residual: Arrays = {}
+    for name, value in tensors.items():
+        parts, left = _encode_tensor(name, value, header.codec, (residual or {}).get(name))
+        stored |= parts
+        if left is not None:
+            new_residual[name] = left
+    body = save_tensors(stored)
+    if header.codec.zstd_level is not None:
+        body = zstandard.ZstdCompressor(level=header.codec.zstd_level).compress(body)
+    return EncodedUpdate(_frame(UPDATE_MAGIC, header, body), new_residual)
+
+
+def _unframe(payload: bytes, magic: bytes, max_bytes: int) -> tuple[bytes, bytes]:
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    if len(payload) < 8 or payload[:4] != magic:
+        raise ProtocolError(f"not a {magic.decode()} payload (bad magic)")
+    (length,) = struct.unpack(">I", payload[4:8])
+    if length > len(payload) - 8:
+        raise ProtocolError(f"header length {length} runs past the payload")
+    return payload[8 : 8 + length], payload[8 + length :]
+
+
+def _decompress(body: bytes, max_bytes: int) -> bytes:
+    limit = DECOMPRESSION_FACTOR * max_bytes
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(body)
+        data = reader.read(limit + 1)
+    except zstandard.ZstdError as error:
+        raise ProtocolError(f"zstd body is corrupt: {error}") from None
+    if len(data) > limit:
+        raise ProtocolError(f"body decompresses beyond {limit} bytes")
+    return data
+
+
+def _load_body(body: bytes) -> Arrays:
+    try:
+        return dict(load_tensors(body))
+    except Exception as error:  # safetensors raises several types for malformed input
+        raise ProtocolError(f"body is not valid safetensors: {type(error).__name__}") from None
+
+
+def _parse_header(text: bytes, model: type[UpdateHeader] | type[ModelHeader]) -> BaseModel:
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "header"
+        raise ProtocolError(f"invalid header: {where}: {first['msg']}") from None
+
+
+def _expect(stored: Arrays, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    value = stored[name]
+    if value.dtype != dtype or value.shape != shape:
+        want = f"{np.dtype(dtype).name}{list(shape)}"
+        raise ProtocolError(f"{name}: expected {want}, got {value.dtype.name}{list(value.shape)}")
+    return value
+
+
+def _parts(name: str, codec: CodecSettings) -> set[str]:
+    if codec.topk_fraction is None or name.startswith(FISHER_PREFIX):
+        return {f"{name}.q", f"{name}.scale"} if codec.quantize == "int8" else {name}
+    sparse = {f"{name}.idx", f"{name}.v"}
+    return sparse | {f"{name}.scale"} if codec.quantize == "int8" else sparse
+
+
+def _scale(stored: Arrays, name: str, rows: int) -> np.ndarray:
+    scale = _expect(stored, f"{name}.scale", np.float32, (rows,))
+    if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+        raise ProtocolError(f"{name}: scales must be finite and non-negative")
+    return scale
+
+
+def _decode_tensor(
+    stored: Arrays, name: str, shape: tuple[int, ...], codec: CodecSettings
+) -> np.ndarray:
+    size = int(np.prod(shape))
+    if codec.topk_fraction is None or name.startswith(FISHER_PREFIX):
+        if codec.quantize != "int8":
+            return _expect(stored, name, np.float32, shape)
+        q = _expect(stored, f"{name}.q", np.int8, shape)
+        return dequantize_rows(q, _scale(stored, name, _rows(q).shape[0]))
+    k = topk_count(codec.topk_fraction, size)
+    index = _expect(stored, f"{name}.idx", np.int32, (k,))
+    if k and (index[0] < 0 or index[-1] >= size or np.any(np.diff(index) <= 0)):
+        raise ProtocolError(f"{name}: top-k indices out of range or not strictly increasing")
+    if codec.quantize == "int8":
+        values = dequantize_rows(
+            _expect(stored, f"{name}.v", np.int8, (k,)), _scale(stored, name, 1)
+        )
+    else:
+        values = _expect(stored, f"{name}.v", np.float32, (k,))
+    dense = np.zeros(size, dtype=np.float32)
+    dense[index] = values
+    return dense.reshape(shape)
+
+
+def decode_update(
+    payload: bytes, expected_shapes: ExpectedShapes, *, max_bytes: int, norm_bound: float
+) -> tuple[UpdateHeader, Arrays]:
+    """Validate and decode an update; ProtocolError with the reason for anything malformed."""
+    text, body = _unframe(payload, UPDATE_MAGIC, max_bytes)
+    header = _parse_header(text, UpdateHeader)
+    assert isinstance(header, UpdateHeader)
+    if len(set(header.expert_ids)) != len(header.expert_ids):
+        raise ProtocolError("expert ids repeat")
+    if (
+        len(header.class_counts) != len(header.head_classes)
+        or min(header.class_counts, default=0) < 0
+    ):
+        raise ProtocolError("class_counts must give one non-negative count per head class")
+    if header.codec.zstd_level is not None:
+        body = _decompress(body, max_bytes)
+    stored = _load_body(body)
+    try:
+        shapes = dict(expected_shapes(header))
+    except ProtocolError:
+        raise
+    except Exception as error:
+        raise ProtocolError(f"header does not fit this model: {error}") from None
+    wanted = set().union(*(_parts(name, header.codec) for name in shapes)) if shapes else set()
+    if set(stored) != wanted:
+        extra, missing = sorted(set(stored) - wanted), sorted(wanted - set(stored))
+        raise ProtocolError(
+            f"tensor names differ from the header: extra {extra[:3]}, missing {missing[:3]}"
+        )
+    tensors = {
+        name: _decode_tensor(stored, name, tuple(shape), header.codec)
+        for name, shape in shapes.items()
+    }
+    squares = 0.0
+    for name, value in tensors.items():
+        if not np.all(np.isfinite(value)):
+            raise ProtocolError(f"{name}: non-finite values")
+        if name.startswith(FISHER_PREFIX):
+            if np.any(value < 0):
+                raise ProtocolError(f"{name}: Fisher values must be non-negative")
+        else:
+            squares += float(np.square(value, dtype=np.float64).sum())
+    if math.sqrt(squares) > norm_bound:
+        raise ProtocolError(
+            f"update norm {math.sqrt(squares):.3g} exceeds the bound {norm_bound:.3g}"
+        )
+    return header, tensors
+
+
+def encode_model(
+    header: ModelHeader, tensors: Mapping[str, np.ndarray], zstd_level: int | None = None
+) -> bytes:
+    """A model version: full float32 weights, optionally zstd-compressed."""
+    body = save_tensors(
+        {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in tensors.items()}
+    )
+    if zstd_level is not None:
+        body = zstandard.ZstdCompressor(level=zstd_level).compress(body)
+    return _frame(MODEL_MAGIC, header, body)
+
+
+def decode_model(payload: bytes, *, max_bytes: int) -> tuple[ModelHeader, Arrays]:
+    """Validate and decode a model version (shapes are the caller's to check)."""
+    text, body = _unframe(payload, MODEL_MAGIC, max_bytes)
+    header = _parse_header(text, ModelHeader)
+    assert isinstance(header, ModelHeader)
+    if body[:4] == ZSTD_MAGIC:
+        body = _decompress(body, max_bytes)
+    tensors = _load_body(body)
+    for name, value in tensors.items():
+        if value.dtype != np.float32 or not np.all(np.isfinite(value)):
+            raise ProtocolError(f"model tensor {name}: must be finite float32")
+    return header, tensors
