@@ -9,6 +9,7 @@ Writes benchmarks/results/fcil_fmnist.json and .png, and prints the markdown tab
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,12 +29,17 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, help="seeds (default: 0 1 2)")
     parser.add_argument("--fleet", type=Path, default=FLEET)
     parser.add_argument("--name", default="fcil_fmnist", help="output file stem under results/")
+    parser.add_argument(
+        "--tuned", action="store_true", help="apply results/tuning.json (from benchmarks/tune.py)"
+    )
     args = parser.parse_args()
     grid = FULL if args.grid == "full" else REDUCED
     if args.methods:
         grid = replace(grid, methods=tuple(args.methods))
     if args.seeds:
         grid = replace(grid, seeds=tuple(args.seeds))
+    if args.tuned:
+        grid = replace(grid, tuned=json.loads((RESULTS / "tuning.json").read_text())["chosen"])
     document = run_grid(load_fleet(args.fleet), grid, progress=lambda line: print(line, flush=True))
     write_outputs(document, RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.png")
     print(markdown_table(document))

@@ -10,8 +10,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,10 @@ class Grid:
     settings: Sequence[Setting]
     train_per_class: int | None
     test_per_class: int | None
+    tuned: Mapping[str, Mapping[str, Mapping[str, object]]] = field(default_factory=dict)
+    """Per method, the fleet sections the tuning chose (`{"fedfmx": {"fedfmx": {...}}}`)."""
+    validation_fraction: float | None = None
+    """Set only when tuning: evaluate on a held-out slice of the training data."""
 
 
 REDUCED = Grid(ALL_METHODS, (0, 1, 2), (Setting(0.5, 1),), train_per_class=600, test_per_class=300)
@@ -84,18 +88,22 @@ METRICS = (
 def bench_fleet(
     base: FleetConfig, grid: Grid, setting: Setting, method: str, seed: int
 ) -> FleetConfig:
-    """The base fleet with this cell's method, seed, setting and data slice."""
-    return FleetConfig.model_validate(
-        base.model_dump()
+    """The base fleet with this cell's method, seed, setting, data slice and tuned values."""
+    document = base.model_dump() | {
+        "method": method,
+        "seed": seed,
+        "protocol": base.protocol.model_dump()
+        | {"alpha": setting.alpha, "max_lag": setting.max_lag, "lags": None},
+        "data": base.data.model_dump()
         | {
-            "method": method,
-            "seed": seed,
-            "protocol": base.protocol.model_dump()
-            | {"alpha": setting.alpha, "max_lag": setting.max_lag, "lags": None},
-            "data": base.data.model_dump()
-            | {"train_per_class": grid.train_per_class, "test_per_class": grid.test_per_class},
-        }
-    )
+            "train_per_class": grid.train_per_class,
+            "test_per_class": grid.test_per_class,
+            "validation_fraction": grid.validation_fraction,
+        },
+    }
+    for section, values in grid.tuned.get(method, {}).items():
+        document[section] = document[section] | dict(values)
+    return FleetConfig.model_validate(document)
 
 
 def summarise(results: Sequence[SimulationResult]) -> dict[str, object]:
@@ -115,6 +123,14 @@ def summarise(results: Sequence[SimulationResult]) -> dict[str, object]:
         r | {"seed": result.config["seed"]} for r, result in zip(rows, results, strict=True)
     ]
     return summary
+
+
+def stat(cell: Mapping[str, object], metric: str, which: str = "mean") -> float:
+    """One number out of a `summarise` cell: `stat(cell, "final_accuracy", "std")`."""
+    value = cell[metric]
+    if not isinstance(value, Mapping):
+        raise KeyError(f"{metric} is not a summarised metric")
+    return float(value[which])
 
 
 def _metrics(result: SimulationResult) -> dict[str, float]:
@@ -168,6 +184,7 @@ def run_grid(base: FleetConfig, grid: Grid, progress: Progress | None = None) ->
             "settings": [s.label for s in grid.settings],
             "train_per_class": grid.train_per_class,
             "test_per_class": grid.test_per_class,
+            "tuned": {method: dict(values) for method, values in grid.tuned.items()},
         },
         "base_fleet": base.model_dump(mode="json"),
         "machine": {
@@ -194,10 +211,11 @@ def write_outputs(document: dict[str, object], json_path: Path, png_path: Path) 
     )
 
 
-def markdown_table(document: dict[str, object]) -> str:
+def markdown_table(document: Mapping[str, object]) -> str:
     """method x metric, mean ± std, one table per setting (for benchmarks/README.md)."""
     lines = []
-    results: dict[str, dict[str, dict[str, dict[str, float]]]] = document["results"]  # type: ignore[assignment]
+    results = document["results"]
+    assert isinstance(results, Mapping)
     for label, methods in results.items():
         lines += [
             f"**{label}**",
@@ -207,16 +225,17 @@ def markdown_table(document: dict[str, object]) -> str:
             "|---|---|---|---|---|---|",
         ]
         for name, cell in methods.items():
-            uplink = cell["uplink_bytes_per_client_round"]["mean"] / 1e3
             lines.append(
-                f"| {name} | {_pm(cell['final_accuracy'], 100)} "
-                f"| {_pm(cell['average_incremental_accuracy'], 100)} "
-                f"| {_pm(cell['forgetting'], 100)} | {uplink:.1f} "
-                f"| {cell['wall_time_s']['mean']:.0f} |"
+                f"| {name} | {percent(cell, 'final_accuracy')} "
+                f"| {percent(cell, 'average_incremental_accuracy')} "
+                f"| {percent(cell, 'forgetting')} "
+                f"| {stat(cell, 'uplink_bytes_per_client_round') / 1e3:.1f} "
+                f"| {stat(cell, 'wall_time_s'):.0f} |"
             )
         lines.append("")
     return "\n".join(lines)
 
 
-def _pm(cell: dict[str, float], scale: float) -> str:
-    return f"{scale * cell['mean']:.1f} ± {scale * cell['std']:.1f}"
+def percent(cell: Mapping[str, object], metric: str) -> str:
+    """`mean ± std` of a fraction, in percent."""
+    return f"{100 * stat(cell, metric):.1f} ± {100 * stat(cell, metric, 'std'):.1f}"

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedfmx.errors import ConfigError
+from fedfmx.messages import CodecSettings
 
 MethodName = Literal[
     "fedfmx",
@@ -42,6 +43,9 @@ class DataConfig(Section):
     train_per_class: int | None = Field(default=None, gt=0)
     """Cap on training samples per class (small slices for fast runs); None keeps all."""
     test_per_class: int | None = Field(default=None, gt=0)
+    validation_fraction: float | None = Field(default=None, gt=0, lt=1)
+    """For tuning: hold out this fraction of each class's training images and evaluate on them
+    instead of the test set, which is then never read."""
 
 
 class ProtocolConfig(Section):
@@ -139,6 +143,8 @@ class FleetConfig(Section):
     fedfmx: FedFMXConfig = FedFMXConfig()
     training: TrainingConfig = TrainingConfig()
     baselines: BaselineConfig = BaselineConfig()
+    codec: CodecSettings = CodecSettings()
+    """How devices compress their updates (int8, top-k with error feedback, zstd)."""
 
     @property
     def routing(self) -> FedFMXConfig:

@@ -16,7 +16,7 @@ from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
 from fedfmx.exemplars import ExemplarBuffer
 from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
-from fedfmx.messages import CodecSettings, ModelHeader, RoundAnnouncement, UpdateHeader
+from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
 from fedfmx.methods import LocalContext, LocalOutcome, make_method
 from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
 from fedfmx.stream import ClientStream
@@ -57,7 +57,6 @@ class DeviceLearner:
         train_names: np.ndarray,
         stream: ClientStream,
         seed: int,
-        codec: CodecSettings | None = None,
     ) -> None:
         self.device_id = device_id
         self.fleet = fleet
@@ -65,7 +64,6 @@ class DeviceLearner:
         self.train_names = train_names
         self.stream = stream
         self.method = make_method(fleet.method)
-        self.codec = codec or CodecSettings()
         per_class = fleet.training.exemplars_per_class if self.method.uses_exemplars else 0
         self.exemplars = ExemplarBuffer(per_class, None, seed)
         self.state = DeviceState()
@@ -188,7 +186,7 @@ class DeviceLearner:
             expert_usage=outcome.result.usage.tolist(),
             includes_backbone=any(name.startswith("backbone.") for name in outcome.sent),
             includes_fisher=bool(outcome.merge_fisher),
-            codec=self.codec,
+            codec=self.fleet.codec,
             train_loss=outcome.result.loss,
         )
         return tensors, header

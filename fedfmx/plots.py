@@ -18,21 +18,53 @@ def plot_seen_accuracy(
     spread: Mapping[str, Sequence[float]] | None = None,
 ) -> None:
     """Accuracy on all classes seen so far after each task, one line per method (± spread)."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    for name, values in curves.items():
+    figure, axes = plt.subplots(figsize=(7.6, 4.2))
+    colours = plt.get_cmap("tab20").colors
+    for index, (name, values) in enumerate(curves.items()):
         tasks = list(range(1, len(values) + 1))
         percent = [100 * v for v in values]
-        axes.plot(tasks, percent, marker="o", label=name)
+        colour = colours[(2 * index) % len(colours)] if index < 10 else colours[2 * (index - 10) + 1]
+        style = "-" if index < 10 else "--"
+        axes.plot(tasks, percent, style, marker="o", label=name, color=colour)
         if spread is not None and name in spread:
             low = [100 * (v - s) for v, s in zip(values, spread[name], strict=True)]
             high = [100 * (v + s) for v, s in zip(values, spread[name], strict=True)]
-            axes.fill_between(tasks, low, high, alpha=0.2)
+            axes.fill_between(tasks, low, high, alpha=0.12, color=colour)
+        axes.set_xticks(tasks)
     axes.set_xlabel("task")
     axes.set_ylabel("accuracy on seen classes (%)")
     axes.set_ylim(0, 100)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_accuracy_vs_bytes(
+    points: Mapping[str, tuple[float, float, float]], path: Path, title: str
+) -> None:
+    """Final accuracy (± std) against bytes per update on a log axis, one labelled point each.
+
+    `points` maps a label to `(bytes, accuracy, accuracy_std)`, accuracies as fractions.
+    """
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for label, (size, accuracy, spread) in points.items():
+        axes.errorbar(size / 1e3, 100 * accuracy, yerr=100 * spread, fmt="o", capsize=3)
+        axes.annotate(
+            label,
+            (size / 1e3, 100 * accuracy),
+            fontsize="x-small",
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    axes.set_xscale("log")
+    axes.set_xlabel("uplink per client per round (KB, log)")
+    axes.set_ylabel("final accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -107,12 +107,30 @@ def initial_model(fleet: FleetConfig) -> GlobalModel:
 
 
 def load_fleet_dataset(fleet: FleetConfig) -> ImageDataset:
-    """The fleet's data set, sliced to the configured per-class caps."""
+    """The fleet's data set, sliced to the configured per-class caps (and split for tuning)."""
     data = fleet.data
     dataset = load_dataset(data.dataset, data.path)
+    if data.validation_fraction is not None:
+        dataset = holdout_validation(dataset, data.validation_fraction, fleet.seed)
     if data.train_per_class is None and data.test_per_class is None:
         return dataset
     return subsample(dataset, data.train_per_class, data.test_per_class, fleet.seed)
+
+
+def holdout_validation(dataset: ImageDataset, fraction: float, seed: int) -> ImageDataset:
+    """Replace the test set by a seeded per-class slice of the training set (for tuning)."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(dataset.train_y), dtype=bool)
+    for label in np.unique(dataset.train_y):
+        rows = np.flatnonzero(dataset.train_y == label)
+        held[rng.choice(rows, size=max(1, int(fraction * len(rows))), replace=False)] = True
+    return replace(
+        dataset,
+        train_x=dataset.train_x[~held],
+        train_y=dataset.train_y[~held],
+        test_x=dataset.train_x[held],
+        test_y=dataset.train_y[held],
+    )
 
 
 def make_plan(fleet: FleetConfig, dataset: ImageDataset) -> IncrementalPlan:

@@ -3,11 +3,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from fedfmx.config import load_fleet
-from fedfmx.simulation import load_fleet_dataset, run_simulation
+from fedfmx.datasets import load_digits
+from fedfmx.simulation import holdout_validation, load_fleet_dataset, run_simulation
 from fedfmx_cli.main import app
 
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
@@ -83,3 +85,14 @@ def test_upper_bound_and_replay_keep_old_classes(method: str) -> None:
     fleet = load_fleet(FLEET).model_copy(update={"method": method})
     result = run_simulation(fleet, load_fleet_dataset(fleet))
     assert result.final_accuracy > 0.6
+
+
+def test_validation_split_never_reads_the_test_set() -> None:
+    dataset = load_digits()
+    split = holdout_validation(dataset, 0.25, seed=0)
+    assert len(split.train_y) + len(split.test_y) == len(dataset.train_y)
+    # every validation image comes from the training images, none from the test images
+    train_rows = {row.tobytes() for row in dataset.train_x}
+    assert all(row.tobytes() in train_rows for row in split.test_x)
+    counts = np.bincount(split.test_y)
+    assert counts.min() >= int(0.25 * np.bincount(dataset.train_y).min())
