@@ -23,15 +23,20 @@ CANDIDATES: dict[str, list[dict[str, dict[str, object]]]] = {
         {"fedfmx": {"ewc_weight": 100.0}},
         {"fedfmx": {"ewc_weight": 1000.0}},
         {"fedfmx": {"ewc_weight": 100.0, "max_experts_per_round": 4}},
+        {"fedfmx": {"ewc_weight": 10.0}, "training": {"lr": 0.02}},
+        {"fedfmx": {"ewc_weight": 10.0}, "training": {"lr": 0.03}},
     ],
     "fedavg_replay": [
         {"training": {"lr": 0.005}},
         {"training": {"lr": 0.01}},
         {"training": {"lr": 0.02}},
         {"training": {"lr": 0.03}},
+        {"training": {"lr": 0.04}},
+        {"training": {"lr": 0.05}},
     ],
 }
-"""Four candidates each: FedFMX's stability weight and expert budget, the baseline's step size."""
+"""Six candidates each: FedFMX's stability weight, expert budget and step size; the baseline's
+step size (its only free knob at a fixed exemplar budget)."""
 
 
 def main() -> None:

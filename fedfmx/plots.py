@@ -23,8 +23,9 @@ def plot_seen_accuracy(
     for index, (name, values) in enumerate(curves.items()):
         tasks = list(range(1, len(values) + 1))
         percent = [100 * v for v in values]
-        colour = colours[(2 * index) % len(colours)] if index < 10 else colours[2 * (index - 10) + 1]
-        style = "-" if index < 10 else "--"
+        first_ten = index < len(colours) // 2
+        colour = colours[2 * index] if first_ten else colours[2 * (index - 10) + 1]
+        style = "-" if first_ten else "--"
         axes.plot(tasks, percent, style, marker="o", label=name, color=colour)
         if spread is not None and name in spread:
             low = [100 * (v - s) for v, s in zip(values, spread[name], strict=True)]
