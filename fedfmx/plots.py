@@ -19,7 +19,8 @@ def plot_seen_accuracy(
 ) -> None:
     """Accuracy on all classes seen so far after each task, one line per method (± spread)."""
     figure, axes = plt.subplots(figsize=(7.6, 4.2))
-    colours = plt.get_cmap("tab20").colors
+    palette = matplotlib.colormaps["tab20"]
+    colours = [palette(i) for i in range(palette.N)]
     for index, (name, values) in enumerate(curves.items()):
         tasks = list(range(1, len(values) + 1))
         percent = [100 * v for v in values]
