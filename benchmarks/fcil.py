@@ -39,7 +39,11 @@ def main() -> None:
     if args.seeds:
         grid = replace(grid, seeds=tuple(args.seeds))
     if args.tuned:
-        grid = replace(grid, tuned=json.loads((RESULTS / "tuning.json").read_text())["chosen"])
+        chosen = json.loads((RESULTS / "tuning.json").read_text())["chosen"]
+        # FedFMX's ablations remove one component from the tuned FedFMX, not from the defaults
+        for ablation in ("no_fres", "fixed_topk", "no_rar"):
+            chosen.setdefault(ablation, chosen["fedfmx"])
+        grid = replace(grid, tuned=chosen)
     document = run_grid(load_fleet(args.fleet), grid, progress=lambda line: print(line, flush=True))
     write_outputs(document, RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.png")
     print(markdown_table(document))
