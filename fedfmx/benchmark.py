@@ -13,27 +13,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
-from fedfmx.config import FleetConfig
+from fedfmx.config import FleetConfig, MethodName
 from fedfmx.datasets import ImageDataset
 from fedfmx.plots import plot_seen_accuracy
 from fedfmx.simulation import SimulationResult, load_fleet_dataset, run_simulation
 
-ALL_METHODS = (
-    "fedfmx",
-    "fedavg",
-    "fedprox",
-    "fedewc",
-    "fedlwf",
-    "fedavg_replay",
-    "dense_moe",
-    "no_fres",
-    "fixed_topk",
-    "no_rar",
-    "joint",
-)
+ALL_METHODS: tuple[str, ...] = get_args(MethodName)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,9 @@ def _encode_tensor(
             q, scale = quantize_rows(x)
             return {f"{name}.q": q, f"{name}.scale": scale}, None
         return {name: np.ascontiguousarray(x)}, None
-    target = (x if residual is None else x + residual).ravel()
+    # a residual of another shape belongs to rows that no longer line up (the head grew): drop it
+    fits = residual is not None and residual.shape == x.shape
+    target = (x + residual if fits else x).ravel()
     k = topk_count(codec.topk_fraction, target.size)
     index = np.sort(np.argpartition(-np.abs(target), k - 1)[:k]).astype(np.int32)
     parts: Arrays = {f"{name}.idx": index}

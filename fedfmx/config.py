@@ -17,17 +17,18 @@ from fedfmx.messages import CodecSettings
 
 MethodName = Literal[
     "fedfmx",
-    "no_fres",
-    "fixed_topk",
-    "no_rar",
     "fedavg",
     "fedprox",
     "fedewc",
     "fedlwf",
     "fedavg_replay",
     "dense_moe",
+    "no_fres",
+    "fixed_topk",
+    "no_rar",
     "joint",
 ]
+"""FedFMX, the baselines, FedFMX's ablations, and the centralised upper bound."""
 
 
 class Section(BaseModel):

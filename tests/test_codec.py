@@ -266,3 +266,11 @@ def test_fuzzed_payloads_never_crash_and_never_pass_malformed(
 def test_random_bytes_are_rejected(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         _decode(data)
+
+
+def test_a_residual_of_another_shape_is_dropped_not_broadcast() -> None:
+    header = _header(CodecSettings(topk_fraction=0.5))
+    stale = {"router.bias": np.ones(5, np.float32), "experts.0.w": np.zeros((3, 4), np.float32)}
+    encoded = encode_update(header, _tensors(), stale)
+    assert encoded.residual["router.bias"].shape == (2,)
+    _decode(encoded.payload)
