@@ -70,7 +70,6 @@ class LocalOutcome:
     expert_ids: list[int]
     merge_fisher: TensorMap | None
     result: TrainResult
-    scores: FresScores | None = None
 
 
 class Method(Protocol):
@@ -162,7 +161,7 @@ class FedFMX:
         sample = _fisher_sample(data, cfg.fisher_samples, context.generator)
         fisher = diagonal_fisher(model, sample, merge_names, context.generator)
         merge_fisher = {name: fisher_summary(value) for name, value in fisher.items()}
-        return LocalOutcome(sent, selected, merge_fisher, result, scores)
+        return LocalOutcome(sent, selected, merge_fisher, result)
 
     def score(self, context: LocalContext, expert_names: Mapping[int, list[str]]) -> FresScores:
         """FRES on a slice of the new-class rows; η is the step the local round will take.
