@@ -53,13 +53,13 @@ def plot_accuracy_vs_bytes(
     `points` maps a label to `(bytes, accuracy, accuracy_std)`, accuracies as fractions.
     """
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    for label, (size, accuracy, spread) in points.items():
+    for index, (label, (size, accuracy, spread)) in enumerate(points.items()):
         axes.errorbar(size / 1e3, 100 * accuracy, yerr=100 * spread, fmt="o", capsize=3)
-        axes.annotate(
+        axes.annotate(  # labels alternate above and below so neighbours do not overlap
             label,
             (size / 1e3, 100 * accuracy),
             fontsize="x-small",
-            xytext=(4, 4),
+            xytext=(4, 5 if index % 2 == 0 else -11),
             textcoords="offset points",
         )
     axes.set_xscale("log")
