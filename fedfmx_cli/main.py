@@ -29,7 +29,7 @@ from fedfmx.errors import ConfigError
 from fedfmx.messages import ModelHeader
 from fedfmx.plots import plot_seen_accuracy
 from fedfmx.simulation import RoundLog, SimulationResult, load_fleet_dataset, run_simulation
-from fedfmx_cli import deploy
+from fedfmx_cli import deploy, provisioning
 from fedfmx_cli.console import console, one_line_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -135,6 +135,7 @@ def simulate(
 
 
 deploy.register(app)
+provisioning.register(app)
 
 bench = typer.Typer(no_args_is_help=True, help="Reproducible benchmarks (JSON + PNG).")
 app.add_typer(bench, name="bench")

@@ -1,0 +1,1 @@
+"""The aggregator service: fleet provisioning (and, next, round orchestration over MQTT)."""

@@ -1,0 +1,233 @@
+"""Fleet credentials: a CA, broker and client certificates, passwords, ACLs, a signing key.
+
+`provision` writes everything an operator needs to run a locked-down Mosquitto for one fleet:
+mutual TLS (a device's certificate CN is its MQTT username), a password file as a second
+option, an ACL that lets a device publish only under its own `clients/<id>/` and read only the
+fleet's `round`, `model` and its own inbox, and the aggregator's Ed25519 key that signs models.
+Private keys are written 0600.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import ipaddress
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedfmx.errors import ConfigError
+
+AGGREGATOR = "aggregator"
+VALIDITY = datetime.timedelta(days=3650)
+PBKDF2_ITERATIONS = 101
+"""What `mosquitto_passwd` of Mosquitto 2.0 uses for its `$7$` (PBKDF2-SHA512) hashes."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    name: str
+    cert: Path
+    key: Path
+    password: str
+
+
+@dataclass(frozen=True)
+class ProvisionedFleet:
+    directory: Path
+    ca_cert: Path
+    broker_cert: Path
+    broker_key: Path
+    password_file: Path
+    acl_file: Path
+    mosquitto_conf: Path
+    signing_key: Path
+    verify_key: Path
+    clients: dict[str, Credentials]
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create with 0600 from the start (never world-readable, not even for a moment)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    server: bool = False,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if issuer is not None:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if server:
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def mosquitto_password_hash(password: str, salt: bytes | None = None) -> str:
+    """`$7$<iterations>$<salt>$<hash>`: PBKDF2-HMAC-SHA512 as Mosquitto's password file wants."""
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
+    encode = base64.b64encode
+    return f"$7${PBKDF2_ITERATIONS}${encode(salt).decode()}${encode(digest).decode()}"
+
+
+def acl_lines(fleet: str) -> list[str]:
+    """The aggregator reads and writes the whole fleet; a device (`%u` = its CN or username)
+    writes only below its own `clients/<id>/` and reads `round`, `model` and its inbox."""
+    prefix = f"fedfmx/v1/{fleet}"
+    return [
+        f"user {AGGREGATOR}",
+        f"topic readwrite {prefix}/#",
+        "",
+        f"pattern write {prefix}/clients/%u/#",
+        f"pattern read {prefix}/clients/%u/inbox",
+        f"pattern read {prefix}/round",
+        f"pattern read {prefix}/model/#",
+    ]
+
+
+def _load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = directory / "ca.crt", directory / "ca.key"
+    if cert_path.exists() and key_path.exists():
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{key_path}: not an EC private key")
+        return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = _certificate("fedfmx fleet CA", key, None, key)
+    _write_private(key_path, _pem_key(key))
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return certificate, key
+
+
+def _client(
+    directory: Path,
+    name: str,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    server: bool = False,
+) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = _certificate(name, key, ca, ca_key, server=server)
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    _write_private(key_path, _pem_key(key))
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def provision(
+    fleet: str, device_ids: Sequence[str], directory: Path, port: int = 8883
+) -> ProvisionedFleet:
+    """Write (or extend: an existing CA is reused) the fleet's credentials under `directory`."""
+    for device in device_ids:
+        if device == AGGREGATOR or not device.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"device id {device!r}: use letters, digits, '-' and '_' only")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = _load_or_create_ca(directory)
+    broker_cert, broker_key = _client(directory, "broker", ca, ca_key, server=True)
+    clients: dict[str, Credentials] = {}
+    for name in [AGGREGATOR, *device_ids]:
+        cert, key = _client(directory, name, ca, ca_key)
+        clients[name] = Credentials(name, cert, key, secrets.token_urlsafe(18))
+    password_file = directory / "passwords"
+    kept = _existing_passwords(password_file, set(clients))
+    entries = kept + [
+        f"{name}:{mosquitto_password_hash(c.password)}" for name, c in clients.items()
+    ]
+    _write_private(password_file, ("\n".join(entries) + "\n").encode())
+    for name, credentials in clients.items():
+        _write_private(directory / f"{name}.password", credentials.password.encode())
+    acl_file = directory / "acl"
+    acl_file.write_text("\n".join(acl_lines(fleet)) + "\n")
+    signing_key, verify_key = _signing_key(directory)
+    conf = directory / "mosquitto.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "per_listener_settings false",
+                "allow_anonymous false",
+                f"acl_file {acl_file}",
+                "persistence true",
+                f"persistence_location {directory}/",
+                f"listener {port}",
+                f"cafile {directory / 'ca.crt'}",
+                f"certfile {broker_cert}",
+                f"keyfile {broker_key}",
+                "require_certificate true",
+                "use_identity_as_username true",
+            ]
+        )
+        + "\n"
+    )
+    return ProvisionedFleet(
+        directory,
+        directory / "ca.crt",
+        broker_cert,
+        broker_key,
+        password_file,
+        acl_file,
+        conf,
+        signing_key,
+        verify_key,
+        clients,
+    )
+
+
+def _existing_passwords(path: Path, replaced: set[str]) -> list[str]:
+    if not path.exists():
+        return []
+    return [
+        line
+        for line in path.read_text().splitlines()
+        if line and line.split(":", 1)[0] not in replaced
+    ]
+
+
+def _signing_key(directory: Path) -> tuple[Path, Path]:
+    """The aggregator's Ed25519 model-signing key (created once, kept on re-provisioning)."""
+    private, public = directory / "aggregator-signing.key", directory / "aggregator-signing.pub"
+    if not private.exists():
+        key = Ed25519PrivateKey.generate()
+        _write_private(private, _pem_key(key))
+        public.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    return private, public

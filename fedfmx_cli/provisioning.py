@@ -1,0 +1,49 @@
+"""`fedfmx-edge provision`: the fleet's CA, certificates, passwords, ACLs and signing key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from aggregator.provisioning import provision as write_credentials
+from fedfmx.config import load_fleet
+from fedfmx.errors import ConfigError
+from fedfmx_cli.console import one_line_errors
+
+
+@one_line_errors
+def provision(
+    out: Annotated[Path, typer.Option(help="Folder for the fleet's credentials.")],
+    fleet_file: Annotated[
+        Path | None, typer.Option("--fleet", help="Fleet YAML; default: the demo fleet.")
+    ] = None,
+    devices: Annotated[
+        int | None, typer.Option(help="Provision device-000 … device-(N-1).")
+    ] = None,
+    device: Annotated[
+        list[str] | None, typer.Option(help="Provision this device id (repeat).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="TLS listener port in mosquitto.conf.")] = 8883,
+) -> None:
+    """Write a fleet CA, broker and device certificates, passwords, ACL and mosquitto.conf."""
+    if (devices is None) == (not device):
+        raise ConfigError("give either --devices N or one or more --device ID")
+    ids = list(device or []) or [f"device-{index:03d}" for index in range(devices or 0)]
+    fleet = load_fleet(fleet_file)
+    written = write_credentials(fleet.name, ids, out, port=port)
+    table = Table(title=f"fleet {fleet.name}: credentials in {written.directory}")
+    table.add_column("client")
+    table.add_column("certificate")
+    table.add_column("password file")
+    for name, credentials in written.clients.items():
+        table.add_row(name, credentials.cert.name, f"{name}.password")
+    Console().print(table)
+    Console().print(f"broker: mosquitto -c {written.mosquitto_conf}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(provision)
