@@ -175,7 +175,7 @@ def provision(
         _write_private(directory / f"{name}.password", credentials.password.encode())
     acl_file = directory / "acl"
     acl_file.write_text("\n".join(acl_lines(fleet)) + "\n")
-    signing_key, verify_key = _signing_key(directory)
+    signing_key, verify_key = signing_key_files(directory)
     conf = directory / "mosquitto.conf"
     conf.write_text(
         "\n".join(
@@ -219,7 +219,7 @@ def _existing_passwords(path: Path, replaced: set[str]) -> list[str]:
     ]
 
 
-def _signing_key(directory: Path) -> tuple[Path, Path]:
+def signing_key_files(directory: Path) -> tuple[Path, Path]:
     """The aggregator's Ed25519 model-signing key (created once, kept on re-provisioning)."""
     private, public = directory / "aggregator-signing.key", directory / "aggregator-signing.pub"
     if not private.exists():

@@ -27,27 +27,10 @@ from fedfmx.device import DeviceLearner
 from fedfmx.federation import RoundKeeper
 from fedfmx.profiles import PROFILES_DIR, PeakRss, apply_profile, load_profile
 from fedfmx.simulation import initial_model, load_fleet_dataset, make_plan
-from fedfmx.stream import ClientStream, StreamPosition
+from fedfmx.stream import OwnRowsStream
 
 RESULTS = Path(__file__).parent / "results"
 ROUNDS = 4
-
-
-class OwnRows(ClientStream):
-    """A client's stream over a compact copy of only its own rows (what a device stores)."""
-
-    def __init__(self, stream: ClientStream, rows: np.ndarray) -> None:
-        self._stream = stream
-        self._rows = rows
-
-    def position(self, global_round: int) -> StreamPosition:
-        return self._stream.position(global_round)
-
-    def available(self, global_round: int) -> np.ndarray:
-        return np.searchsorted(self._rows, self._stream.available(global_round))
-
-    def meets_new_task(self, global_round: int) -> bool:
-        return self._stream.meets_new_task(global_round)
 
 
 def measure(profile_name: str) -> dict[str, object]:
@@ -56,10 +39,9 @@ def measure(profile_name: str) -> dict[str, object]:
     torch.set_num_threads(profile.threads)
     dataset = load_fleet_dataset(fleet)
     plan = make_plan(fleet, dataset)
-    rows = np.unique(np.concatenate([task[0] for task in plan.client_indices]))
-    own_x = dataset.train_x[rows].copy()
-    own_names = np.array(dataset.class_names)[dataset.train_y[rows]]
-    stream = OwnRows(plan.stream(0, fleet.seed), rows)
+    stream = OwnRowsStream(plan.stream(0, fleet.seed))
+    own_x = dataset.train_x[stream.rows].copy()
+    own_names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
     del dataset  # a device holds its own rows only
     device = DeviceLearner("device-000", fleet, own_x, own_names, stream, seed=0)
     keeper = RoundKeeper(fleet, initial_model(fleet))
@@ -86,7 +68,7 @@ def measure(profile_name: str) -> dict[str, object]:
     peak = max(float(r["peak_rss_mb"]) for r in rounds)
     return {
         "profile": profile.model_dump(),
-        "rows_held": len(rows),
+        "rows_held": len(stream.rows),
         "rounds": rounds,
         "mean_round_s": float(np.mean([r["seconds"] for r in rounds if r["trained"]])),
         "peak_rss_mb": peak,

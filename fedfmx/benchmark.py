@@ -139,10 +139,20 @@ def _metrics(result: SimulationResult) -> dict[str, float]:
 
 
 Progress = Callable[[str], None]
+DatasetLoader = Callable[[FleetConfig], ImageDataset]
 
 
-def run_grid(base: FleetConfig, grid: Grid, progress: Progress | None = None) -> dict[str, object]:
-    """Run every cell; returns the JSON document the benchmark writes."""
+def run_grid(
+    base: FleetConfig,
+    grid: Grid,
+    progress: Progress | None = None,
+    load: DatasetLoader = load_fleet_dataset,
+) -> dict[str, object]:
+    """Run every cell; returns the JSON document the benchmark writes.
+
+    `load` reads a cell's data set (once per data slice and seed); the default reads the
+    fleet's images, `benchmarks/manyclass.py` swaps them for frozen-trunk features.
+    """
     started = time.perf_counter()
     datasets: dict[tuple[int | None, int | None, int], ImageDataset] = {}
     table: dict[str, dict[str, object]] = {}
@@ -154,7 +164,7 @@ def run_grid(base: FleetConfig, grid: Grid, progress: Progress | None = None) ->
                 fleet = bench_fleet(base, grid, setting, method, seed)
                 key = (grid.train_per_class, grid.test_per_class, seed)
                 if key not in datasets:
-                    datasets[key] = load_fleet_dataset(fleet)
+                    datasets[key] = load(fleet)
                 results.append(run_simulation(fleet, datasets[key]))
                 if progress is not None:
                     last = results[-1]

@@ -7,7 +7,7 @@ The defaults *are* the embedded demo fleet (`device_configs/fleets/demo.yaml` mi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,7 +38,10 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: Literal["fashion_mnist", "digits"] = "fashion_mnist"
+    dataset: Literal[
+        "fashion_mnist", "digits", "mnist5k", "omniglot_small", "coil20", "yaleb", "orl"
+    ] = "fashion_mnist"
+    """`fedfmx.datasets.DATASET_NAMES`; the last four are read from `../shared/datasets`."""
     path: Path | None = None
     """Directory of the data files; None uses the dataset's standard location."""
     train_per_class: int | None = Field(default=None, gt=0)
@@ -76,7 +79,11 @@ class ProtocolConfig(Section):
 
 
 class ModelConfig(Section):
+    backbone: Literal["cnn", "efficientnet_lite0"] = "cnn"
+    """`cnn`: the small CNN trained from scratch. `efficientnet_lite0`: a frozen ImageNet trunk
+    (from its PyPI package, no network) whose pooled features feed a trained projection."""
     backbone_channels: list[int] = Field(default=[16, 32, 64], min_length=1)
+    """Widths of the `cnn` backbone's conv blocks (unused by a pretrained backbone)."""
     feature_dim: int = Field(default=128, gt=0)
     num_experts: int = Field(default=8, ge=1)
     expert_hidden: int = Field(default=32, gt=0)
@@ -122,6 +129,10 @@ class TrainingConfig(Section):
     exemplars_per_class: int = Field(default=20, ge=0)
     """Per-class cap of each device's exemplar buffer (raw data stays on the device)."""
     threads: int = Field(default=2, ge=1)
+    feature_cache_mb: int = Field(default=64, ge=0)
+    """With a frozen pretrained backbone, each device keeps its samples' trunk features in an
+    on-disk cache of at most this many MiB, so local epochs, Fisher estimation and FRES skip
+    the trunk (`fedfmx.feature_cache`); 0 runs every image through the trunk every time."""
 
 
 class BaselineConfig(Section):
@@ -132,6 +143,48 @@ class BaselineConfig(Section):
     ewc_weight: float = Field(default=100.0, ge=0)
     lwf_weight: float = Field(default=1.0, ge=0)
     lwf_temperature: float = Field(default=2.0, gt=0)
+
+
+class BrokerConfig(Section):
+    """Where and as whom a service connects to the MQTT broker (DESIGN §5, §6)."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    """mqtt://host:port, mqtts://host:port (TLS), ws:// or wss://."""
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    """"auto" tries MQTT 5 first and falls back to 3.1.1 (the embedded amqtt broker)."""
+    username: str | None = None
+    password_file: Path | None = None
+    """A file holding the password (kept out of the YAML)."""
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    max_payload_bytes: int = Field(default=128 * 1024, ge=1024)
+    """Largest MQTT payload; messages are chunked below it (the strictest cloud brokers cap
+    payloads near 128 KiB)."""
+
+
+class ServiceConfig(Section):
+    """How the aggregator paces rounds over MQTT and where it keeps its state (DESIGN §5, §7)."""
+
+    broker: BrokerConfig = BrokerConfig()
+    state_path: Path | None = None
+    """SQLite file of the aggregator's state; None: `<fleet name>.aggregator.sqlite` here."""
+    min_devices: int | None = Field(default=None, ge=1)
+    """Devices that must say hello before round 0; None: `protocol.num_clients`."""
+    round_deadline_s: float = Field(default=600.0, gt=0)
+    """A round closes when every participant has answered, or at this deadline."""
+    quorum_fraction: float = Field(default=0.5, gt=0, le=1)
+    """At the deadline, a round closes only once this fraction of participants answered; until
+    then its deadline is extended (logged), so a fleet that lost most devices waits for them."""
+    max_extensions: int = Field(default=3, ge=0)
+    """After this many extensions a round closes with whatever arrived."""
+    receipt_timeout_s: float = Field(default=15.0, gt=0)
+    """A device re-sends its update when no receipt came back within this time."""
+    signing_key: Path | None = None
+    """The aggregator's Ed25519 private key (PEM); None publishes unsigned manifests."""
+
+    def state_file(self, fleet_name: str) -> Path:
+        return self.state_path or Path(f"{fleet_name}.aggregator.sqlite")
 
 
 class FleetConfig(Section):
@@ -146,6 +199,8 @@ class FleetConfig(Section):
     baselines: BaselineConfig = BaselineConfig()
     codec: CodecSettings = CodecSettings()
     """How devices compress their updates (int8, top-k with error feedback, zstd)."""
+    service: ServiceConfig = ServiceConfig()
+    """The MQTT aggregator: broker, round deadline and quorum, state file."""
 
     @property
     def routing(self) -> FedFMXConfig:
@@ -170,6 +225,9 @@ class FleetConfig(Section):
         return self
 
 
+Document = TypeVar("Document", bound=BaseModel)
+
+
 def _first_error(error: ValidationError) -> str:
     """One line: where the first problem is and what is allowed there."""
     first = error.errors()[0]
@@ -177,28 +235,39 @@ def _first_error(error: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
-def parse_fleet(raw: object, source: str = "fleet") -> FleetConfig:
-    """Validate an already-parsed YAML document; errors name the field and the allowed values."""
+def validate_document(model: type[Document], raw: object, source: str) -> Document:
+    """Validate a parsed YAML document; the error names the source, the field and the rule."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return FleetConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{source}: {_first_error(error)}") from None
+
+
+def read_yaml(path: Path, what: str) -> object:
+    """Parse a YAML file; a missing file or a syntax error is one ConfigError line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a {what} file") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+
+
+def parse_fleet(raw: object, source: str = "fleet") -> FleetConfig:
+    """Validate an already-parsed YAML document; errors name the field and the allowed values."""
+    return validate_document(FleetConfig, raw, source)
 
 
 def load_fleet(path: Path | None) -> FleetConfig:
     """Read a fleet YAML file, or the embedded default when `path` is None."""
     if path is None:
         return FleetConfig()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such fleet file") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML") from None
-    return parse_fleet(raw, str(path))
+    return parse_fleet(read_yaml(path, "fleet"), str(path))

@@ -2,11 +2,18 @@
 
 The in-process engine and `fedfmx-edge join` both drive a `DeviceLearner`, so the learning a
 device does is the same whichever way its messages travel.
+
+With a frozen pretrained backbone the device feeds the network cached trunk features instead of
+images (`fedfmx.feature_cache`): the trunk sees each sample once, and local training, Fisher
+estimation and FRES run on the projection, experts and head only. The update is the same as
+with images, up to float rounding of the trunk (`tests/test_device_cache.py`).
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,11 +22,13 @@ from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS, HEAD_WEIGHT, Arrays
 from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
 from fedfmx.exemplars import ExemplarBuffer
+from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
 from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
 from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
 from fedfmx.methods import LocalContext, LocalOutcome, make_method
 from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
-from fedfmx.stream import ClientStream
+from fedfmx.pretrained import BACKBONE_ID, TRUNK_FEATURES, PretrainedBackbone
+from fedfmx.stream import DeviceStream
 from fedfmx.training import LocalData
 
 
@@ -40,6 +49,8 @@ class DeviceState:
     """The parameters the Fisher was measured at (EWC's `θ*`)."""
     held: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     """Train indices of the current task's rows received so far."""
+    task: int | None = None
+    """The task `held` belongs to (a device that missed rounds still closes its last task)."""
     residual: dict[str, np.ndarray] = field(default_factory=dict)
     """Codec error-feedback residual."""
     teacher: Arrays | None = None
@@ -47,7 +58,12 @@ class DeviceState:
 
 
 class DeviceLearner:
-    """One device's learning: stream, exemplars, Fisher, method, and its update encoding."""
+    """One device's learning: stream, exemplars, Fisher, method, and its update encoding.
+
+    `cache_dir` is where the trunk-feature cache lives (a device passes a folder it keeps, so
+    the cache survives restarts); None uses a temporary folder removed with the learner. The
+    cache exists only for a pretrained backbone and a positive `training.feature_cache_mb`.
+    """
 
     def __init__(
         self,
@@ -55,8 +71,9 @@ class DeviceLearner:
         fleet: FleetConfig,
         train_x: np.ndarray,
         train_names: np.ndarray,
-        stream: ClientStream,
+        stream: DeviceStream,
         seed: int,
+        cache_dir: Path | None = None,
     ) -> None:
         self.device_id = device_id
         self.fleet = fleet
@@ -68,6 +85,26 @@ class DeviceLearner:
         self.exemplars = ExemplarBuffer(per_class, None, seed)
         self.state = DeviceState()
         self.generator = torch.Generator().manual_seed(seed)
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.feature_cache = self._open_feature_cache(cache_dir)
+
+    def _open_feature_cache(self, cache_dir: Path | None) -> FeatureCache | None:
+        budget_mb = self.fleet.training.feature_cache_mb
+        if self.fleet.model.backbone != "efficientnet_lite0" or budget_mb == 0:
+            return None
+        if cache_dir is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="fedfmx-features-")
+            cache_dir = Path(self._scratch.name)
+        return FeatureCache(cache_dir, BACKBONE_ID, budget_mb * 2**20)
+
+    def _model_input(self, network: FedFMXModel, images: np.ndarray) -> torch.Tensor:
+        """What the network is fed: the images, or their trunk features from the cache."""
+        if self.feature_cache is None or not isinstance(network.backbone, PretrainedBackbone):
+            return torch.from_numpy(images)
+        if len(images) == 0:
+            return torch.empty(0, TRUNK_FEATURES)
+        compute = trunk_feature_fn(network.backbone)
+        return torch.from_numpy(self.feature_cache.features(images, compute))
 
     def handle_round(
         self, announcement: RoundAnnouncement, model: ModelHeader, weights: Arrays
@@ -83,8 +120,9 @@ class DeviceLearner:
             self.fleet.model, self.fleet.routing, len(model.class_names), self.fleet.seed
         )
         load_numpy_state(network, weights)
-        if self.stream.meets_new_task(announcement.round) and len(self.state.held):
+        if position.task != self.state.task and len(self.state.held):
             self._close_task(network)
+        self.state.task = position.task
         self.state.held = self.stream.available(announcement.round)
         current = LocalRows(self.train_x[self.state.held], self.train_names[self.state.held])
         old_x, old_names = self.exemplars.arrays()
@@ -92,9 +130,9 @@ class DeviceLearner:
         network.grow_head(len(local_names))
         index = {name: i for i, name in enumerate(local_names)}
         data = LocalData(
-            x_new=torch.from_numpy(current.x),
+            x_new=self._model_input(network, current.x),
             y_new=torch.tensor([index[n] for n in current.names], dtype=torch.long),
-            x_old=torch.from_numpy(old_x),
+            x_old=self._model_input(network, old_x),
             y_old=torch.tensor([index[n] for n in old_names], dtype=torch.long),
         )
         context = LocalContext(
@@ -131,12 +169,12 @@ class DeviceLearner:
         names = self.method.fisher_names(network, self.fleet)
         if names:
             old_x, _ = self.exemplars.arrays()
-            rows = torch.from_numpy(
-                np.concatenate([previous.x, old_x]) if len(old_x) else previous.x
-            )
+            rows = np.concatenate([previous.x, old_x]) if len(old_x) else previous.x
             pick = torch.randperm(len(rows), generator=self.generator)
-            sample = rows[pick[: self.fleet.fedfmx.fisher_samples]]
-            fresh = diagonal_fisher(network, sample, names, self.generator)
+            sample = rows[pick[: self.fleet.fedfmx.fisher_samples].numpy()]
+            fresh = diagonal_fisher(
+                network, self._model_input(network, sample), names, self.generator
+            )
             params = dict(network.named_parameters())
             self.state.anchor = {name: params[name].detach().clone() for name in names}
             self.state.old_fisher = accumulate_fisher(

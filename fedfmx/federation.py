@@ -104,8 +104,26 @@ class RoundKeeper:
             class_names=self.model.class_names,
             train_backbone=train_backbone(self.fleet, task),
         )
-        self.current = OpenRound(announcement)
+        self.resume_round(announcement)
         return announcement
+
+    def resume_round(self, announcement: RoundAnnouncement) -> None:
+        """Take up a round announced earlier (a restarted aggregator re-accepts its updates)."""
+        if announcement.model_version != self.model.version:
+            raise ProtocolError(
+                f"round {announcement.round} starts from version {announcement.model_version}, "
+                f"the model is at {self.model.version}"
+            )
+        self.current = OpenRound(announcement)
+
+    def extend_deadline(self, deadline_unix: float) -> RoundAnnouncement:
+        """Move the open round's deadline; what it received so far stays."""
+        if self.current is None:
+            raise ProtocolError("no round is open")
+        self.current.announcement = self.current.announcement.model_copy(
+            update={"deadline_unix": deadline_unix}
+        )
+        return self.current.announcement
 
     def model_header(self) -> ModelHeader:
         return ModelHeader(

@@ -92,3 +92,36 @@ class ModelHeader(Message):
     version: int = Field(ge=0)
     class_names: list[str]
     """Global class ids in order: row `i` of `head.weight` is class `class_names[i]`."""
+
+
+class UpdateReceipt(Message):
+    """The aggregator's answer to one update, sent to the device's inbox once it is stored.
+
+    A device re-sends its update until a receipt for that round arrives (or the round moves on),
+    so an update acknowledged by the broker but lost in a crashed aggregator still arrives.
+    """
+
+    kind: Literal["receipt"] = "receipt"
+    update_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 of the update payload this answers (a device matches it to its pending one)."""
+    accepted: bool
+    reason: str = ""
+    """Why the update was refused (empty when accepted)."""
+
+
+DeviceActivity = Literal["online", "waiting", "training", "sent", "skipped", "offline"]
+
+
+class DeviceStatus(Message):
+    """A device's retained status; its Last Will is the same message with state `offline`."""
+
+    device_id: str
+    state: DeviceActivity
+    round: int | None = None
+    """The last round this device answered (sent an update or had nothing to send)."""
+    model_version: int | None = None
+    updates_sent: int = Field(default=0, ge=0)
+    peak_rss_mb: float | None = None
+    """Peak resident memory of the last local round (DESIGN §8: the profile's budget)."""
+    round_time_s: float | None = None
+    profile: str | None = None

@@ -1,4 +1,7 @@
-"""The FedFMX network: CNN backbone, bottleneck experts, linear router and a growing linear head.
+"""The FedFMX network: backbone, bottleneck experts, linear router and a growing linear head.
+
+The backbone is the small CNN below (`model.backbone: cnn`) or a frozen pretrained trunk with a
+trained projection (`efficientnet_lite0`, `fedfmx.pretrained`).
 
 Output feature (DESIGN §3): `z + Σ_{e∈S(x)} w_e(x)·h_e(z)`, with `S(x)` the AES subset and `w` the
 gate probabilities renormalised over it. Routing is compute-and-mask (every expert runs on every
@@ -16,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedfmx.config import FedFMXConfig, ModelConfig
+from fedfmx.pretrained import PretrainedBackbone
 from fedfmx.routing import aes_mask
 
 
@@ -101,7 +105,11 @@ class FedFMXModel(nn.Module):
 
     def __init__(self, model: ModelConfig, routing: FedFMXConfig, num_classes: int) -> None:
         super().__init__()
-        self.backbone = Backbone(model.backbone_channels, model.feature_dim)
+        self.backbone: Backbone | PretrainedBackbone = (
+            PretrainedBackbone(model.feature_dim)
+            if model.backbone == "efficientnet_lite0"
+            else Backbone(model.backbone_channels, model.feature_dim)
+        )
         self.experts = nn.ModuleList(
             Expert(model.feature_dim, model.expert_hidden) for _ in range(model.num_experts)
         )

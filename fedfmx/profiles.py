@@ -14,10 +14,9 @@ from typing import Literal
 
 import psutil
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from fedfmx.config import FleetConfig
+from fedfmx.config import FleetConfig, read_yaml, validate_document
 from fedfmx.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,19 +50,10 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = PROFILES_DIR / f"{name_or_path}.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
-        raise ConfigError(f"{path}: no such device profile (known: {known})") from None
-    except yaml.YAMLError:
-        raise ConfigError(f"{path}: is not valid YAML") from None
-    try:
-        return DeviceProfile.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "file"
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+        raise ConfigError(f"{path}: no such device profile (known: {known})")
+    return validate_document(DeviceProfile, read_yaml(path, "device profile"), str(path))
 
 
 def training_device(profile: DeviceProfile) -> torch.device:

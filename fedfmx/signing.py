@@ -24,6 +24,8 @@ class Manifest(Message):
 
     fleet: str
     version: int = Field(ge=0)
+    chunk_bytes: int = Field(gt=0)
+    """Size of every chunk but the last (`chunk_payload` cuts the payload the same way)."""
     chunk_sha256: list[str]
     total_bytes: int = Field(ge=0)
 
@@ -31,7 +33,8 @@ class Manifest(Message):
 class SignedManifest(Message):
     manifest: Manifest
     signature: str
-    """Base64 Ed25519 signature over the manifest's canonical JSON."""
+    """Base64 Ed25519 signature over the manifest's canonical JSON; empty when the fleet has
+    no signing key (devices then check only the hashes)."""
 
 
 def chunk_payload(payload: bytes, chunk_bytes: int) -> list[bytes]:
@@ -44,29 +47,35 @@ def _digest(chunk: bytes) -> str:
 
 
 def sign_manifest(
-    key: Ed25519PrivateKey, fleet: str, version: int, chunks: Sequence[bytes]
+    key: Ed25519PrivateKey | None, fleet: str, version: int, chunks: Sequence[bytes]
 ) -> SignedManifest:
+    """The manifest of `chunks` (cut by `chunk_payload`), signed unless `key` is None."""
     manifest = Manifest(
         fleet=fleet,
         version=version,
+        chunk_bytes=max(1, len(chunks[0]) if chunks else 1),
         chunk_sha256=[_digest(chunk) for chunk in chunks],
         total_bytes=sum(len(chunk) for chunk in chunks),
     )
-    signature = key.sign(manifest.model_dump_json().encode())
+    signature = b"" if key is None else key.sign(manifest.model_dump_json().encode())
     return SignedManifest(manifest=manifest, signature=base64.b64encode(signature).decode())
 
 
 def verify_manifest(
-    text: bytes, public_key: Ed25519PublicKey, fleet: str, running_version: int | None
+    text: bytes, public_key: Ed25519PublicKey | None, fleet: str, running_version: int | None
 ) -> Manifest:
-    """Parse and check a signed manifest; ProtocolError says why it is refused."""
+    """Parse and check a signed manifest; ProtocolError says why it is refused.
+
+    `public_key` None (a fleet without signing) skips only the signature check.
+    """
     try:
         signed = SignedManifest.model_validate_json(text)
         signature = base64.b64decode(signed.signature, validate=True)
     except (ValidationError, ValueError):
         raise ProtocolError("manifest is malformed") from None
     try:
-        public_key.verify(signature, signed.manifest.model_dump_json().encode())
+        if public_key is not None:
+            public_key.verify(signature, signed.manifest.model_dump_json().encode())
     except InvalidSignature:
         raise ProtocolError("manifest signature does not verify with the fleet key") from None
     manifest = signed.manifest
@@ -87,6 +96,8 @@ def assemble_verified(manifest: Manifest, chunks: Sequence[bytes]) -> bytes:
         if _digest(chunk) != expected:
             raise ProtocolError(f"chunk {index} does not match the signed manifest")
     payload = b"".join(chunks)
-    if len(payload) != manifest.total_bytes:
+    if len(payload) != manifest.total_bytes or any(
+        len(chunk) != manifest.chunk_bytes for chunk in chunks[:-1]
+    ):
         raise ProtocolError("model size does not match the signed manifest")
     return payload

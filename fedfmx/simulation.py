@@ -178,6 +178,14 @@ def evaluate(
     return per_task, accuracy(predicted, targets)
 
 
+def task_evaluator(
+    fleet: FleetConfig, dataset: ImageDataset
+) -> Callable[[GlobalModel, int], tuple[list[float], float]]:
+    """`evaluate` bound to the fleet's test set and task plan, for the MQTT aggregator."""
+    tasks = make_plan(fleet, dataset).tasks
+    return lambda model, task: evaluate(fleet, model, dataset, tasks, task)
+
+
 ProgressHook = Callable[[RoundLog], None]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -206,7 +207,31 @@ class ClientStream:
         ends = self._chunk_ends[pos.task]
         return self._arrival[pos.task][: ends[min(pos.round_in_task, len(ends) - 1)]]
 
-    def meets_new_task(self, global_round: int) -> bool:
-        """True on the first round of each of this client's tasks."""
-        pos = self.position(global_round)
-        return pos.task is not None and pos.round_in_task == 0
+    def own_rows(self) -> np.ndarray:
+        """Every train index this client ever receives, sorted: all a device has to store."""
+        return np.unique(np.concatenate([task[self.client] for task in self.plan.client_indices]))
+
+
+class DeviceStream(Protocol):
+    """What a device's learner asks of its data stream."""
+
+    def position(self, global_round: int) -> StreamPosition: ...
+
+    def available(self, global_round: int) -> np.ndarray: ...
+
+
+class OwnRowsStream:
+    """A client's stream whose indices point into a compact copy of its own rows only.
+
+    A device keeps `train_x[stream.rows]`, not the whole data set (a Pi has no room for it).
+    """
+
+    def __init__(self, stream: ClientStream) -> None:
+        self._stream = stream
+        self.rows = stream.own_rows()
+
+    def position(self, global_round: int) -> StreamPosition:
+        return self._stream.position(global_round)
+
+    def available(self, global_round: int) -> np.ndarray:
+        return np.searchsorted(self.rows, self._stream.available(global_round))

@@ -22,6 +22,7 @@ from export.pipeline import (
     export_checkpoint,
     fleet_dataset,
 )
+from fedfmx.profiles import load_profile
 from fedfmx_cli.console import one_line_errors
 
 
@@ -88,8 +89,16 @@ def predict(
         False
     ),
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="A device profile (name or YAML): its provider, threads and fallback."),
+    ] = None,
 ) -> None:
     """Classify images with an exported model through ONNX Runtime."""
+    if profile is not None:
+        limits = load_profile(profile)
+        provider = InferenceProvider(limits.inference_provider)
+        threads, fallback_to_cpu = limits.threads, limits.gpu_fallback_to_cpu
     classifier = OnnxClassifier.load(model, provider, threads, fallback_to_cpu)
     images, names = load_images(input, classifier.metadata.input)
     _print_predictions(names, classifier.predict(images, batch_size), json_lines)

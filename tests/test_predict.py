@@ -122,3 +122,37 @@ def test_missing_gpu_provider_is_an_error_unless_the_profile_allows_cpu() -> Non
     jetson = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert execution_providers(InferenceProvider.tensorrt, False, jetson) == jetson
     assert execution_providers(InferenceProvider.cuda, False, jetson) == jetson[1:]
+
+
+def test_predict_takes_provider_and_threads_from_a_device_profile(
+    model_file: Path, digits: ImageDataset, tmp_path: Path
+) -> None:
+    for i, image in enumerate(digits.test_x[:4, 0]):
+        Image.fromarray(np.rint(image * 255).astype(np.uint8), mode="L").save(
+            tmp_path / f"{i:02d}.png"
+        )
+    result = CliRunner().invoke(
+        cli(),
+        [
+            "predict",
+            "--model",
+            str(model_file),
+            "--input",
+            str(tmp_path),
+            "--profile",
+            "raspberry-pi-4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 predictions" in result.stdout
+    jetson = tmp_path / "strict-jetson.yaml"
+    jetson.write_text(
+        "name: strict-jetson\nthreads: 4\ntrain_memory_mb: 1000\nmax_experts_per_round: 2\n"
+        "batch_size: 32\nexemplars_per_class: 10\nuse_gpu: true\ngpu_fallback_to_cpu: false\n"
+        "inference_provider: tensorrt\n"
+    )
+    refused = CliRunner().invoke(
+        cli(),
+        ["predict", "--model", str(model_file), "--input", str(tmp_path), "--profile", str(jetson)],
+    )
+    assert refused.exit_code == 2 and "TensorrtExecutionProvider" in refused.output

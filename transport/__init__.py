@@ -24,6 +24,7 @@ from transport.session import (
     SessionSettings,
     TlsSettings,
     parse_broker_url,
+    session_settings,
 )
 from transport.topics import (
     TopicAddress,
@@ -70,5 +71,6 @@ __all__ = [
     "parse_broker_url",
     "parse_topic",
     "round_topic",
+    "session_settings",
     "split_message",
 ]

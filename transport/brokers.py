@@ -214,6 +214,8 @@ class EmbeddedBroker:
             return
         from amqtt.broker import Broker  # imported here: only simulate/tests need amqtt
 
+        # amqtt logs every refused MQTT 5 probe (see MqttSession.connect) as an error.
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         loop = asyncio.new_event_loop()
         launched = threading.Event()
         failure: list[BaseException] = []

@@ -17,6 +17,7 @@ persists its pending uploads itself and re-publishes them with the same `message
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import random
@@ -35,6 +36,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedfmx.config import BrokerConfig
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
 from transport.chunks import (
     CHUNK_HEADER_SIZE,
@@ -115,6 +117,35 @@ class SessionSettings(BaseModel):
     max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     max_partial_messages: int = Field(default=64, ge=1)
     partial_max_age_s: float = Field(default=300.0, gt=0)
+
+
+def session_settings(
+    broker: BrokerConfig, client_id: str, will: LastWill | None = None
+) -> SessionSettings:
+    """A service's session from the broker section of its YAML (password read from its file)."""
+    password = None
+    if broker.password_file is not None:
+        try:
+            password = broker.password_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(
+                f"broker password file {broker.password_file}: {error.strerror}"
+            ) from None
+    tls = None
+    if broker.ca_file or broker.cert_file or broker.key_file:
+        tls = TlsSettings(
+            ca_file=broker.ca_file, cert_file=broker.cert_file, key_file=broker.key_file
+        )
+    return SessionSettings(
+        url=broker.url,
+        client_id=client_id,
+        username=broker.username,
+        password=password,
+        protocol=broker.protocol,
+        tls=tls,
+        will=will,
+        max_payload_bytes=broker.max_payload_bytes,
+    )
 
 
 @dataclass(frozen=True)
@@ -209,7 +240,9 @@ class MqttSession:
         self._closing = threading.Event()
         self._attempt = 0
         self._broker_max_packet: int | None = None
-        self._inbox: queue.Queue[tuple[_Subscription, str, bytes]] = queue.Queue(
+        self._reconnect_hooks: list[Callable[[], None]] = []
+        self._ever_connected = False
+        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue(
             settings.inbox_size
         )
         self._worker: threading.Thread | None = None
@@ -418,6 +451,10 @@ class MqttSession:
             self._connack = (True, "connected")
             self._changed.notify_all()
         self._connected.set()
+        if self._ever_connected:
+            for hook in self._reconnect_hooks:
+                self._inbox.put(hook)
+        self._ever_connected = True
         log.info(
             "session %s up (session present: %s, broker max packet: %s, resubscribed %d)",
             self.settings.client_id,
@@ -532,7 +569,7 @@ class MqttSession:
         for sub in targets:
             try:
                 self._inbox.put(
-                    (sub, message.topic, bytes(message.payload)),
+                    functools.partial(self._deliver, sub, message.topic, bytes(message.payload)),
                     timeout=self.settings.inbox_put_timeout_s,
                 )
             except queue.Full:
@@ -603,6 +640,11 @@ class MqttSession:
         if client is not None:
             client.unsubscribe(topic_filter)
 
+    def on_reconnect(self, hook: Callable[[], None]) -> None:
+        """Call `hook` on the handler thread after every reconnection (e.g. to say "online"
+        again: the broker may have published our Last Will while we were away)."""
+        self._reconnect_hooks.append(hook)
+
     def incomplete_messages(self) -> list[PartialMessage]:
         """Messages being assembled with their missing chunks, to ask senders to re-send."""
         with self._lock:
@@ -619,10 +661,13 @@ class MqttSession:
     def _work(self) -> None:
         while not self._closing.is_set():
             try:
-                sub, topic, payload = self._inbox.get(timeout=0.2)
+                work = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self._deliver(sub, topic, payload)
+            try:
+                work()
+            except Exception:
+                log.exception("session %s: a reconnect hook failed", self.settings.client_id)
 
     def _deliver(self, sub: _Subscription, topic: str, payload: bytes) -> None:
         if sub.raw:

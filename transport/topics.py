@@ -3,7 +3,7 @@
     fedfmx/v1/<fleet>/round                          retained round announcement
     fedfmx/v1/<fleet>/model/<version>/manifest       retained, one chunk (signed manifest)
     fedfmx/v1/<fleet>/model/<version>/body/<index>   retained, chunk <index> of the model body
-    fedfmx/v1/<fleet>/clients/<id>/hello             device introduces itself
+    fedfmx/v1/<fleet>/clients/<id>/hello             retained: device introduces itself
     fedfmx/v1/<fleet>/clients/<id>/status            retained raw status; Last Will = offline
     fedfmx/v1/<fleet>/clients/<id>/update            chunked update stream (not retained)
     fedfmx/v1/<fleet>/clients/<id>/inbox             direct messages to one device

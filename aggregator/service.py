@@ -1,0 +1,400 @@
+"""`fedfmx-edge serve`: the aggregator, a `RoundKeeper` driven over MQTT with durable state.
+
+It registers devices from their hello, publishes each model version (retained, chunked, with
+a signed manifest) before announcing the round that starts from it, stores every accepted
+update before acknowledging it with a receipt, and closes a round when every participant has
+answered, or at the deadline once a quorum has (DESIGN §5, §7). Killed at any instant and
+restarted on the same state file, it re-folds the stored updates of the open round and goes on.
+Merging is numpy only: torch is imported once, to build version 0 of a new fleet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from pydantic import ValidationError
+
+from aggregator.events import log_event
+from aggregator.state import AggregatorState, Evaluation, RoundTotals, StoredModel
+from fedfmx.codec import decode_model
+from fedfmx.config import FleetConfig
+from fedfmx.errors import ConfigError, ProtocolError
+from fedfmx.federation import GlobalModel, RoundKeeper
+from fedfmx.messages import DeviceStatus, Hello, UpdateReceipt
+from fedfmx.signing import chunk_payload, sign_manifest
+from transport import (
+    MqttSession,
+    TopicKind,
+    client_topic,
+    clients_filter,
+    model_body_topic,
+    model_manifest_topic,
+    parse_topic,
+    round_topic,
+    session_settings,
+)
+
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+TICK_S = 0.1
+
+Evaluator = Callable[[GlobalModel, int], tuple[list[float], float]]
+"""(model, task) -> accuracy on each task so far, and on every class seen so far."""
+
+
+@dataclass(frozen=True)
+class ServiceHooks:
+    """Optional callbacks: test-set evaluation after each task, progress after each round."""
+
+    evaluate: Evaluator | None = None
+    on_round: Callable[[RoundTotals], None] | None = None
+
+
+def first_model(fleet: FleetConfig) -> GlobalModel:
+    """Version 0 of a new fleet (the only place the aggregator needs torch)."""
+    from fedfmx.simulation import initial_model  # torch: only for a fleet's first start
+
+    return initial_model(fleet)
+
+
+class Aggregator:
+    """One fleet's aggregator; `run()` returns when the last round of the last task closed."""
+
+    def __init__(
+        self,
+        fleet: FleetConfig,
+        state: AggregatorState,
+        session: MqttSession,
+        signing_key: Ed25519PrivateKey | None = None,
+        hooks: ServiceHooks = ServiceHooks(),
+    ) -> None:
+        self.fleet = fleet
+        self.state = state
+        self.session = session
+        self.signing_key = signing_key
+        self.hooks = hooks
+        self.num_rounds = fleet.protocol.num_tasks * fleet.protocol.rounds_per_task
+        self.keeper = RoundKeeper(fleet, self._restore_model())
+        self._lock = threading.RLock()
+        self._finished = threading.Event()
+
+    # -- start and resume -------------------------------------------------------------------
+
+    def _restore_model(self) -> GlobalModel:
+        stored = self.state.latest_model()
+        if stored is None:
+            model = first_model(self.fleet)
+            keeper = RoundKeeper(self.fleet, model)
+            self.state.save_first_model(
+                StoredModel(0, keeper.model_payload(), model.class_names, model.expert_usage, None)
+            )
+            return model
+        header, weights = decode_model(stored.payload, max_bytes=MAX_MODEL_BYTES)
+        return GlobalModel(stored.version, weights, header.class_names, stored.expert_usage)
+
+    def _resume_open_round(self) -> None:
+        """Re-fold the stored updates of a round that was open when the process stopped."""
+        last = self.state.last_round()
+        if last is None or last.closed is not None:
+            return
+        self.keeper.resume_round(last.announcement)
+        stored = self.state.round_updates(last.announcement.round)
+        for update in stored:
+            self.keeper.accept(update.payload, update.device_id)
+        log_event(
+            "round_resumed",
+            round=last.announcement.round,
+            updates=len(stored),
+            answered=len(self.state.answered(last.announcement.round)),
+        )
+
+    def start(self) -> None:
+        """Resume, subscribe, connect, and (re)publish the current model and round."""
+        fleet = self.fleet.name
+        self.session.subscribe(clients_filter(fleet, TopicKind.HELLO), self._on_hello)
+        self.session.subscribe(clients_filter(fleet, TopicKind.STATUS), self._on_status, raw=True)
+        self.session.subscribe(clients_filter(fleet, TopicKind.UPDATE), self._on_update)
+        with self._lock:
+            self._resume_open_round()
+            self._evaluate_missed_task()
+            self.session.connect()
+            self._publish_model()
+            if self.keeper.current is not None:
+                self._announce()
+        log_event(
+            "aggregator_started",
+            fleet=fleet,
+            model_version=self.keeper.model.version,
+            state=str(self.state.path),
+        )
+
+    def run(self, stop: threading.Event | None = None) -> bool:
+        """Drive rounds until the fleet's schedule is done (True) or `stop` is set (False)."""
+        while not self._finished.is_set():
+            if stop is not None and stop.wait(TICK_S):
+                return False
+            if stop is None:
+                time.sleep(TICK_S)
+            with self._lock:
+                self._tick(time.time())
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        current = self.keeper.current
+        if current is None:
+            self._maybe_open(now)
+            return
+        announcement = current.announcement
+        answered = self.state.answered(announcement.round) & set(announcement.participants)
+        if len(answered) == len(announcement.participants):
+            self._close()
+        elif now >= announcement.deadline_unix:
+            last = self.state.last_round()
+            extensions = 0 if last is None else last.extensions
+            quorum = math.ceil(self.fleet.service.quorum_fraction * len(announcement.participants))
+            if len(answered) >= quorum or extensions >= self.fleet.service.max_extensions:
+                self._close()
+            else:
+                extended = self.keeper.extend_deadline(now + self.fleet.service.round_deadline_s)
+                self.state.extend_round(extended)
+                self._announce()
+                log_event(
+                    "round_extended",
+                    logging.WARNING,
+                    round=announcement.round,
+                    answered=len(answered),
+                    quorum=quorum,
+                )
+
+    def _maybe_open(self, now: float) -> None:
+        last = self.state.last_round()
+        index = 0 if last is None else last.announcement.round + 1
+        if index >= self.num_rounds:
+            self._finished.set()
+            return
+        devices = self.state.devices()
+        online = sorted(d.device_id for d in devices if d.status.state != "offline")
+        needed = self.fleet.service.min_devices or self.fleet.protocol.num_clients
+        if (index == 0 and len(devices) < needed) or not online:
+            return
+        deadline = now + self.fleet.service.round_deadline_s
+        announcement = self.keeper.open_round(index, online, deadline)
+        self.state.open_round(announcement)
+        self._announce()
+        log_event(
+            "round_opened",
+            round=index,
+            task=announcement.task,
+            model_version=announcement.model_version,
+            participants=len(online),
+        )
+
+    def _announce(self) -> None:
+        assert self.keeper.current is not None
+        text = self.keeper.current.announcement.model_dump_json().encode()
+        self.session.publish(round_topic(self.fleet.name), text, retain=True)
+
+    def _close(self) -> None:
+        assert self.keeper.current is not None
+        announcement = self.keeper.current.announcement
+        before = self.keeper.model.version
+        model = self.keeper.close_round()
+        stored = None
+        if model.version != before:
+            payload = self.keeper.model_payload()
+            stored = StoredModel(
+                model.version, payload, model.class_names, model.expert_usage, None
+            )
+        self.state.close_round(announcement.round, stored)
+        totals = self.state.round_totals()[-1]
+        log_event(
+            "round_closed",
+            round=announcement.round,
+            task=announcement.task,
+            updates=totals.updates,
+            skips=totals.skips,
+            participants=totals.participants,
+            uplink_bytes=totals.uplink_bytes,
+            model_version=model.version,
+        )
+        self._evaluate_missed_task()
+        self._publish_model()
+        if self.hooks.on_round is not None:
+            self.hooks.on_round(totals)
+
+    def _evaluate_missed_task(self) -> None:
+        """Evaluate after a task's last round (also when a restart fell between close and it)."""
+        last = self.state.last_round()
+        rounds_per_task = self.fleet.protocol.rounds_per_task
+        if self.hooks.evaluate is None or last is None or last.closed is None:
+            return
+        task = last.announcement.task
+        if (last.announcement.round + 1) % rounds_per_task:
+            return
+        if any(e.task == task for e in self.state.evaluations()):
+            return
+        per_task, seen = self.hooks.evaluate(self.keeper.model, task)
+        self.state.save_evaluation(Evaluation(task, self.keeper.model.version, per_task, seen))
+        log_event(
+            "task_evaluated", task=task, accuracy=seen, model_version=self.keeper.model.version
+        )
+
+    def _publish_model(self) -> None:
+        """Publish the current version (body chunks, then the manifest) and retire old ones."""
+        version = self.keeper.model.version
+        payload = self.keeper.model_payload()
+        fleet = self.fleet.name
+        chunks = self.session.publish_retained_chunks(model_body_topic(fleet, version), payload)
+        manifest = sign_manifest(
+            self.signing_key,
+            fleet,
+            version,
+            chunk_payload(payload, self.fleet.service.broker.max_payload_bytes),
+        )
+        self.session.publish(
+            model_manifest_topic(fleet, version), manifest.model_dump_json().encode(), retain=True
+        )
+        self.state.mark_published(version, chunks)
+        retired = version - 2
+        retired_chunks = self.state.published_chunks(retired) if retired >= 0 else None
+        if retired_chunks:
+            for index in range(retired_chunks):
+                self.session.clear_retained(f"{model_body_topic(fleet, retired)}/{index}")
+            self.session.clear_retained(model_manifest_topic(fleet, retired))
+            self.state.mark_published(retired, 0)
+        log_event("model_published", model_version=version, bytes=len(payload), chunks=chunks)
+
+    # -- messages from devices --------------------------------------------------------------
+
+    def _sender(self, topic: str) -> str:
+        device_id = parse_topic(topic).device_id
+        assert device_id is not None  # the subscriptions only match per-client topics
+        return device_id
+
+    def _on_hello(self, topic: str, message: bytes) -> None:
+        sender = self._sender(topic)
+        try:
+            hello = Hello.model_validate_json(message)
+        except ValidationError as error:
+            self._reject(None, sender, f"malformed hello ({error.error_count()} errors)")
+            return
+        if hello.device_id != sender or hello.fleet != self.fleet.name:
+            self._reject(None, sender, f"hello for {hello.fleet}/{hello.device_id} on {topic}")
+            return
+        new = self.state.register(hello)
+        log_event(
+            "device_registered" if new else "device_returned",
+            device=sender,
+            profile=hello.profile,
+            classes=len(hello.classes_met),
+        )
+
+    def _on_status(self, topic: str, message: bytes) -> None:
+        sender = self._sender(topic)
+        try:
+            status = DeviceStatus.model_validate_json(message)
+        except ValidationError:
+            self._reject(None, sender, "malformed status")
+            return
+        if status.device_id != sender:
+            self._reject(None, sender, f"status of {status.device_id!r} on {topic}")
+            return
+        if not self.state.record_status(status):
+            return  # a status from before its hello (retained): the hello follows
+        if status.state == "offline":
+            log_event("device_offline", device=sender)
+        with self._lock:
+            current = self.keeper.current
+            if (
+                status.state == "skipped"
+                and current is not None
+                and status.round == current.announcement.round
+                and sender in current.announcement.participants
+            ):
+                self.state.record_skip(status.round, sender)
+                log_event("device_skipped", device=sender, round=status.round)
+
+    def _on_update(self, topic: str, payload: bytes) -> None:
+        sender = self._sender(topic)
+        with self._lock:
+            current = self.keeper.current
+            round_index = None if current is None else current.announcement.round
+            try:
+                header = self.keeper.accept(payload, sender)
+            except ProtocolError as error:
+                self._reject(round_index, sender, str(error))
+                self._receipt(sender, payload, str(error))
+                return
+            if header is None:
+                log_event("update_duplicate", device=sender, round=round_index)
+            else:
+                self.state.store_update(
+                    header.round, sender, payload, header.num_samples, header.train_loss
+                )
+                log_event(
+                    "update_accepted",
+                    device=sender,
+                    round=header.round,
+                    bytes=len(payload),
+                    experts=[str(e) for e in header.expert_ids],
+                )
+            self._receipt(sender, payload, "")
+
+    def _receipt(self, device_id: str, payload: bytes, refusal: str) -> None:
+        receipt = UpdateReceipt(
+            update_sha256=hashlib.sha256(payload).hexdigest(),
+            accepted=not refusal,
+            reason=refusal,
+        )
+        inbox = client_topic(self.fleet.name, device_id, TopicKind.INBOX)
+        try:
+            self.session.publish(inbox, receipt.model_dump_json().encode())
+        except TimeoutError as error:
+            log_event("receipt_delayed", logging.WARNING, device=device_id, reason=str(error))
+
+    def _reject(self, round_index: int | None, device_id: str, reason: str) -> None:
+        self.state.record_rejection(round_index, device_id, reason)
+        log_event(
+            "update_rejected" if round_index is not None else "message_rejected",
+            logging.WARNING,
+            device=device_id,
+            round=round_index,
+            reason=reason,
+        )
+
+
+def load_signing_key(path: Path | None) -> Ed25519PrivateKey | None:
+    if path is None:
+        return None
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(f"{path}: not a readable PEM private key ({error})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: the signing key must be Ed25519")
+    return key
+
+
+def aggregator_client_id(fleet: FleetConfig) -> str:
+    return f"aggregator-{fleet.name}"[:64]
+
+
+def open_aggregator(fleet: FleetConfig, state_path: Path, hooks: ServiceHooks) -> Aggregator:
+    """The aggregator of `fleet` on its broker, with its state file and signing key."""
+    session = MqttSession(session_settings(fleet.service.broker, aggregator_client_id(fleet)))
+    state = AggregatorState(state_path, fleet.name)
+    return Aggregator(fleet, state, session, load_signing_key(fleet.service.signing_key), hooks)

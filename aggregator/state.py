@@ -1,0 +1,467 @@
+"""The aggregator's durable state in SQLite: everything needed to resume after a crash.
+
+One transaction per event (a model version with the round it closes, a round opened, an update
+stored, a device seen), so a process killed at any instant leaves either the state before the
+event or the state after it (DESIGN §7). Update payloads are kept until their round closes:
+a restarted aggregator re-folds them instead of trusting in-memory sums, which is what makes
+"no update lost, none counted twice" hold. numpy and the standard library only, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedfmx.errors import ConfigError
+from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement
+
+SCHEMA_VERSION = 1
+KEEP_MODEL_PAYLOADS = 3
+"""Encoded versions kept: the current one, and the previous ones devices may still train on."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    version INTEGER PRIMARY KEY,
+    payload BLOB,
+    payload_bytes INTEGER NOT NULL,
+    class_names TEXT NOT NULL,
+    expert_usage TEXT NOT NULL,
+    published_chunks INTEGER,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    announcement TEXT NOT NULL,
+    opened REAL NOT NULL,
+    closed REAL,
+    extensions INTEGER NOT NULL DEFAULT 0,
+    merged_version INTEGER
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    payload BLOB,
+    bytes INTEGER NOT NULL,
+    num_samples INTEGER NOT NULL,
+    train_loss REAL NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (round, device_id)
+);
+CREATE TABLE IF NOT EXISTS skips (
+    round INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (round, device_id)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    profile TEXT NOT NULL,
+    classes_met TEXT NOT NULL,
+    sample_counts TEXT NOT NULL,
+    registered REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    status TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER,
+    device_id TEXT,
+    reason TEXT NOT NULL,
+    received REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    task INTEGER PRIMARY KEY,
+    model_version INTEGER NOT NULL,
+    per_task TEXT NOT NULL,
+    seen REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    version: int
+    payload: bytes
+    class_names: list[str]
+    expert_usage: list[float]
+    published_chunks: int | None
+
+
+@dataclass(frozen=True)
+class StoredRound:
+    announcement: RoundAnnouncement
+    opened: float
+    closed: float | None
+    extensions: int
+    merged_version: int | None
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    device_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class RoundTotals:
+    """What one closed or open round received (for results and the operator view)."""
+
+    round: int
+    task: int
+    participants: int
+    updates: int
+    skips: int
+    uplink_bytes: int
+    downlink_bytes: int
+    """Announcement plus the round's starting model, for every participant."""
+    mean_loss: float
+    opened: float
+    closed: float | None
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device_id: str
+    profile: str
+    classes_met: list[str]
+    last_seen: float
+    status: DeviceStatus
+    updates_accepted: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    task: int
+    model_version: int
+    per_task: list[float]
+    seen: float
+
+
+class AggregatorState:
+    """A fleet's aggregator state in one SQLite file; safe to call from several threads."""
+
+    def __init__(self, path: Path, fleet: str) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as error:
+            raise ConfigError(f"{path}: not a usable aggregator state file ({error})") from None
+        self._lock = threading.Lock()
+        self._claim(fleet)
+
+    def _claim(self, fleet: str) -> None:
+        """A state file belongs to one fleet and one schema: refuse to mix them up."""
+        with self._lock:
+            rows = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if not rows:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("fleet", fleet), ("schema", str(SCHEMA_VERSION))],
+                )
+                self._db.execute("COMMIT")
+                return
+        if rows.get("fleet") != fleet or rows.get("schema") != str(SCHEMA_VERSION):
+            raise ConfigError(
+                f"{self.path} holds fleet {rows.get('fleet')!r} (schema {rows.get('schema')}); "
+                f"this is fleet {fleet!r} (schema {SCHEMA_VERSION}): use another state_path"
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        """Run the statements as one transaction: all of them happen or none."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- models and rounds ------------------------------------------------------------------
+
+    def save_first_model(self, model: StoredModel) -> None:
+        self._write([_insert_model(model)])
+
+    def latest_model(self) -> StoredModel | None:
+        rows = self._read(
+            "SELECT version, payload, class_names, expert_usage, published_chunks FROM models "
+            "WHERE payload IS NOT NULL ORDER BY version DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        version, payload, names, usage, chunks = rows[0]
+        return StoredModel(
+            int(version),
+            bytes(payload),
+            json.loads(str(names)),
+            json.loads(str(usage)),
+            None if chunks is None else int(chunks),
+        )
+
+    def published_chunks(self, version: int) -> int | None:
+        rows = self._read("SELECT published_chunks FROM models WHERE version = ?", (version,))
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    def mark_published(self, version: int, chunks: int) -> None:
+        self._write(
+            [("UPDATE models SET published_chunks = ? WHERE version = ?", (chunks, version))]
+        )
+
+    def open_round(self, announcement: RoundAnnouncement) -> None:
+        self._write(
+            [
+                (
+                    "INSERT INTO rounds (round, announcement, opened) VALUES (?, ?, ?)",
+                    (announcement.round, announcement.model_dump_json(), time.time()),
+                )
+            ]
+        )
+
+    def extend_round(self, announcement: RoundAnnouncement) -> None:
+        """Record a moved deadline (the announcement is re-published with it)."""
+        self._write(
+            [
+                (
+                    "UPDATE rounds SET announcement = ?, extensions = extensions + 1 "
+                    "WHERE round = ?",
+                    (announcement.model_dump_json(), announcement.round),
+                )
+            ]
+        )
+
+    def close_round(self, round_index: int, model: StoredModel | None) -> None:
+        """Close the round, store the version it merged (None: nothing arrived) and drop the
+        round's update payloads, all in one transaction."""
+        merged = None if model is None else model.version
+        statements: list[tuple[str, tuple[object, ...]]] = []
+        if model is not None:
+            statements += [
+                _insert_model(model),
+                (
+                    "UPDATE models SET payload = NULL WHERE version <= ?",
+                    (model.version - KEEP_MODEL_PAYLOADS,),
+                ),
+            ]
+        statements += [
+            (
+                "UPDATE rounds SET closed = ?, merged_version = ? WHERE round = ?",
+                (time.time(), merged, round_index),
+            ),
+            ("UPDATE updates SET payload = NULL WHERE round = ?", (round_index,)),
+        ]
+        self._write(statements)
+
+    def last_round(self) -> StoredRound | None:
+        rows = self._read(
+            "SELECT announcement, opened, closed, extensions, merged_version FROM rounds "
+            "ORDER BY round DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        text, opened, closed, extensions, merged = rows[0]
+        return StoredRound(
+            RoundAnnouncement.model_validate_json(str(text)),
+            float(opened),
+            None if closed is None else float(closed),
+            int(extensions),
+            None if merged is None else int(merged),
+        )
+
+    # -- updates and answers ----------------------------------------------------------------
+
+    def store_update(
+        self, round_index: int, device_id: str, payload: bytes, num_samples: int, loss: float
+    ) -> bool:
+        """Keep an accepted update; False when this device's update for the round is stored."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (round_index, device_id, payload, len(payload), num_samples, loss, time.time()),
+            )
+            self._db.execute("COMMIT")
+            return cursor.rowcount == 1
+
+    def round_updates(self, round_index: int) -> list[StoredUpdate]:
+        """The stored payloads of an open round, in arrival order (re-folded on restart)."""
+        rows = self._read(
+            "SELECT device_id, payload FROM updates WHERE round = ? AND payload IS NOT NULL "
+            "ORDER BY received",
+            (round_index,),
+        )
+        return [StoredUpdate(str(d), bytes(p)) for d, p in rows]
+
+    def record_skip(self, round_index: int, device_id: str) -> None:
+        """A participant answered that it has nothing to send this round."""
+        self._write([("INSERT OR IGNORE INTO skips VALUES (?, ?)", (round_index, device_id))])
+
+    def answered(self, round_index: int) -> set[str]:
+        rows = self._read(
+            "SELECT device_id FROM updates WHERE round = ? "
+            "UNION SELECT device_id FROM skips WHERE round = ?",
+            (round_index, round_index),
+        )
+        return {str(r[0]) for r in rows}
+
+    def record_rejection(self, round_index: int | None, device_id: str | None, reason: str) -> None:
+        self._write(
+            [
+                (
+                    "INSERT INTO rejections (round, device_id, reason, received) "
+                    "VALUES (?, ?, ?, ?)",
+                    (round_index, device_id, reason, time.time()),
+                )
+            ]
+        )
+
+    def rejections(self) -> list[tuple[int | None, str | None, str]]:
+        rows = self._read("SELECT round, device_id, reason FROM rejections ORDER BY id")
+        return [
+            (None if r is None else int(r), None if d is None else str(d), str(why))
+            for r, d, why in rows
+        ]
+
+    # -- devices ----------------------------------------------------------------------------
+
+    def register(self, hello: Hello) -> bool:
+        """Record a device's hello; True when the device is new to the fleet."""
+        now = time.time()
+        status = DeviceStatus(device_id=hello.device_id, state="online", profile=hello.profile)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            known = self._db.execute(
+                "SELECT 1 FROM devices WHERE device_id = ?", (hello.device_id,)
+            ).fetchone()
+            self._db.execute(
+                "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO "
+                "UPDATE SET profile = excluded.profile, classes_met = excluded.classes_met, "
+                "sample_counts = excluded.sample_counts, last_seen = excluded.last_seen",
+                (
+                    hello.device_id,
+                    hello.profile,
+                    json.dumps(hello.classes_met),
+                    json.dumps(hello.sample_counts),
+                    now,
+                    now,
+                    status.model_dump_json(),
+                ),
+            )
+            self._db.execute("COMMIT")
+        return known is None
+
+    def record_status(self, status: DeviceStatus) -> bool:
+        """Store a registered device's latest status; False for a device never registered."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            cursor = self._db.execute(
+                "UPDATE devices SET status = ?, last_seen = ? WHERE device_id = ?",
+                (status.model_dump_json(), time.time(), status.device_id),
+            )
+            self._db.execute("COMMIT")
+            return cursor.rowcount == 1
+
+    def devices(self) -> list[DeviceRow]:
+        rows = self._read(
+            "SELECT d.device_id, d.profile, d.classes_met, d.last_seen, d.status, "
+            "(SELECT COUNT(*) FROM updates u WHERE u.device_id = d.device_id) "
+            "FROM devices d ORDER BY d.device_id"
+        )
+        return [
+            DeviceRow(
+                str(device),
+                str(profile),
+                json.loads(str(classes)),
+                float(seen),
+                DeviceStatus.model_validate_json(str(status)),
+                int(count),
+            )
+            for device, profile, classes, seen, status, count in rows
+        ]
+
+    # -- results ----------------------------------------------------------------------------
+
+    def save_evaluation(self, evaluation: Evaluation) -> None:
+        self._write(
+            [
+                (
+                    "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?)",
+                    (
+                        evaluation.task,
+                        evaluation.model_version,
+                        json.dumps(evaluation.per_task),
+                        evaluation.seen,
+                    ),
+                )
+            ]
+        )
+
+    def evaluations(self) -> list[Evaluation]:
+        rows = self._read(
+            "SELECT task, model_version, per_task, seen FROM evaluations ORDER BY task"
+        )
+        return [Evaluation(int(t), int(v), json.loads(str(p)), float(s)) for t, v, p, s in rows]
+
+    def round_totals(self) -> list[RoundTotals]:
+        rows = self._read(
+            "SELECT r.round, r.announcement, r.opened, r.closed, "
+            "(SELECT COUNT(*) FROM updates u WHERE u.round = r.round), "
+            "(SELECT COUNT(*) FROM skips s WHERE s.round = r.round), "
+            "(SELECT COALESCE(SUM(bytes), 0) FROM updates u WHERE u.round = r.round), "
+            "(SELECT COALESCE(AVG(train_loss), 0) FROM updates u WHERE u.round = r.round), "
+            "(SELECT payload_bytes FROM models m WHERE m.version = "
+            "json_extract(r.announcement, '$.model_version')) "
+            "FROM rounds r ORDER BY r.round"
+        )
+        totals = []
+        for index, text, opened, closed, updates, skips, uplink, loss, model_bytes in rows:
+            announcement = RoundAnnouncement.model_validate_json(str(text))
+            per_device = len(text) + (model_bytes or 0)
+            totals.append(
+                RoundTotals(
+                    int(index),
+                    announcement.task,
+                    len(announcement.participants),
+                    int(updates),
+                    int(skips),
+                    int(uplink),
+                    per_device * len(announcement.participants),
+                    float(loss),
+                    float(opened),
+                    None if closed is None else float(closed),
+                )
+            )
+        return totals
+
+
+def _insert_model(model: StoredModel) -> tuple[str, tuple[object, ...]]:
+    return (
+        "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            model.version,
+            model.payload,
+            len(model.payload),
+            json.dumps(model.class_names),
+            json.dumps(model.expert_usage),
+            model.published_chunks,
+            time.time(),
+        ),
+    )

@@ -1,0 +1,456 @@
+"""`fedfmx-edge join`: one device's side of the fleet, a `DeviceLearner` driven over MQTT.
+
+The device says hello, follows the retained round announcement, fetches and verifies the model
+version a round starts from, trains (FRES/AES on the device), and sends its compressed update
+until the aggregator's receipt for exactly that payload arrives. Its state is saved atomically
+before anything leaves the device, so a restart re-sends the same update instead of training
+twice (DESIGN §7). MQTT handlers only record messages; learning runs on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from pydantic import ValidationError
+
+from edge_client.config import DeviceConfig
+from edge_client.inference import DeviceModelServer
+from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
+from export.checkpoint import InputSpec
+from fedfmx.aggregation import Arrays
+from fedfmx.codec import decode_model
+from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.device import DeviceLearner
+from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
+from fedfmx.messages import (
+    DeviceActivity,
+    DeviceStatus,
+    Hello,
+    ModelHeader,
+    RoundAnnouncement,
+    UpdateReceipt,
+)
+from fedfmx.profiles import DeviceProfile, PeakRss, apply_profile, load_profile, training_device
+from fedfmx.signing import assemble_verified, chunk_payload, verify_manifest
+from fedfmx.simulation import load_fleet_dataset, make_plan
+from fedfmx.stream import OwnRowsStream
+from transport import (
+    LastWill,
+    MqttSession,
+    TopicKind,
+    client_topic,
+    model_body_filter,
+    model_manifest_topic,
+    parse_topic,
+    round_topic,
+    session_settings,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+MODEL_FETCH_S = 60.0
+"""How long to wait for a model version's retained chunks before giving the round up."""
+
+
+@dataclass(frozen=True)
+class GlobalVersion:
+    """A verified global model the device can start a round from."""
+
+    header: ModelHeader
+    weights: Arrays
+    payload: bytes
+
+
+class EdgeDevice:
+    """One device: its learner, its MQTT session and its saved state."""
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        fleet: FleetConfig,
+        profile: DeviceProfile,
+        learner: DeviceLearner,
+        session: MqttSession,
+        public_key: Ed25519PublicKey | None,
+        inference: DeviceModelServer | None = None,
+    ) -> None:
+        self.config = config
+        self.inference = inference
+        self.fleet = fleet
+        self.profile = profile
+        self.learner = learner
+        self.session = session
+        self.public_key = public_key
+        self.device_id = config.device_id
+        self.last_round_index = fleet.protocol.num_tasks * fleet.protocol.rounds_per_task - 1
+        self.snapshot = load_snapshot(config.state_dir, learner) or Snapshot(
+            Progress(config.device_id, fleet.name)
+        )
+        if self.snapshot.progress.fleet != fleet.name:
+            raise ConfigError(
+                f"{config.state_dir} holds state of fleet {self.snapshot.progress.fleet!r}, "
+                f"not {fleet.name!r}"
+            )
+        self.model = self._saved_model()
+        self._changed = threading.Condition()
+        self._announcement: RoundAnnouncement | None = None
+        self._handled_round: int | None = None
+        self._receipts: dict[str, UpdateReceipt] = {}
+        self._bodies: dict[int, bytes] = {}
+        self._manifests: dict[int, bytes] = {}
+        self._peak_rss_mb: float | None = None
+        self._round_time_s: float | None = None
+        self._last_hello: Hello | None = None
+        self._activity: DeviceActivity = "online"
+        """The last state published: said again after a reconnect, over a Last Will."""
+
+    def _saved_model(self) -> GlobalVersion | None:
+        payload = self.snapshot.model_payload
+        if payload is None:
+            return None
+        header, weights = decode_model(payload, max_bytes=MAX_MODEL_BYTES)
+        return GlobalVersion(header, weights, payload)
+
+    def _topic(self, kind: TopicKind) -> str:
+        return client_topic(self.fleet.name, self.device_id, kind)
+
+    # -- the main loop ----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Take part in rounds until the schedule is done (or `stop`), then go offline."""
+        self.session.subscribe(round_topic(self.fleet.name), self._on_round)
+        self.session.subscribe(self._topic(TopicKind.INBOX), self._on_inbox)
+        self.session.on_reconnect(lambda: self._publish_status(self._activity))
+        self.session.connect()
+        self._publish_status("online")
+        self._say_hello()
+        try:
+            while not stop.is_set() and not self._done():
+                announcement = self._next_announcement(stop)
+                if announcement is not None:
+                    self._take_part(announcement, stop)
+            self._publish_status("offline")
+        finally:
+            self.session.close()
+
+    def _done(self) -> bool:
+        return (
+            self.config.exit_after_last_round
+            and self._handled_round is not None
+            and self._handled_round >= self.last_round_index
+            and self.snapshot.pending_update is None
+        )
+
+    def _next_announcement(self, stop: threading.Event) -> RoundAnnouncement | None:
+        """The newest announcement not handled yet (bounded wait, so `stop` is noticed)."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: (
+                    (
+                        self._announcement is not None
+                        and self._announcement.round != self._handled_round
+                    )
+                    or stop.is_set()
+                ),
+                timeout=1.0,
+            )
+            announcement = self._announcement
+        if announcement is None or announcement.round == self._handled_round:
+            return None
+        return announcement
+
+    def _take_part(self, announcement: RoundAnnouncement, stop: threading.Event) -> None:
+        progress = self.snapshot.progress
+        self._handled_round = announcement.round
+        if self.snapshot.pending_update is not None:
+            if progress.last_round == announcement.round:
+                self._deliver_pending(announcement.round, stop)
+                return
+            log.warning(
+                "round %s moved on: dropping the update of round %s",
+                announcement.round,
+                progress.last_round,
+            )
+            self.snapshot.pending_update = None
+            save_snapshot(self.config.state_dir, self.learner, self.snapshot)
+        if progress.last_round is not None and announcement.round <= progress.last_round:
+            return  # answered before a restart
+        if self.device_id not in announcement.participants:
+            self._publish_status("waiting")
+            return
+        model = self._model_for(announcement, stop)
+        if model is None:
+            return
+        self._publish_status("training")
+        started = time.perf_counter()
+        with PeakRss() as rss:
+            update = self.learner.handle_round(announcement, model.header, model.weights)
+        self._round_time_s = time.perf_counter() - started
+        self._peak_rss_mb = rss.peak_mb
+        if rss.peak_mb > self.profile.train_memory_mb:
+            log.warning(
+                "round %s peaked at %.0f MB, over the %s profile's %s MB",
+                announcement.round,
+                rss.peak_mb,
+                self.profile.name,
+                self.profile.train_memory_mb,
+            )
+        if self._hello() != self._last_hello:
+            self._say_hello()  # the aggregator's registry learns the classes met
+        progress.last_round = announcement.round
+        progress.model_version = model.header.version
+        self.snapshot.model_payload = model.payload
+        self.snapshot.pending_update = update
+        save_snapshot(self.config.state_dir, self.learner, self.snapshot)
+        if update is None:
+            self._publish_status("skipped")
+        else:
+            self._deliver_pending(announcement.round, stop)
+        self._serve(model)
+
+    def _serve(self, model: GlobalVersion) -> None:
+        """Export and swap in the version this round started from (after the upload: serving
+        never delays the fleet)."""
+        if self.inference is None:
+            return
+        held = self.learner.state.held
+        old_x, old_names = self.learner.exemplars.arrays()
+        images, names = self.learner.train_x[held], self.learner.train_names[held]
+        if len(old_x):
+            images = np.concatenate([images, old_x])
+            names = np.concatenate([names, old_names])
+        self.inference.refresh(model.header, model.weights, images, names)
+
+    def _deliver_pending(self, round_index: int, stop: threading.Event) -> None:
+        """Send the pending update until its receipt comes back or the round moves on."""
+        payload = self.snapshot.pending_update
+        assert payload is not None
+        digest = hashlib.sha256(payload).hexdigest()
+        message_id = bytes.fromhex(digest)[:16]  # a re-send is the same message to the receiver
+        patience = self.fleet.service.receipt_timeout_s
+        while not stop.is_set():
+            try:
+                self.session.publish(
+                    self._topic(TopicKind.UPDATE),
+                    payload,
+                    message_id=message_id,
+                    timeout_s=patience,
+                )
+            except TimeoutError as error:
+                log.warning("update of round %s not acknowledged yet: %s", round_index, error)
+            with self._changed:
+                self._changed.wait_for(
+                    lambda: digest in self._receipts or self._newer_round(round_index), patience
+                )
+                receipt = self._receipts.pop(digest, None)
+            if receipt is not None:
+                self._settle(round_index, receipt)
+                return
+            if self._newer_round(round_index):
+                log.warning("round %s closed before its receipt came: update dropped", round_index)
+                self.snapshot.pending_update = None
+                save_snapshot(self.config.state_dir, self.learner, self.snapshot)
+                return
+            log.info("no receipt for the update of round %s: sending it again", round_index)
+
+    def _newer_round(self, round_index: int) -> bool:
+        return self._announcement is not None and self._announcement.round > round_index
+
+    def _settle(self, round_index: int, receipt: UpdateReceipt) -> None:
+        if receipt.accepted:
+            self.snapshot.progress.updates_sent += 1
+        else:
+            log.warning(
+                "aggregator refused the update of round %s: %s", round_index, receipt.reason
+            )
+        self.snapshot.pending_update = None
+        save_snapshot(self.config.state_dir, self.learner, self.snapshot)
+        self._publish_status("sent")
+
+    # -- models ------------------------------------------------------------------------------
+
+    def _model_for(
+        self, announcement: RoundAnnouncement, stop: threading.Event
+    ) -> GlobalVersion | None:
+        """The round's starting version: the one held, or fetched and verified (None: refused)."""
+        version = announcement.model_version
+        if self.model is not None and self.model.header.version == version:
+            return self.model
+        fleet = self.fleet.name
+        body_filter = model_body_filter(fleet, version)
+        manifest_topic = model_manifest_topic(fleet, version)
+        self.session.subscribe(body_filter, self._on_model_part)
+        self.session.subscribe(manifest_topic, self._on_model_part)
+        give_up = time.monotonic() + MODEL_FETCH_S
+        with self._changed:
+            self._changed.wait_for(
+                lambda: (
+                    (version in self._bodies and version in self._manifests)
+                    or stop.is_set()
+                    or self._newer_round(announcement.round)
+                ),
+                max(0.0, give_up - time.monotonic()),
+            )
+            body = self._bodies.pop(version, None)
+            manifest_text = self._manifests.pop(version, None)
+        self.session.unsubscribe(body_filter)
+        self.session.unsubscribe(manifest_topic)
+        if body is None or manifest_text is None:
+            log.warning(
+                "model version %s did not arrive; skipping round %s", version, announcement.round
+            )
+            return None
+        running = None if self.model is None else self.model.header.version
+        try:
+            manifest = verify_manifest(manifest_text, self.public_key, fleet, running)
+            if manifest.version != version:
+                raise ProtocolError(f"manifest of version {manifest.version} on version {version}")
+            payload = assemble_verified(manifest, chunk_payload(body, manifest.chunk_bytes))
+            header, weights = decode_model(payload, max_bytes=MAX_MODEL_BYTES)
+            if header.version != version or header.fleet != fleet:
+                raise ProtocolError(f"model header says {header.fleet} v{header.version}")
+        except ProtocolError as error:
+            log.warning(
+                "refused model version %s (%s); keeping version %s", version, error, running
+            )
+            return None
+        self.model = GlobalVersion(header, weights, payload)
+        return self.model
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _on_round(self, topic: str, message: bytes) -> None:
+        try:
+            announcement = RoundAnnouncement.model_validate_json(message)
+        except ValidationError:
+            log.warning("ignored a malformed round announcement on %s", topic)
+            return
+        if announcement.fleet != self.fleet.name:
+            return
+        with self._changed:
+            current = self._announcement
+            if current is None or announcement.round >= current.round:
+                self._announcement = announcement
+            self._changed.notify_all()
+
+    def _on_inbox(self, topic: str, message: bytes) -> None:
+        try:
+            receipt = UpdateReceipt.model_validate_json(message)
+        except ValidationError:
+            log.warning("ignored a malformed message in the inbox")
+            return
+        with self._changed:
+            self._receipts[receipt.update_sha256] = receipt
+            self._changed.notify_all()
+
+    def _on_model_part(self, topic: str, message: bytes) -> None:
+        address = parse_topic(topic)
+        version = address.model_version
+        assert version is not None  # only model topics are subscribed to this handler
+        with self._changed:
+            if address.kind is TopicKind.MODEL_BODY:
+                self._bodies[version] = message
+            else:
+                self._manifests[version] = message
+            self._changed.notify_all()
+
+    def _say_hello(self) -> None:
+        """Retained, so an aggregator that starts (or restarts afresh) later still hears it."""
+        hello = self._hello()
+        self.session.publish(
+            self._topic(TopicKind.HELLO), hello.model_dump_json().encode(), retain=True
+        )
+        self._last_hello = hello
+
+    def _hello(self) -> Hello:
+        held = self.learner.train_names[self.learner.state.held]
+        _, old = self.learner.exemplars.arrays()
+        counts = Counter(str(name) for name in np.concatenate([held, old]))
+        return Hello(
+            fleet=self.fleet.name,
+            device_id=self.device_id,
+            profile=self.profile.name,
+            classes_met=sorted(counts),
+            sample_counts=dict(counts),
+        )
+
+    def _publish_status(self, state: DeviceActivity) -> None:
+        self._activity = state
+        progress = self.snapshot.progress
+        status = DeviceStatus(
+            device_id=self.device_id,
+            state=state,
+            round=progress.last_round,
+            model_version=progress.model_version,
+            updates_sent=progress.updates_sent,
+            peak_rss_mb=self._peak_rss_mb,
+            round_time_s=self._round_time_s,
+            profile=self.profile.name,
+        )
+        try:
+            self.session.publish_raw(
+                self._topic(TopicKind.STATUS), status.model_dump_json().encode(), retain=True
+            )
+        except (TimeoutError, FedFMXError) as error:
+            log.warning("status %s not delivered: %s", state, error)
+
+
+def _public_key(path: Path | None) -> Ed25519PublicKey | None:
+    if path is None:
+        return None
+    try:
+        key = load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: not a readable PEM public key ({error})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{path}: the fleet key must be Ed25519")
+    return key
+
+
+def open_device(config: DeviceConfig) -> EdgeDevice:
+    """Build a device from its YAML: fleet, profile limits, its data partition, saved state."""
+    profile = load_profile(config.profile)
+    fleet = apply_profile(load_fleet(config.fleet_file), profile)
+    training_device(profile)  # says clearly (or refuses) when the profile's GPU is missing
+    torch.set_num_threads(fleet.training.threads)
+    if config.data.path is not None:
+        fleet = fleet.model_copy(
+            update={"data": fleet.data.model_copy(update={"path": config.data.path})}
+        )
+    dataset = load_fleet_dataset(fleet)
+    plan = make_plan(fleet, dataset)
+    index = config.data.client_index
+    if index >= fleet.protocol.num_clients:
+        raise ConfigError(
+            f"data.client_index {index} outside the fleet's {fleet.protocol.num_clients} clients"
+        )
+    stream = OwnRowsStream(plan.stream(index, fleet.seed))
+    inference = None
+    if config.serve_predictions:
+        spec = InputSpec.of_dataset(dataset)
+        inference = DeviceModelServer(config.state_dir / "serving", fleet, profile, spec)
+    own_x = dataset.train_x[stream.rows].copy()
+    own_names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
+    del dataset  # a device keeps its own rows only
+    learner = DeviceLearner(
+        config.device_id, fleet, own_x, own_names, stream, seed=fleet.seed * 1000 + index
+    )
+    offline = DeviceStatus(device_id=config.device_id, state="offline", profile=profile.name)
+    will = LastWill(
+        topic=client_topic(fleet.name, config.device_id, TopicKind.STATUS),
+        payload=offline.model_dump_json().encode(),
+    )
+    session = MqttSession(session_settings(config.broker, config.device_id, will))
+    public_key = _public_key(config.fleet_public_key)
+    return EdgeDevice(config, fleet, profile, learner, session, public_key, inference)

@@ -1,0 +1,78 @@
+"""The device YAML: which fleet, which broker and credentials, which data, which hardware profile.
+
+Relative paths in the file are read relative to the file itself, so a provisioned directory
+(YAML beside its certificates) can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from fedfmx.config import BrokerConfig, Section, read_yaml, validate_document
+
+
+class PartitionSource(Section):
+    """This device's share of a fleet data set, as the fleet's seeded plan deals it out.
+
+    The device reads only its own partition's rows, in the order the plan makes them arrive:
+    the stand-in for a camera's stream when a whole fleet is simulated on one machine.
+    """
+
+    source: Literal["fleet_partition"] = "fleet_partition"
+    client_index: int = Field(ge=0)
+    path: Path | None = None
+    """Directory of the data set files; None uses the fleet's `data.path`."""
+
+
+class DeviceConfig(Section):
+    device_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    fleet_file: Path | None = None
+    """The fleet YAML (model, training and codec settings); None: the embedded demo fleet."""
+    broker: BrokerConfig = BrokerConfig()
+    profile: str = "generic-x86"
+    """A profile name from `device_configs/` or a path to a profile YAML."""
+    data: PartitionSource
+    state_dir: Path
+    """Where the device keeps its model, Fisher, exemplars and pending update across restarts."""
+    fleet_public_key: Path | None = None
+    """The aggregator's Ed25519 public key (PEM); None accepts unsigned models (hashes only)."""
+    serve_predictions: bool = False
+    """Export every new global version to ONNX (the profile's precision and provider) and
+    serve it between rounds (`edge_client.inference`)."""
+    exit_after_last_round: bool = True
+    """Stop once the fleet's last scheduled round is answered (simulations); False keeps the
+    device waiting for more rounds."""
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    """`path` read relative to `base` (absolute paths and None stay as they are)."""
+    return path if path is None or path.is_absolute() else base / path
+
+
+def load_device_config(path: Path) -> DeviceConfig:
+    """Read and validate a device YAML; every relative path becomes relative to its directory."""
+    config = validate_document(DeviceConfig, read_yaml(path, "device config"), str(path))
+    base = path.resolve().parent
+    broker = config.broker
+    broker = broker.model_copy(
+        update={
+            name: _resolve(getattr(broker, name), base)
+            for name in ("password_file", "ca_file", "cert_file", "key_file")
+        }
+    )
+    profile = config.profile
+    if profile.endswith((".yaml", ".yml")):
+        profile = str(base / profile)
+    return config.model_copy(
+        update={
+            "broker": broker,
+            "profile": profile,
+            "fleet_file": _resolve(config.fleet_file, base),
+            "state_dir": _resolve(config.state_dir, base),
+            "fleet_public_key": _resolve(config.fleet_public_key, base),
+            "data": config.data.model_copy(update={"path": _resolve(config.data.path, base)}),
+        }
+    )

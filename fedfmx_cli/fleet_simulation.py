@@ -1,0 +1,264 @@
+"""`fedfmx-edge simulate` over MQTT: a broker, the aggregator, and N devices as OS processes.
+
+Everything a real deployment has, on one machine: each device is its own `fedfmx-edge join`
+process with its own YAML, MQTT client and state directory; the aggregator runs here with a
+SQLite state file and a fresh Ed25519 signing key; the broker is an embedded amqtt, a local
+Mosquitto, or a URL. The results are read back from the aggregator's state, so they are what
+an operator would see with `fedfmx-edge status`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import yaml
+
+from aggregator.provisioning import signing_key_files
+from aggregator.service import MAX_MODEL_BYTES, ServiceHooks, open_aggregator
+from aggregator.state import AggregatorState, RoundTotals
+from fedfmx.codec import decode_model
+from fedfmx.config import FleetConfig
+from fedfmx.datasets import ImageDataset
+from fedfmx.errors import FedFMXError
+from fedfmx.federation import GlobalModel
+from fedfmx.profiles import load_profile
+from fedfmx.simulation import (
+    RoundLog,
+    SimulationResult,
+    device_id,
+    make_plan,
+    task_evaluator,
+)
+from transport import EmbeddedBroker, MosquittoBroker
+from transport.session import ProtocolChoice
+
+DEVICE_EXIT_S = 60.0
+
+
+class BrokerChoice(StrEnum):
+    embedded = "embedded"
+    mosquitto = "mosquitto"
+
+
+@dataclass(frozen=True)
+class MqttRun:
+    """How to run the fleet over MQTT."""
+
+    broker: BrokerChoice = BrokerChoice.embedded
+    broker_url: str | None = None
+    """Connect to this broker instead of starting one."""
+    workdir: Path | None = None
+    """Keep YAMLs, states and device logs here; None: a temporary folder, removed afterwards."""
+
+
+@contextmanager
+def _broker(run: MqttRun) -> Iterator[tuple[str, ProtocolChoice]]:
+    """The broker's url, and the protocol to speak (amqtt knows MQTT 3.1.1 only)."""
+    if run.broker_url is not None:
+        yield run.broker_url, "auto"
+        return
+    broker = MosquittoBroker() if run.broker is BrokerChoice.mosquitto else EmbeddedBroker()
+    broker.start()
+    try:
+        yield broker.url, "auto" if isinstance(broker, MosquittoBroker) else "3.1.1"
+    finally:
+        broker.stop()
+        if isinstance(broker, MosquittoBroker):
+            broker.close()
+
+
+def _write_yaml(path: Path, document: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def _device_profile(fleet: FleetConfig, workdir: Path) -> Path:
+    """A generic-x86 profile that shares this machine's cores and limits nothing the fleet sets,
+    so the devices learn exactly as the in-process engine's do."""
+    base = load_profile("generic-x86")
+    threads = max(1, (os.cpu_count() or 1) // fleet.protocol.num_clients)
+    profile = base.model_copy(
+        update={
+            "name": "simulated",
+            "description": f"a simulated device sharing this machine ({threads} threads)",
+            "threads": threads,
+            "max_experts_per_round": fleet.fedfmx.max_experts_per_round,
+            "batch_size": fleet.training.batch_size,
+            "exemplars_per_class": fleet.training.exemplars_per_class,
+        }
+    )
+    return _write_yaml(workdir / "simulated-device.yaml", profile.model_dump(mode="json"))
+
+
+def _prepare(
+    fleet: FleetConfig, url: str, protocol: ProtocolChoice, workdir: Path
+) -> tuple[FleetConfig, list[Path]]:
+    """The fleet as the aggregator runs it, and one YAML per device, all under `workdir`."""
+    private_key, public_key = signing_key_files(workdir)
+    broker = fleet.service.broker.model_copy(update={"url": url, "protocol": protocol})
+    service = fleet.service.model_copy(
+        update={
+            "broker": broker,
+            "state_path": workdir / "aggregator.sqlite",
+            "signing_key": private_key,
+        }
+    )
+    fleet = fleet.model_copy(update={"service": service})
+    fleet_file = _write_yaml(workdir / "fleet.yaml", fleet.model_dump(mode="json"))
+    profile = _device_profile(fleet, workdir)
+    configs = []
+    for index in range(fleet.protocol.num_clients):
+        name = device_id(index)
+        document: dict[str, object] = {
+            "device_id": name,
+            "fleet_file": str(fleet_file),
+            "broker": broker.model_dump(mode="json"),
+            "profile": str(profile),
+            "data": {"source": "fleet_partition", "client_index": index},
+            "state_dir": str(workdir / "devices" / name),
+            "fleet_public_key": str(public_key),
+        }
+        configs.append(_write_yaml(workdir / f"{name}.yaml", document))
+    return fleet, configs
+
+
+def _spawn(config: Path, logs: Path) -> subprocess.Popen[bytes]:
+    with (logs / f"{config.stem}.log").open("wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedfmx_cli", "join", "--config", str(config)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(no output)"
+
+
+class _DeviceWatch:
+    """Stops the run when a device process fails, naming it and its last log line."""
+
+    def __init__(self, processes: dict[str, subprocess.Popen[bytes]], logs: Path) -> None:
+        self.processes = processes
+        self.logs = logs
+        self.stop = threading.Event()
+        self.failure: str | None = None
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.5):
+            for name, process in self.processes.items():
+                code = process.poll()
+                if code not in (None, 0):
+                    self.failure = (
+                        f"device {name} exited with status {code}: "
+                        f"{_last_line(self.logs / f'{name}.log')}"
+                    )
+                    self.stop.set()
+                    return
+
+    def finish(self) -> None:
+        """Let devices exit by themselves (they stop after the last round), then make them."""
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=DEVICE_EXIT_S)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.stop.set()
+
+
+def _result(fleet: FleetConfig, dataset: ImageDataset, state: AggregatorState) -> SimulationResult:
+    plan = make_plan(fleet, dataset)
+    evaluations = state.evaluations()
+    stored = state.latest_model()
+    final = None
+    if stored is not None:
+        header, weights = decode_model(stored.payload, max_bytes=MAX_MODEL_BYTES)
+        final = GlobalModel(stored.version, weights, header.class_names, stored.expert_usage)
+    result = SimulationResult(
+        method=fleet.method,
+        config=fleet.model_dump(mode="json"),
+        class_order=[dataset.class_names[c] for task in plan.tasks for c in task],
+        accuracy_matrix=[e.per_task for e in evaluations],
+        seen_accuracy=[e.seen for e in evaluations],
+        uplink_bytes=0,
+        downlink_bytes=0,
+        final_model=final,
+    )
+    for totals in state.round_totals():
+        log = round_log(totals)
+        result.rounds.append(log)
+        result.uplink_bytes += log.uplink_bytes
+        result.downlink_bytes += log.downlink_bytes
+    return result
+
+
+def round_log(totals: RoundTotals) -> RoundLog:
+    return RoundLog(
+        totals.round,
+        totals.task,
+        totals.updates,
+        totals.uplink_bytes,
+        totals.downlink_bytes,
+        totals.mean_loss,
+    )
+
+
+def run_over_mqtt(
+    fleet: FleetConfig,
+    dataset: ImageDataset,
+    run: MqttRun,
+    on_round: Callable[[RoundLog], None] | None = None,
+) -> SimulationResult:
+    """Run every task and round of `fleet` through a broker, with one process per device."""
+    started = time.perf_counter()
+    workdir = run.workdir or Path(tempfile.mkdtemp(prefix="fedfmx-simulate-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    try:
+        with _broker(run) as (url, protocol):
+            fleet, configs = _prepare(fleet, url, protocol, workdir)
+            hooks = ServiceHooks(
+                evaluate=task_evaluator(fleet, dataset),
+                on_round=None if on_round is None else lambda t: on_round(round_log(t)),
+            )
+            aggregator = open_aggregator(fleet, workdir / "aggregator.sqlite", hooks)
+            try:
+                aggregator.start()
+                watch = _DeviceWatch({c.stem: _spawn(c, logs) for c in configs}, logs)
+                try:
+                    completed = aggregator.run(watch.stop)
+                finally:
+                    watch.finish()
+                if not completed:
+                    raise FedFMXError(watch.failure or "the simulation was stopped")
+                result = _result(fleet, dataset, aggregator.state)
+                result.wall_time_s = time.perf_counter() - started
+            finally:
+                aggregator.session.close()
+                aggregator.state.close()
+    finally:
+        if run.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result

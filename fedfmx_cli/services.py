@@ -1,0 +1,148 @@
+"""`fedfmx-edge serve`, `join` and `status`: the aggregator, a device, and the operator's view."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from aggregator.events import configure_logging
+from aggregator.service import ServiceHooks, open_aggregator
+from aggregator.state import AggregatorState
+from edge_client.agent import open_device
+from edge_client.config import load_device_config
+from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.errors import ConfigError
+from fedfmx.simulation import load_fleet_dataset, task_evaluator
+from fedfmx_cli.console import one_line_errors
+
+FleetOption = Annotated[
+    Path | None, typer.Option("--fleet", help="Fleet YAML; default: the embedded demo fleet.")
+]
+JsonLogs = Annotated[bool, typer.Option("--json-logs", help="One JSON object per log line.")]
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so a service finishes its step and exits cleanly."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _with_broker_url(fleet: FleetConfig, url: str | None) -> FleetConfig:
+    if url is None:
+        return fleet
+    broker = fleet.service.broker.model_copy(update={"url": url})
+    service = fleet.service.model_copy(update={"broker": broker})
+    return fleet.model_copy(update={"service": service})
+
+
+@one_line_errors
+def serve(
+    fleet_file: FleetOption = None,
+    state: Annotated[
+        Path | None, typer.Option(help="SQLite state file; default: the fleet's state_path.")
+    ] = None,
+    broker_url: Annotated[str | None, typer.Option(help="Override the fleet's broker url.")] = None,
+    evaluate: Annotated[
+        bool, typer.Option(help="Evaluate on the fleet data set's test split after each task.")
+    ] = False,
+    json_logs: JsonLogs = False,
+) -> None:
+    """Run the fleet's aggregator: rounds, merges and model versions, resumable from its state."""
+    configure_logging(json_logs)
+    fleet = _with_broker_url(load_fleet(fleet_file), broker_url)
+    hooks = ServiceHooks()
+    if evaluate:
+        hooks = ServiceHooks(evaluate=task_evaluator(fleet, load_fleet_dataset(fleet)))
+    aggregator = open_aggregator(fleet, state or fleet.service.state_file(fleet.name), hooks)
+    stop = stop_on_signals()
+    try:
+        aggregator.start()
+        aggregator.run(stop)
+    finally:
+        aggregator.session.close()
+        aggregator.state.close()
+
+
+@one_line_errors
+def join(
+    config: Annotated[Path, typer.Option("--config", help="The device YAML.")],
+    json_logs: JsonLogs = False,
+) -> None:
+    """Run one edge device: train on its local stream when a round includes it, send updates."""
+    configure_logging(json_logs)
+    device = open_device(load_device_config(config))
+    device.run(stop_on_signals())
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
+@one_line_errors
+def status(
+    fleet_file: FleetOption = None,
+    state: Annotated[
+        Path | None, typer.Option(help="SQLite state file; default: the fleet's state_path.")
+    ] = None,
+) -> None:
+    """Show devices, the current round and task, and accuracy so far, from the state file."""
+    fleet = load_fleet(fleet_file)
+    path = state or fleet.service.state_file(fleet.name)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no aggregator state here (has `serve` run for this fleet?)")
+    store = AggregatorState(path, fleet.name)
+    try:
+        devices, rounds, evaluations = store.devices(), store.round_totals(), store.evaluations()
+        rejections = store.rejections()
+    finally:
+        store.close()
+    out = Console()
+    now = time.time()
+    table = Table(title=f"fleet {fleet.name}: devices")
+    for column in ("device", "state", "last seen", "classes", "updates", "peak RSS", "profile"):
+        table.add_column(column)
+    for row in devices:
+        rss = row.status.peak_rss_mb
+        table.add_row(
+            row.device_id,
+            row.status.state,
+            _ago(now - row.last_seen),
+            str(len(row.classes_met)),
+            str(row.updates_accepted),
+            "-" if rss is None else f"{rss:.0f} MB",
+            row.profile,
+        )
+    out.print(table)
+    total = fleet.protocol.num_tasks * fleet.protocol.rounds_per_task
+    if rounds:
+        last = rounds[-1]
+        state_word = "closed" if last.closed is not None else "open"
+        out.print(
+            f"round {last.round + 1}/{total} ({state_word}), task {last.task + 1}/"
+            f"{fleet.protocol.num_tasks}: {last.updates} updates, {last.skips} skips of "
+            f"{last.participants} participants"
+        )
+    else:
+        out.print("no round opened yet")
+    for evaluation in evaluations:
+        out.print(
+            f"after task {evaluation.task + 1}: {100 * evaluation.seen:.1f}% on every class "
+            f"seen (model version {evaluation.model_version})"
+        )
+    if rejections:
+        out.print(f"{len(rejections)} messages rejected; last: {rejections[-1][2]}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command()(join)
+    app.command()(status)

@@ -1,0 +1,430 @@
+"""The aggregator and devices over a real Mosquitto: rounds, chunking, duplicates, crashes.
+
+Each test starts a private Mosquitto on a free loopback port (see conftest), runs a tiny digits
+fleet (2 tasks x 2 rounds, 8x8 images) and checks the aggregator's durable accounting: every
+participant answered every round, and every accepted update was counted exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pytest
+import yaml
+
+from aggregator.provisioning import signing_key_files
+from aggregator.service import Aggregator, ServiceHooks, open_aggregator
+from aggregator.state import AggregatorState
+from edge_client.agent import EdgeDevice, open_device
+from edge_client.config import load_device_config
+from fedfmx.codec import decode_model
+from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.device import DeviceLearner
+from fedfmx.messages import Hello, RoundAnnouncement, UpdateReceipt
+from fedfmx.simulation import device_id, load_fleet_dataset, make_plan
+from fedfmx.stream import OwnRowsStream
+from transport import (
+    MosquittoBroker,
+    MqttSession,
+    SessionSettings,
+    TopicKind,
+    client_topic,
+    model_body_filter,
+    round_topic,
+)
+
+FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"
+WAIT_S = 120.0
+
+
+def tiny_fleet(url: str, clients: int = 3, max_lag: int = 1, **service: object) -> FleetConfig:
+    document = load_fleet(FLEETS / "ci-digits.yaml").model_dump(mode="json")
+    document["protocol"].update(
+        num_tasks=2, num_clients=clients, rounds_per_task=2, max_lag=max_lag
+    )
+    document["training"].update(local_epochs=1)
+    document["service"] = {
+        "broker": {"url": url, **service.pop("broker", {})},  # type: ignore[dict-item]
+        "round_deadline_s": 60.0,
+        "receipt_timeout_s": 3.0,
+        **service,
+    }
+    return FleetConfig.model_validate(document)
+
+
+class Fleet:
+    """A fleet under test: its files in tmp_path, the aggregator thread, device threads."""
+
+    def __init__(self, tmp_path: Path, fleet: FleetConfig, signed: bool = True) -> None:
+        self.tmp = tmp_path
+        private, self.public_key = signing_key_files(tmp_path)
+        if signed:
+            fleet = fleet.model_copy(
+                update={"service": fleet.service.model_copy(update={"signing_key": private})}
+            )
+        self.fleet = fleet
+        self.fleet_file = tmp_path / "fleet.yaml"
+        self.fleet_file.write_text(yaml.safe_dump(fleet.model_dump(mode="json")))
+        self.state_path = tmp_path / "aggregator.sqlite"
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.devices: dict[str, EdgeDevice] = {}
+        self.errors: list[BaseException] = []
+
+    def device_config(self, index: int, serve: bool = False) -> Path:
+        name = device_id(index)
+        path = self.tmp / f"{name}.yaml"
+        document = {
+            "device_id": name,
+            "fleet_file": str(self.fleet_file),
+            "broker": self.fleet.service.broker.model_dump(mode="json"),
+            "data": {"client_index": index},
+            "state_dir": f"state-{name}",
+            "fleet_public_key": str(self.public_key),
+            "serve_predictions": serve,
+        }
+        path.write_text(yaml.safe_dump(document))
+        return path
+
+    def _thread(self, target: Callable[[], object]) -> threading.Thread:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as error:  # surfaced by `join`
+                self.errors.append(error)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        return thread
+
+    def start_aggregator(self) -> Aggregator:
+        aggregator = open_aggregator(self.fleet, self.state_path, ServiceHooks())
+        aggregator.start()
+        self._thread(lambda: aggregator.run(self.stop))
+        return aggregator
+
+    def start_device(self, index: int, serve: bool = False) -> threading.Thread:
+        device = open_device(load_device_config(self.device_config(index, serve)))
+        self.devices[device.device_id] = device
+        return self._thread(lambda: device.run(self.stop))
+
+    def join(self, threads: list[threading.Thread] | None = None) -> None:
+        deadline = time.monotonic() + WAIT_S
+        for thread in threads or self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t for t in threads or self.threads if t.is_alive()]
+        if self.errors:
+            raise self.errors[0]
+        assert not alive, "the fleet did not finish in time"
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
+
+
+@pytest.fixture
+def make_fleet(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
+    fleets: list[Fleet] = []
+
+    def make(fleet: FleetConfig, signed: bool = True) -> Fleet:
+        fleets.append(Fleet(tmp_path, fleet, signed))
+        return fleets[-1]
+
+    yield make
+    for fleet in fleets:
+        fleet.close()
+
+
+def assert_every_answer_counted_once(state_path: Path, fleet: FleetConfig) -> AggregatorState:
+    state = AggregatorState(state_path, fleet.name)
+    rounds = state.round_totals()
+    assert len(rounds) == fleet.protocol.num_tasks * fleet.protocol.rounds_per_task
+    for totals in rounds:
+        assert totals.closed is not None
+        assert totals.updates + totals.skips == totals.participants, totals
+    latest = state.latest_model()
+    assert latest is not None
+    assert latest.version == sum(1 for r in rounds if r.updates)
+    return state
+
+
+def test_full_round_trip_with_signed_models(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    fleet = make_fleet(tiny_fleet(mosquitto_broker.url))
+    aggregator = fleet.start_aggregator()
+    devices = [fleet.start_device(0, serve=True), fleet.start_device(1), fleet.start_device(2)]
+    fleet.join(devices)
+    fleet.join()
+    assert aggregator.finished
+    state = assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
+    accepted = {row.device_id: row.updates_accepted for row in state.devices()}
+    for name, device in fleet.devices.items():
+        assert device.snapshot.progress.last_round == 3
+        assert device.snapshot.progress.updates_sent == accepted[name] > 0
+        assert device.model is not None and device.model.header.version >= 3
+    assert state.rejections() == []
+    # Device 0 serves the last version it trained from, exported to ONNX and swapped in.
+    serving = fleet.devices["device-000"]
+    assert serving.inference is not None and serving.model is not None
+    assert serving.inference.version == serving.model.header.version
+    files = list((fleet.tmp / "state-device-000" / "serving").glob("*.onnx"))
+    assert [f.name for f in files] == [f"model-v{serving.model.header.version}.onnx"]
+    images = serving.learner.train_x[:16]
+    predicted = serving.inference.predict(images)
+    assert predicted.class_ids.shape == (16,)
+    assert set(predicted.class_names) <= set(serving.model.header.class_names)
+
+
+def test_small_payload_limit_chunks_models_and_updates(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    fleet = make_fleet(
+        tiny_fleet(mosquitto_broker.url, clients=2, broker={"max_payload_bytes": 4096})
+    )
+    fleet.start_aggregator()
+    fleet.join([fleet.start_device(0), fleet.start_device(1)])
+    fleet.join()
+    state = assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
+    latest = state.latest_model()
+    assert latest is not None and len(latest.payload) > 20 * 4096
+    assert (state.published_chunks(latest.version) or 0) > 20
+
+
+class HandDevice:
+    """A device driven step by step by the test: hello, one update, whatever it is told to send."""
+
+    def __init__(self, fleet: FleetConfig, index: int) -> None:
+        self.fleet = fleet
+        self.device_id = device_id(index)
+        dataset = load_fleet_dataset(fleet)
+        stream = OwnRowsStream(make_plan(fleet, dataset).stream(index, fleet.seed))
+        names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
+        self.learner = DeviceLearner(
+            self.device_id, fleet, dataset.train_x[stream.rows], names, stream, seed=index
+        )
+        self.session = MqttSession(
+            SessionSettings(url=fleet.service.broker.url, client_id=self.device_id)
+        )
+        self.announcements: list[RoundAnnouncement] = []
+        self.receipts: list[UpdateReceipt] = []
+        self.models: dict[str, bytes] = {}
+        self.session.subscribe(
+            round_topic(fleet.name),
+            lambda _, m: self.announcements.append(RoundAnnouncement.model_validate_json(m)),
+        )
+        self.session.subscribe(
+            self.topic(TopicKind.INBOX),
+            lambda _, m: self.receipts.append(UpdateReceipt.model_validate_json(m)),
+        )
+        self.session.connect()
+
+    def topic(self, kind: TopicKind) -> str:
+        return client_topic(self.fleet.name, self.device_id, kind)
+
+    def hello(self) -> None:
+        hello = Hello(
+            fleet=self.fleet.name,
+            device_id=self.device_id,
+            profile="test",
+            classes_met=[],
+            sample_counts={},
+        )
+        self.session.publish(self.topic(TopicKind.HELLO), hello.model_dump_json().encode())
+
+    def update_for_round(self, round_index: int) -> bytes:
+        announcement = wait_for(
+            lambda: next((a for a in self.announcements if a.round == round_index), None)
+        )
+        version = announcement.model_version
+        self.session.subscribe(
+            model_body_filter(self.fleet.name, version), lambda t, m: self.models.__setitem__(t, m)
+        )
+        body = wait_for(lambda: next(iter(self.models.values()), None))
+        header, weights = decode_model(body, max_bytes=1 << 28)
+        update = self.learner.handle_round(announcement, header, weights)
+        assert update is not None
+        return update
+
+    def send(self, update: bytes) -> None:
+        self.session.publish(self.topic(TopicKind.UPDATE), update)
+
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], timeout_s: float = WAIT_S) -> T:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value is not None and value is not False:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_a_duplicated_update_is_counted_once_and_both_copies_get_a_receipt(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    fleet = make_fleet(tiny_fleet(mosquitto_broker.url, clients=1, max_lag=0), signed=False)
+    aggregator = fleet.start_aggregator()
+    hand = HandDevice(fleet.fleet, 0)
+    try:
+        hand.hello()
+        update = hand.update_for_round(0)
+        hand.send(update)
+        hand.send(update)  # a second full delivery, as after a lost receipt
+        wait_for(lambda: len(hand.receipts) == 2)
+        digest = hashlib.sha256(update).hexdigest()
+        assert all(r.accepted and r.update_sha256 == digest for r in hand.receipts)
+        wait_for(lambda: aggregator.keeper.model.version == 1)
+        totals = aggregator.state.round_totals()[0]
+        assert (totals.updates, totals.uplink_bytes) == (1, len(update))
+    finally:
+        hand.session.close()
+
+
+def test_round_closes_at_its_deadline_with_a_quorum_when_a_device_never_answers(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    config = tiny_fleet(mosquitto_broker.url, clients=3, round_deadline_s=4.0, quorum_fraction=0.5)
+    fleet = make_fleet(config)
+    fleet.start_aggregator()
+    silent = MqttSession(SessionSettings(url=mosquitto_broker.url, client_id="device-002"))
+    silent.connect()
+    try:
+        hello = Hello(
+            fleet=config.name,
+            device_id="device-002",
+            profile="test",
+            classes_met=[],
+            sample_counts={},
+        )
+        silent.publish(
+            client_topic(config.name, "device-002", TopicKind.HELLO),
+            hello.model_dump_json().encode(),
+        )
+        fleet.join([fleet.start_device(0), fleet.start_device(1)])
+        fleet.join()
+    finally:
+        silent.close()
+    state = AggregatorState(fleet.state_path, config.name)
+    rounds = state.round_totals()
+    assert len(rounds) == 4
+    for totals in rounds:
+        assert totals.participants == 3
+        assert totals.updates + totals.skips == 2
+        assert totals.closed is not None and totals.closed - totals.opened >= 3.9
+
+
+def test_a_device_cut_off_mid_upload_resends_the_same_update_after_restart(
+    mosquitto_broker: MosquittoBroker,
+    make_fleet: Callable[..., Fleet],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fleet = make_fleet(
+        tiny_fleet(mosquitto_broker.url, clients=1, broker={"max_payload_bytes": 4096})
+    )
+    fleet.start_aggregator()
+    sent: list[bytes] = []
+
+    def power_cut(self: EdgeDevice, round_index: int, stop: threading.Event) -> None:
+        payload = self.snapshot.pending_update
+        assert payload is not None
+        sent.append(payload)
+        message_id = bytes.fromhex(hashlib.sha256(payload).hexdigest())[:16]
+        self.session.publish(
+            self._topic(TopicKind.UPDATE), payload, message_id=message_id, only_chunks=[0, 1]
+        )
+        raise ConnectionAbortedError("power cut")
+
+    monkeypatch.setattr(EdgeDevice, "_deliver_pending", power_cut)
+    first = fleet.start_device(0)
+    first.join(WAIT_S)
+    assert isinstance(fleet.errors.pop(), ConnectionAbortedError)
+    monkeypatch.undo()
+    restarted = open_device(load_device_config(fleet.device_config(0)))
+    assert restarted.snapshot.pending_update == sent[0]  # saved before it left the device
+    thread = fleet._thread(lambda: restarted.run(fleet.stop))
+    fleet.join([thread])
+    fleet.join()
+    state = assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
+    first_update = next(t for t in state.round_totals() if t.updates)
+    assert first_update.uplink_bytes == len(sent[0])
+
+
+def _serve(fleet: Fleet) -> subprocess.Popen[bytes]:
+    """`fedfmx-edge serve` as its own process, logging (appending) to aggregator.log."""
+    with (fleet.tmp / "aggregator.log").open("ab") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedfmx_cli",
+                "serve",
+                "--fleet",
+                str(fleet.fleet_file),
+                "--state",
+                str(fleet.state_path),
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def test_aggregator_killed_mid_round_resumes_without_losing_or_recounting(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    fleet = make_fleet(tiny_fleet(mosquitto_broker.url))
+    server = _serve(fleet)
+    try:
+        devices = [fleet.start_device(i) for i in range(3)]
+        wait_for(lambda: fleet.state_path.exists())
+        state = AggregatorState(fleet.state_path, fleet.fleet.name)
+
+        def one_update_in_round_one() -> bool:
+            totals = state.round_totals()
+            return len(totals) >= 2 and totals[1].updates >= 1 and totals[1].closed is None
+
+        wait_for(one_update_in_round_one)
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        time.sleep(1.0)  # devices keep re-sending meanwhile; the broker queues for the session
+        server = _serve(fleet)
+        fleet.join(devices)
+        assert server.wait(WAIT_S) == 0, (fleet.tmp / "aggregator.log").read_text()[-2000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    state = assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
+    accepted = {row.device_id: row.updates_accepted for row in state.devices()}
+    for name, device in fleet.devices.items():
+        assert device.snapshot.progress.updates_sent == accepted[name]
+
+
+def test_a_broker_restart_is_survived_through_persistent_sessions(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    fleet = make_fleet(tiny_fleet(mosquitto_broker.url, clients=2))
+    aggregator = fleet.start_aggregator()
+    devices = [fleet.start_device(0), fleet.start_device(1)]
+    wait_for(lambda: aggregator.keeper.model.version >= 1)
+    mosquitto_broker.restart()
+    fleet.join(devices)
+    fleet.join()
+    assert aggregator.finished
+    assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
