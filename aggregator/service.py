@@ -361,10 +361,8 @@ class Aggregator:
             reason=refusal,
         )
         inbox = client_topic(self.fleet.name, device_id, TopicKind.INBOX)
-        try:
-            self.session.publish(inbox, receipt.model_dump_json().encode())
-        except TimeoutError as error:
-            log_event("receipt_delayed", logging.WARNING, device=device_id, reason=str(error))
+        # Not waiting for the PUBACK: a lost receipt only makes the device send again.
+        self.session.publish(inbox, receipt.model_dump_json().encode(), wait=False)
 
     def _reject(self, round_index: int | None, device_id: str, reason: str) -> None:
         self.state.record_rejection(round_index, device_id, reason)

@@ -7,10 +7,10 @@ realistic update: the demo model's shapes (2 experts, backbone, router, 2 head r
 summaries) with random deltas, encoded with the fleet's codec (int8 + zstd here) and chunked by
 the transport's framing. Updates are encoded before timing starts, so the clients only send.
 
-Per round it reports: time from announcement to the round closed with every update merged
-(`round_s`), time for the same bytes to reach a passive subscriber (`receive_s`, the network's
-share), their ratio (target <= 2), updates/s and MB/s through the aggregator, and the
-aggregator process's peak resident memory.
+Per round it reports: time from the announcement to the merged version's manifest (`round_s`),
+time for the same update bytes to reach a passive subscriber (`receive_s`, the network's share),
+both timed by that subscriber; their ratio (target <= 2); updates/s and MB/s through the
+aggregator; and the aggregator process's peak resident memory.
 
     python benchmarks/mqtt_scale.py                   # N = 10, 100, 1000; 2 rounds each
     python benchmarks/mqtt_scale.py --devices 10 100  # a subset
@@ -23,7 +23,6 @@ import json
 import multiprocessing as mp
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,8 @@ from transport import (
     client_topic,
     clients_filter,
     decode_chunk,
+    model_manifests_filter,
+    parse_topic,
     round_topic,
     split_message,
 )
@@ -188,25 +189,39 @@ def run_devices(
 
 
 class Observer:
-    """A passive subscriber to every update packet: when the bytes arrive, without processing."""
+    """A passive subscriber timing the round on one clock: the announcement, every update
+    packet (the bytes arriving, with no processing), and the merged model's manifest."""
 
     def __init__(self, url: str, fleet_name: str) -> None:
+        self.opened: dict[int, float] = {}
+        self.merged: dict[int, float] = {}
         self.arrivals: list[float] = []
-        self.bytes = 0
-        self._lock = threading.Lock()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id="observer", protocol=mqtt.MQTTv5
         )
         self.client.on_message = self._on_message
         host, port = url.removeprefix("mqtt://").split(":")
         self.client.connect(host, int(port))
-        self.client.subscribe(clients_filter(fleet_name, TopicKind.UPDATE), qos=1)
+        for topic in (
+            clients_filter(fleet_name, TopicKind.UPDATE),
+            round_topic(fleet_name),
+            model_manifests_filter(fleet_name),
+        ):
+            self.client.subscribe(topic, qos=1)
         self.client.loop_start()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.arrivals.append(time.time())
-            self.bytes += len(message.payload)
+        now = time.time()
+        if not message.payload:
+            return
+        address = parse_topic(message.topic)
+        if address.kind is TopicKind.UPDATE:
+            self.arrivals.append(now)
+        elif address.kind is TopicKind.ROUND:
+            announcement = json.loads(decode_chunk(bytes(message.payload)).body)
+            self.opened.setdefault(announcement["round"], now)
+        elif address.model_version:  # version v is the merge of round v - 1
+            self.merged.setdefault(address.model_version - 1, now)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -277,16 +292,11 @@ def measure(devices: int, rounds: int) -> dict[str, Any]:
         per_round = []
         arrivals = np.array(observer.arrivals)
         for r in range(rounds):
-            opened = next(
-                e["time"] for e in log if e["event"] == "round_opened" and e["round"] == r
-            )
-            closed = next(
-                e["time"] for e in log if e["event"] == "round_closed" and e["round"] == r
-            )
+            opened, merged = observer.opened[r], observer.merged[r]
             accepted = [e for e in log if e["event"] == "update_accepted" and e["round"] == r]
-            window = arrivals[(arrivals >= opened - 0.5) & (arrivals <= closed + 5)]
-            receive_s = float(window.max() - opened) if len(window) else float("nan")
-            round_s = closed - opened
+            window = arrivals[(arrivals >= opened) & (arrivals <= merged)]
+            receive_s = float(window.max() - opened)
+            round_s = merged - opened
             per_round.append(
                 {
                     "round": r,

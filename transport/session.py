@@ -706,8 +706,12 @@ class MqttSession:
         message_id: bytes | None = None,
         only_chunks: Iterable[int] | None = None,
         timeout_s: float | None = None,
+        wait: bool = True,
     ) -> bytes:
         """Publish one message as QoS 1 chunks on `topic`; its message id once all are acked.
+
+        `wait=False` returns once the chunks are handed to paho (which re-sends them until
+        acknowledged): for small messages the sender does not need to block on.
 
         A retained message must fit one chunk (a topic retains only its last packet): use
         `publish_retained_chunks` for larger ones. Re-send a message's missing chunks with its
@@ -723,7 +727,7 @@ class MqttSession:
                 "use publish_retained_chunks"
             )
         packets = {i: (topic, chunk) for i, chunk in enumerate(chunks)}
-        return self._send(topic, mid, packets, retain, only_chunks, timeout_s)
+        return self._send(topic, mid, packets, retain, only_chunks, timeout_s, wait)
 
     def publish_retained_chunks(
         self,
@@ -786,6 +790,7 @@ class MqttSession:
         retain: bool,
         only_chunks: Iterable[int] | None,
         timeout_s: float | None,
+        wait: bool = True,
     ) -> bytes:
         client = self._client
         if client is None:
@@ -808,6 +813,8 @@ class MqttSession:
                     self._puback_waiting[info.mid] = (message_id, index)
                 else:
                     self._settle_chunk_locked(message_id, index, early)
+        if not wait:
+            return message_id
         with self._lock:
             self._changed.wait_for(
                 lambda: not entry.waiting or entry.rejected is not None,
