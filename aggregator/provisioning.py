@@ -19,12 +19,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edge_client.config import DeviceConfig, PartitionSource, save_device_config
+from fedfmx.config import BrokerConfig, FleetConfig
 from fedfmx.errors import ConfigError
 
 AGGREGATOR = "aggregator"
@@ -53,6 +56,54 @@ class ProvisionedFleet:
     signing_key: Path
     verify_key: Path
     clients: dict[str, Credentials]
+
+    def broker_settings(self) -> list[str]:
+        """mosquitto.conf minus listener and persistence: TLS, ACL and authentication lines
+        to put under a listener of one's own (tests and `simulate --secure` do)."""
+        return [
+            line
+            for line in self.mosquitto_conf.read_text().splitlines()
+            if not line.startswith(("listener", "persistence", "allow_anonymous"))
+        ]
+
+    def broker_section(self, name: str, url: str) -> BrokerConfig:
+        """The `broker:` section for client `name`: mutual TLS with its certificate."""
+        credentials = self.clients[name]
+        return BrokerConfig(
+            url=url, ca_file=self.ca_cert, cert_file=credentials.cert, key_file=credentials.key
+        )
+
+    def write_configs(
+        self, fleet: FleetConfig, url: str, profile: str = "raspberry-pi-4"
+    ) -> tuple[Path, list[Path]]:
+        """A fleet YAML for the aggregator and one YAML per device, all pointing at the files
+        provisioned here (broker credentials, signing and verify keys)."""
+        service = fleet.service.model_copy(
+            update={
+                "broker": self.broker_section(AGGREGATOR, url),
+                "signing_key": self.signing_key,
+            }
+        )
+        fleet = fleet.model_copy(update={"service": service})
+        fleet_file = self.directory / "fleet.yaml"
+        fleet_file.write_text(yaml.safe_dump(fleet.model_dump(mode="json"), sort_keys=False))
+        devices = [name for name in self.clients if name != AGGREGATOR]
+        configs = [
+            save_device_config(
+                DeviceConfig(
+                    device_id=name,
+                    fleet_file=fleet_file,
+                    broker=self.broker_section(name, url),
+                    profile=profile,
+                    data=PartitionSource(client_index=index),
+                    state_dir=self.directory / f"state-{name}",
+                    fleet_public_key=self.verify_key,
+                ),
+                self.directory / f"{name}.yaml",
+            )
+            for index, name in enumerate(devices)
+        ]
+        return fleet_file, configs
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from aggregator.events import log_event
 from aggregator.state import AggregatorState, Evaluation, RoundTotals, StoredModel
-from fedfmx.codec import decode_model
+from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ConfigError, ProtocolError
 from fedfmx.federation import GlobalModel, RoundKeeper
@@ -43,7 +43,6 @@ from transport import (
     session_settings,
 )
 
-MAX_MODEL_BYTES = 256 * 1024 * 1024
 TICK_S = 0.1
 
 Evaluator = Callable[[GlobalModel, int], tuple[list[float], float]]

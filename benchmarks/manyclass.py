@@ -74,6 +74,7 @@ DATASETS = {
     "omniglot_small": DataSet(
         "manyclass-omniglot",
         "Omniglot-small, 242 classes in 11 tasks of 22",
+        reduced_cnn_methods=("fedfmx", "fedavg", "fedavg_replay", "joint"),
     ),
     "coil20": DataSet("manyclass-coil20", "COIL-20, 20 objects in 5 tasks of 4"),
     "yaleb": DataSet("manyclass-yaleb", "Extended Yale B, 38 people in 6 tasks (2 of 7, 4 of 6)"),
@@ -98,8 +99,8 @@ class Budget:
     methods: Sequence[str] = METHODS
 
 
-REDUCED = Budget("reduced", rounds_per_task=2, local_epochs=1, reduced=True)
-FULL = Budget("full", rounds_per_task=3, local_epochs=2, reduced=False)
+REDUCED = Budget("reduced", rounds_per_task=2, local_epochs=4, reduced=True)
+FULL = Budget("full", rounds_per_task=3, local_epochs=4, reduced=False)
 
 
 def tuned_values() -> dict[str, dict[str, dict[str, object]]]:

@@ -28,7 +28,7 @@ from edge_client.inference import DeviceModelServer
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
 from export.checkpoint import InputSpec
 from fedfmx.aggregation import Arrays
-from fedfmx.codec import decode_model
+from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.device import DeviceLearner
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
@@ -58,7 +58,6 @@ from transport import (
 
 log = logging.getLogger(__name__)
 
-MAX_MODEL_BYTES = 256 * 1024 * 1024
 MODEL_FETCH_S = 60.0
 """How long to wait for a model version's retained chunks before giving the round up."""
 

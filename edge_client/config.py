@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import Field
 
 from fedfmx.config import BrokerConfig, Section, read_yaml, validate_document
@@ -76,3 +77,9 @@ def load_device_config(path: Path) -> DeviceConfig:
             "data": config.data.model_copy(update={"path": _resolve(config.data.path, base)}),
         }
     )
+
+
+def save_device_config(config: DeviceConfig, path: Path) -> Path:
+    """Write a device YAML (absolute paths, as `provision` and `simulate` produce them)."""
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path

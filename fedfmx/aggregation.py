@@ -4,12 +4,17 @@ Every merge is kept as *sums and weights* (`MergeSums`) until the very end, so t
 associative: a district aggregator can pre-merge its devices and forward one `MergeSums`, and the
 result is the same as merging all devices at once (DESIGN §8).
 
+The robust merges of DESIGN §6 (`clip_update`, `robust_delta` with `coordinate_median` or
+`trimmed_mean`) sit beside it: clipping is per update, so it keeps the sums associative; a median
+or trimmed mean is not associative and needs every update of the round at once.
+
 Tensor names follow `fedfmx.messages.UpdateHeader`: deltas against the base model version.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +27,8 @@ HEAD_WEIGHT = "head.weight"
 FISHER_EPSILON = 1e-12
 
 Arrays = dict[str, np.ndarray]
+Center = Callable[[np.ndarray], np.ndarray]
+"""A robust statistic over axis 0 of a stack `[devices, ...]` (`coordinate_median`, say)."""
 
 
 def fisher_summary_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -107,6 +114,25 @@ class MergeSums:
             self.usage = other.usage.copy() if self.usage is None else self.usage + other.usage
         self.updates += other.updates
 
+    def delta(self) -> MergedDelta:
+        """The merged deltas: every sum's weighted mean."""
+        tensors = {name: expert_sum.mean() for name, expert_sum in self.experts.items()}
+        tensors |= {name: shared_sum.mean() for name, shared_sum in self.shared.items()}
+        head = {class_name: row_sum.mean() for class_name, row_sum in self.head.items()}
+        return MergedDelta(tensors, head, list(self.new_classes), self.usage)
+
+
+@dataclass
+class MergedDelta:
+    """One round's merged change to the global model, whichever rule merged it."""
+
+    tensors: Arrays
+    """Experts, router and backbone: `θ ← θ_base + δ`."""
+    head: dict[str, np.ndarray]
+    """Head row deltas by class name (a new class's row against zero)."""
+    new_classes: list[str]
+    usage: np.ndarray | None
+
 
 def update_sums(
     header: UpdateHeader, tensors: Mapping[str, np.ndarray], known_classes: Iterable[str]
@@ -140,23 +166,126 @@ def update_sums(
 def apply_merge(
     base: Mapping[str, np.ndarray], class_names: list[str], sums: MergeSums
 ) -> tuple[Arrays, list[str]]:
+    """New global state and class registry from the associative sums (see `apply_delta`)."""
+    return apply_delta(base, class_names, sums.delta())
+
+
+def apply_delta(
+    base: Mapping[str, np.ndarray], class_names: list[str], delta: MergedDelta
+) -> tuple[Arrays, list[str]]:
     """New global state and class registry: `θ ← θ_base + merged δ`.
 
     New classes get ids after the existing ones, in order of first appearance; their rows'
     deltas were taken against zero. Experts nobody trained keep their base values.
     """
-    registry = list(class_names) + [name for name in sums.new_classes if name not in class_names]
+    registry = list(class_names) + [name for name in delta.new_classes if name not in class_names]
     state = {name: np.array(value, dtype=np.float32, copy=True) for name, value in base.items()}
-    for name, expert_sum in sums.experts.items():
-        state[name] = state[name] + expert_sum.mean()
-    for name, shared_sum in sums.shared.items():
-        state[name] = state[name] + shared_sum.mean()
+    for name, change in delta.tensors.items():
+        state[name] = state[name] + change
     head = np.zeros((len(registry), base[HEAD_WEIGHT].shape[1]), dtype=np.float32)
     head[: len(class_names)] = base[HEAD_WEIGHT]
-    for class_name, row_sum in sums.head.items():
-        head[registry.index(class_name)] += row_sum.mean()
+    for class_name, row in delta.head.items():
+        head[registry.index(class_name)] += row
     state[HEAD_WEIGHT] = head
     return state, registry
+
+
+def delta_norm(tensors: Mapping[str, np.ndarray]) -> float:
+    """`‖δ‖₂` over every delta tensor together (experts, router, backbone, head rows).
+
+    Fisher summaries are not deltas and are left out, as in the codec's norm bound.
+    """
+    squares = sum(
+        float(np.square(value, dtype=np.float64).sum())
+        for name, value in tensors.items()
+        if not name.startswith(FISHER_PREFIX)
+    )
+    return math.sqrt(squares)
+
+
+def clip_update(tensors: Mapping[str, np.ndarray], clip_norm: float) -> tuple[Arrays, float]:
+    """`δ ← δ · min(1, C / ‖δ‖₂)` for every delta tensor at once; returns the factor too.
+
+    One factor for the whole update keeps its direction. Head rows are clipped with the rest:
+    they move the model like any other delta (and a new class's row is the whole row), so
+    leaving them out would leave a hostile device an unbounded channel. Fisher summaries pass
+    unchanged: they are non-negative *weights* of the expert merge, not a move of the model,
+    and scaling one device's Fisher would only shift its weight against the others'.
+    """
+    norm = delta_norm(tensors)
+    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    if factor == 1.0:
+        return dict(tensors), factor
+    clipped = {
+        name: value if name.startswith(FISHER_PREFIX) else (value * factor).astype(np.float32)
+        for name, value in tensors.items()
+    }
+    return clipped, factor
+
+
+def coordinate_median(stack: np.ndarray) -> np.ndarray:
+    """Median over devices (axis 0), coordinate by coordinate (the mean of the middle two for an
+    even count)."""
+    return np.median(stack.astype(np.float64), axis=0).astype(np.float32)
+
+
+def trimmed_mean(trim_fraction: float) -> Center:
+    """Coordinate-wise `β`-trimmed mean over devices: of the `n` values at each coordinate, the
+    `k = ⌊β·n⌋` smallest and `k` largest are dropped and the rest averaged (`β < 1/2`, so at
+    least one value stays; `k = 0`, the plain mean, while `n < 1/β`)."""
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim fraction {trim_fraction} outside [0, 0.5)")
+
+    def center(stack: np.ndarray) -> np.ndarray:
+        count = stack.shape[0]
+        k = math.floor(trim_fraction * count)
+        ordered = np.sort(stack.astype(np.float64), axis=0)
+        return ordered[k : count - k].mean(axis=0).astype(np.float32)
+
+    return center
+
+
+def robust_delta(
+    updates: Sequence[tuple[UpdateHeader, Mapping[str, np.ndarray]]],
+    known_classes: Iterable[str],
+    center: Center,
+) -> MergedDelta:
+    """A round's merge by a robust statistic (`coordinate_median`, `trimmed_mean(β)`).
+
+    Each tensor is merged over the devices that sent it: every expert tensor, router and
+    backbone tensor by name, every head row by class over the devices that report samples of
+    that class. The statistic replaces the whole weighted average, including its weights:
+    the expert merge's Fisher weights (and its sample-weighted fallback), the router's and
+    backbone's sample weights and the head rows' class counts are all claims of the sender,
+    which a hostile device could inflate, so here each device has one vote per coordinate.
+    Fisher summaries are not used. Expert usage is summed and new classes are registered in
+    order of first appearance, as in the mean.
+    """
+    known = set(known_classes)
+    columns: dict[str, list[np.ndarray]] = {}
+    rows: dict[str, list[np.ndarray]] = {}
+    new_classes: list[str] = []
+    usage: np.ndarray | None = None
+    for header, tensors in updates:
+        for name, value in tensors.items():
+            if not name.startswith(FISHER_PREFIX) and name != HEAD_ROWS:
+                columns.setdefault(name, []).append(value)
+        head_rows = tensors.get(HEAD_ROWS)
+        for index, (class_name, count) in enumerate(
+            zip(header.head_classes, header.class_counts, strict=True)
+        ):
+            if head_rows is not None and count > 0:
+                rows.setdefault(class_name, []).append(head_rows[index])
+            if class_name not in known and class_name not in new_classes:
+                new_classes.append(class_name)
+        device_usage = np.asarray(header.expert_usage, dtype=np.float64)
+        usage = device_usage if usage is None else usage + device_usage
+    return MergedDelta(
+        tensors={name: center(np.stack(values)) for name, values in columns.items()},
+        head={name: center(np.stack(values)) for name, values in rows.items()},
+        new_classes=new_classes,
+        usage=usage,
+    )
 
 
 def usage_fractions(usage: np.ndarray | None, num_experts: int) -> list[float]:

@@ -52,6 +52,10 @@ Arrays = dict[str, np.ndarray]
 ExpectedShapes = Callable[[UpdateHeader], Mapping[str, tuple[int, ...]]]
 
 
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+"""Largest encoded model anyone decodes (a hostile size field cannot make us allocate more)."""
+
+
 @dataclass(frozen=True)
 class EncodedUpdate:
     payload: bytes

@@ -187,6 +187,24 @@ class ServiceConfig(Section):
         return self.state_path or Path(f"{fleet_name}.aggregator.sqlite")
 
 
+class RobustnessConfig(Section):
+    """How the aggregator bounds what one device's update can do to the merge (DESIGN §6).
+
+    The defaults (`mean`, no clipping) are the plain associative merge.
+    """
+
+    clip_norm: float | None = Field(default=None, gt=0)
+    """Scale each update's deltas (experts, router, backbone, head rows; not the Fisher
+    summaries) down so their joint L2 norm is at most this; None: no clipping."""
+    merge: Literal["mean", "median", "trimmed_mean"] = "mean"
+    """`mean`: Fisher-weighted experts, sample-weighted router/backbone, count-weighted head rows
+    (associative sums). `median` / `trimmed_mean`: unweighted coordinate-wise statistic per
+    tensor and head row over the devices that sent it; the aggregator then holds the round's
+    decoded updates in memory (`fedfmx.federation.OpenRound.updates`)."""
+    trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    """`trimmed_mean`: drop the ⌊β·n⌋ smallest and largest of the n values at each coordinate."""
+
+
 class FleetConfig(Section):
     name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     seed: int = 0
@@ -201,6 +219,8 @@ class FleetConfig(Section):
     """How devices compress their updates (int8, top-k with error feedback, zstd)."""
     service: ServiceConfig = ServiceConfig()
     """The MQTT aggregator: broker, round deadline and quorum, state file."""
+    robustness: RobustnessConfig = RobustnessConfig()
+    """Norm clipping and robust merges against hostile or broken updates."""
 
     @property
     def routing(self) -> FedFMXConfig:

@@ -1,8 +1,9 @@
 """The aggregator's round logic, free of any transport and of torch (numpy merges only).
 
 `RoundKeeper` announces a round, accepts validated update payloads (each device once per round:
-a duplicate changes nothing), and closes the round with the associative merge. The in-process
-engine and `fedfmx-edge serve` both drive it; the service adds MQTT and persistence around it.
+a duplicate changes nothing), and closes the round with the associative merge, or with the robust
+merge the fleet's `robustness` section asks for. The in-process engine and `fedfmx-edge serve`
+both drive it; the service adds MQTT and persistence around it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,21 @@ from fedfmx.aggregation import (
     HEAD_ROWS,
     HEAD_WEIGHT,
     Arrays,
+    Center,
+    MergedDelta,
     MergeSums,
-    apply_merge,
+    apply_delta,
+    clip_update,
+    coordinate_median,
+    delta_norm,
     fisher_summary_shape,
+    robust_delta,
+    trimmed_mean,
     update_sums,
     usage_fractions,
 )
 from fedfmx.codec import decode_update, encode_model
-from fedfmx.config import FleetConfig
+from fedfmx.config import FleetConfig, RobustnessConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
 
@@ -49,7 +57,23 @@ class GlobalModel:
 class OpenRound:
     announcement: RoundAnnouncement
     sums: MergeSums = field(default_factory=MergeSums)
+    """The `mean` merge's associative sums (memory of one update, whatever the fleet's size)."""
     received: set[str] = field(default_factory=set)
+    updates: list[tuple[UpdateHeader, Arrays]] = field(default_factory=list)
+    """The round's decoded (and clipped) updates, kept only for the `median` and `trimmed_mean`
+    merges, which are not associative and need every value of a coordinate at once. Fisher
+    summaries are dropped; what stays is float32: about 4 bytes per parameter sent, i.e. the
+    backbone (if trained), router, the sent experts and the head rows: ~0.3 MB for the default
+    model with two experts and the backbone, so ~0.3 GB for 1000 devices in one round."""
+
+
+def robust_center(robustness: RobustnessConfig) -> Center | None:
+    """The statistic of a robust merge, None for the plain (associative) mean."""
+    if robustness.merge == "median":
+        return coordinate_median
+    if robustness.merge == "trimmed_mean":
+        return trimmed_mean(robustness.trim_fraction)
+    return None
 
 
 def train_backbone(fleet: FleetConfig, task: int) -> bool:
@@ -88,6 +112,7 @@ class RoundKeeper:
         self.model = model
         self.current: OpenRound | None = None
         self._model_payload: tuple[int, bytes] | None = None
+        self._center = robust_center(fleet.robustness)
 
     def open_round(
         self, round_index: int, participants: list[str], deadline_unix: float
@@ -172,19 +197,40 @@ class RoundKeeper:
             )
         if header.device_id in self.current.received:
             return None
-        self.current.sums.add(update_sums(header, tensors, self.model.class_names))
+        clip_norm = self.fleet.robustness.clip_norm
+        if clip_norm is not None:
+            norm = delta_norm(tensors)
+            tensors, factor = clip_update(tensors, clip_norm)
+            if factor < 1.0:
+                log.info("update of %s clipped from norm %.3g", header.device_id, norm)
+        if self._center is None:
+            self.current.sums.add(update_sums(header, tensors, self.model.class_names))
+        else:
+            kept = {n: v for n, v in tensors.items() if not n.startswith(FISHER_PREFIX)}
+            self.current.updates.append((header, kept))
         self.current.received.add(header.device_id)
         return header
 
     def close_round(self) -> GlobalModel:
-        """Merge what was received into the next version (the same version if nothing came)."""
+        """Merge what was received into the next version (the same version if nothing came).
+
+        The fleet's `robustness.merge` picks the rule: the associative `mean` from the sums, or
+        `robust_delta` over the kept updates for `median` and `trimmed_mean`.
+        """
         if self.current is None:
             raise ProtocolError("no round is open")
-        sums = self.current.sums
+        current = self.current
         self.current = None
-        if sums.updates == 0:
-            return self.model
-        weights, class_names = apply_merge(self.model.weights, self.model.class_names, sums)
-        usage = usage_fractions(sums.usage, len(self.model.expert_usage))
+        delta: MergedDelta
+        if self._center is None:
+            if current.sums.updates == 0:
+                return self.model
+            delta = current.sums.delta()
+        else:
+            if not current.updates:
+                return self.model
+            delta = robust_delta(current.updates, self.model.class_names, self._center)
+        weights, class_names = apply_delta(self.model.weights, self.model.class_names, delta)
+        usage = usage_fractions(delta.usage, len(self.model.expert_usage))
         self.model = GlobalModel(self.model.version + 1, weights, class_names, usage)
         return self.model

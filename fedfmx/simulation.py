@@ -7,17 +7,19 @@ same `RoundKeeper` and `DeviceLearner`.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from fedfmx.codec import decode_model
+from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig
 from fedfmx.datasets import ImageDataset, load_dataset, subsample
 from fedfmx.device import DeviceLearner
+from fedfmx.errors import ProtocolError
 from fedfmx.federation import GlobalModel, RoundKeeper
 from fedfmx.metrics import (
     AccuracyMatrix,
@@ -32,7 +34,7 @@ from fedfmx.model import build_model, load_numpy_state, state_to_numpy
 from fedfmx.stream import IncrementalPlan
 from fedfmx.training import LocalData, train_local
 
-MAX_MODEL_BYTES = 256 * 1024 * 1024
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class RoundLog:
     uplink_bytes: int
     downlink_bytes: int
     mean_loss: float
+    rejected: int = 0
+    """Updates the aggregator refused (malformed, non-finite, beyond the norm bound...)."""
 
 
 @dataclass
@@ -187,6 +191,9 @@ def task_evaluator(
 
 
 ProgressHook = Callable[[RoundLog], None]
+Tamper = Callable[[str, bytes, Mapping[str, np.ndarray]], bytes]
+"""What a device does to its update before sending it: `(device id, payload, the global weights
+it trained from) -> payload`; the robustness benchmark's hostile devices."""
 
 
 def run_simulation(
@@ -274,9 +281,17 @@ def run_joint(
 
 
 def run_inproc(
-    fleet: FleetConfig, dataset: ImageDataset, on_round: ProgressHook | None = None
+    fleet: FleetConfig,
+    dataset: ImageDataset,
+    on_round: ProgressHook | None = None,
+    tamper: Tamper | None = None,
 ) -> SimulationResult:
-    """Run every task and round of `fleet` in this process and measure it."""
+    """Run every task and round of `fleet` in this process and measure it.
+
+    `tamper` alters updates before the aggregator sees them (hostile devices, in
+    `benchmarks/robustness.py`); an update the aggregator refuses is logged and counted in
+    `RoundLog.rejected`, and the round goes on, as in the MQTT service.
+    """
     torch.set_num_threads(fleet.training.threads)
     started = time.perf_counter()
     plan = make_plan(fleet, dataset)
@@ -306,7 +321,14 @@ def run_inproc(
             update = device.handle_round(announcement, header, weights)
             if update is None:
                 continue
-            accepted = keeper.accept(update)
+            if tamper is not None:
+                update = tamper(device.device_id, update, weights)
+            try:
+                accepted = keeper.accept(update)
+            except ProtocolError as error:
+                logger.warning("update of %s rejected: %s", device.device_id, error)
+                log.rejected += 1
+                continue
             if accepted is not None:
                 log.updates += 1
                 log.uplink_bytes += len(update)

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import yaml
 
-from aggregator.provisioning import signing_key_files
-from aggregator.service import MAX_MODEL_BYTES, ServiceHooks, open_aggregator
+from aggregator.provisioning import ProvisionedFleet, provision, signing_key_files
+from aggregator.service import ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState, RoundTotals
-from fedfmx.codec import decode_model
-from fedfmx.config import FleetConfig
+from edge_client.config import DeviceConfig, PartitionSource, save_device_config
+from fedfmx.codec import MAX_MODEL_BYTES, decode_model
+from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.datasets import ImageDataset
 from fedfmx.errors import FedFMXError
 from fedfmx.federation import GlobalModel
@@ -60,18 +61,32 @@ class MqttRun:
     """Connect to this broker instead of starting one."""
     workdir: Path | None = None
     """Keep YAMLs, states and device logs here; None: a temporary folder, removed afterwards."""
+    secure: bool = False
+    """Provision a CA, certificates, ACL and signing key on the fly and run a local Mosquitto
+    with mutual TLS and ACLs (`fedfmx-edge provision`'s files)."""
 
 
 @contextmanager
-def _broker(run: MqttRun) -> Iterator[tuple[str, ProtocolChoice]]:
+def _broker(
+    run: MqttRun, credentials: ProvisionedFleet | None
+) -> Iterator[tuple[str, ProtocolChoice]]:
     """The broker's url, and the protocol to speak (amqtt knows MQTT 3.1.1 only)."""
     if run.broker_url is not None:
         yield run.broker_url, "auto"
         return
-    broker = MosquittoBroker() if run.broker is BrokerChoice.mosquitto else EmbeddedBroker()
+    broker: MosquittoBroker | EmbeddedBroker
+    if credentials is not None:
+        broker = MosquittoBroker(allow_anonymous=False, extra_config=credentials.broker_settings())
+    elif run.broker is BrokerChoice.mosquitto:
+        broker = MosquittoBroker()
+    else:
+        broker = EmbeddedBroker()
     broker.start()
     try:
-        yield broker.url, "auto" if isinstance(broker, MosquittoBroker) else "3.1.1"
+        if credentials is not None:
+            yield f"mqtts://{broker.host}:{broker.port}", "auto"
+        else:
+            yield broker.url, "auto" if isinstance(broker, MosquittoBroker) else "3.1.1"
     finally:
         broker.stop()
         if isinstance(broker, MosquittoBroker):
@@ -102,34 +117,39 @@ def _device_profile(fleet: FleetConfig, workdir: Path) -> Path:
 
 
 def _prepare(
-    fleet: FleetConfig, url: str, protocol: ProtocolChoice, workdir: Path
+    fleet: FleetConfig,
+    url: str,
+    protocol: ProtocolChoice,
+    workdir: Path,
+    credentials: ProvisionedFleet | None,
 ) -> tuple[FleetConfig, list[Path]]:
     """The fleet as the aggregator runs it, and one YAML per device, all under `workdir`."""
+    service = fleet.service.model_copy(update={"state_path": workdir / "aggregator.sqlite"})
+    fleet = fleet.model_copy(update={"service": service})
+    profile = str(_device_profile(fleet, workdir))
+    if credentials is not None:
+        fleet_file, configs = credentials.write_configs(fleet, url, profile)
+        return load_fleet(fleet_file), configs
     private_key, public_key = signing_key_files(workdir)
     broker = fleet.service.broker.model_copy(update={"url": url, "protocol": protocol})
-    service = fleet.service.model_copy(
-        update={
-            "broker": broker,
-            "state_path": workdir / "aggregator.sqlite",
-            "signing_key": private_key,
-        }
-    )
+    service = fleet.service.model_copy(update={"broker": broker, "signing_key": private_key})
     fleet = fleet.model_copy(update={"service": service})
     fleet_file = _write_yaml(workdir / "fleet.yaml", fleet.model_dump(mode="json"))
-    profile = _device_profile(fleet, workdir)
-    configs = []
-    for index in range(fleet.protocol.num_clients):
-        name = device_id(index)
-        document: dict[str, object] = {
-            "device_id": name,
-            "fleet_file": str(fleet_file),
-            "broker": broker.model_dump(mode="json"),
-            "profile": str(profile),
-            "data": {"source": "fleet_partition", "client_index": index},
-            "state_dir": str(workdir / "devices" / name),
-            "fleet_public_key": str(public_key),
-        }
-        configs.append(_write_yaml(workdir / f"{name}.yaml", document))
+    configs = [
+        save_device_config(
+            DeviceConfig(
+                device_id=device_id(index),
+                fleet_file=fleet_file,
+                broker=broker,
+                profile=profile,
+                data=PartitionSource(client_index=index),
+                state_dir=workdir / "devices" / device_id(index),
+                fleet_public_key=public_key,
+            ),
+            workdir / f"{device_id(index)}.yaml",
+        )
+        for index in range(fleet.protocol.num_clients)
+    ]
     return fleet, configs
 
 
@@ -236,9 +256,13 @@ def run_over_mqtt(
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
+    credentials = None
+    if run.secure:
+        ids = [device_id(index) for index in range(fleet.protocol.num_clients)]
+        credentials = provision(fleet.name, ids, workdir / "credentials")
     try:
-        with _broker(run) as (url, protocol):
-            fleet, configs = _prepare(fleet, url, protocol, workdir)
+        with _broker(run, credentials) as (url, protocol):
+            fleet, configs = _prepare(fleet, url, protocol, workdir, credentials)
             hooks = ServiceHooks(
                 evaluate=task_evaluator(fleet, dataset),
                 on_round=None if on_round is None else lambda t: on_round(round_log(t)),

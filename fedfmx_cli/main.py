@@ -102,6 +102,13 @@ def simulate(
         Path | None,
         typer.Option(help="Keep the device YAMLs, states, logs and aggregator state here."),
     ] = None,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="Provision certificates, ACL and signing key on the fly and run a local "
+            "Mosquitto with mutual TLS and ACLs."
+        ),
+    ] = False,
     method: Annotated[str | None, typer.Option(help="Override the fleet's method.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the fleet's seed.")] = None,
     data_path: Annotated[
@@ -138,7 +145,9 @@ def simulate(
 
         if transport is Transport.mqtt and fleet.method != "joint":
             configure_logging(as_json=False, level=logging.WARNING)
-            result = run_over_mqtt(fleet, dataset, MqttRun(broker, broker_url, workdir), on_round)
+            result = run_over_mqtt(
+                fleet, dataset, MqttRun(broker, broker_url, workdir, secure), on_round
+            )
         else:
             result = run_simulation(fleet, dataset, on_round)
     _print_summary(result)

@@ -28,6 +28,12 @@ def provision(
         list[str] | None, typer.Option(help="Provision this device id (repeat).")
     ] = None,
     port: Annotated[int, typer.Option(help="TLS listener port in mosquitto.conf.")] = 8883,
+    broker_host: Annotated[
+        str, typer.Option(help="Host name devices and aggregator connect to.")
+    ] = "localhost",
+    profile: Annotated[str, typer.Option(help="Device profile in the device YAMLs.")] = (
+        "raspberry-pi-4"
+    ),
 ) -> None:
     """Write a fleet CA, broker and device certificates, passwords, ACL and mosquitto.conf."""
     if (devices is None) == (not device):
@@ -35,6 +41,7 @@ def provision(
     ids = list(device or []) or [f"device-{index:03d}" for index in range(devices or 0)]
     fleet = load_fleet(fleet_file)
     written = write_credentials(fleet.name, ids, out, port=port)
+    fleet_file, configs = written.write_configs(fleet, f"mqtts://{broker_host}:{port}", profile)
     table = Table(title=f"fleet {fleet.name}: credentials in {written.directory}")
     table.add_column("client")
     table.add_column("certificate")
@@ -43,6 +50,8 @@ def provision(
         table.add_row(name, credentials.cert.name, f"{name}.password")
     Console().print(table)
     Console().print(f"broker: mosquitto -c {written.mosquitto_conf}")
+    Console().print(f"aggregator: fedfmx-edge serve --fleet {fleet_file}")
+    Console().print(f"devices: fedfmx-edge join --config {configs[0]} (one YAML per device)")
 
 
 def register(app: typer.Typer) -> None:

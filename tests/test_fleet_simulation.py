@@ -53,3 +53,19 @@ def test_status_without_state_is_one_line(tmp_path: Path) -> None:
     )
     assert outcome.exit_code == 2
     assert "no aggregator state" in outcome.output and "Traceback" not in outcome.output
+
+
+def test_secure_run_uses_mutual_tls_acls_and_signed_models(tmp_path: Path) -> None:
+    workdir = tmp_path / "secure"
+    secure = simulate(tmp_path, "secure", "--secure", "--workdir", str(workdir))
+    plain = simulate(tmp_path, "plain", "--transport", "inproc")
+    rounds = secure["rounds"]
+    assert isinstance(rounds, list)
+    assert [r["updates"] for r in rounds] == [r["updates"] for r in plain["rounds"]]  # type: ignore[union-attr]
+    credentials = workdir / "credentials"
+    conf = (credentials / "mosquitto.conf").read_text()
+    assert "require_certificate true" in conf and "allow_anonymous false" in conf
+    device = (credentials / "device-000.yaml").read_text()
+    assert (
+        "mqtts://" in device and "device-000.key" in device and "aggregator-signing.pub" in device
+    )

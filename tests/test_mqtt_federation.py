@@ -8,6 +8,7 @@ participant answered every round, and every accepted update was counted exactly 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
 import subprocess
@@ -21,17 +22,20 @@ from typing import TypeVar
 import numpy as np
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aggregator.provisioning import signing_key_files
-from aggregator.service import Aggregator, ServiceHooks, open_aggregator
+from aggregator.service import Aggregator, ServiceHooks, load_signing_key, open_aggregator
 from aggregator.state import AggregatorState
 from edge_client.agent import EdgeDevice, open_device
 from edge_client.config import load_device_config
-from fedfmx.codec import decode_model
+from fedfmx.codec import decode_model, decode_update, encode_model, encode_update
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.device import DeviceLearner
-from fedfmx.messages import Hello, RoundAnnouncement, UpdateReceipt
-from fedfmx.simulation import device_id, load_fleet_dataset, make_plan
+from fedfmx.federation import expected_update_shapes
+from fedfmx.messages import Hello, ModelHeader, RoundAnnouncement, UpdateReceipt
+from fedfmx.signing import chunk_payload, sign_manifest
+from fedfmx.simulation import device_id, initial_model, load_fleet_dataset, make_plan
 from fedfmx.stream import OwnRowsStream
 from transport import (
     MosquittoBroker,
@@ -40,6 +44,8 @@ from transport import (
     TopicKind,
     client_topic,
     model_body_filter,
+    model_body_topic,
+    model_manifest_topic,
     round_topic,
 )
 
@@ -365,6 +371,20 @@ def test_a_device_cut_off_mid_upload_resends_the_same_update_after_restart(
     assert first_update.uplink_bytes == len(sent[0])
 
 
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def assert_devices_agree(state: AggregatorState, fleet: Fleet) -> None:
+    """What each device counts as accepted is what the aggregator stored from it."""
+    accepted = {row.device_id: row.updates_accepted for row in state.devices()}
+    for name, device in fleet.devices.items():
+        assert device.snapshot.progress.updates_sent == accepted[name]
+        assert device.snapshot.pending_update is None
+
+
 def _serve(fleet: Fleet) -> subprocess.Popen[bytes]:
     """`fedfmx-edge serve` as its own process, logging (appending) to aggregator.log."""
     with (fleet.tmp / "aggregator.log").open("ab") as log:
@@ -407,13 +427,9 @@ def test_aggregator_killed_mid_round_resumes_without_losing_or_recounting(
         fleet.join(devices)
         assert server.wait(WAIT_S) == 0, (fleet.tmp / "aggregator.log").read_text()[-2000:]
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        _kill(server)
     state = assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
-    accepted = {row.device_id: row.updates_accepted for row in state.devices()}
-    for name, device in fleet.devices.items():
-        assert device.snapshot.progress.updates_sent == accepted[name]
+    assert_devices_agree(state, fleet)
 
 
 def test_a_broker_restart_is_survived_through_persistent_sessions(
@@ -428,3 +444,187 @@ def test_a_broker_restart_is_survived_through_persistent_sessions(
     fleet.join()
     assert aggregator.finished
     assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
+
+
+def test_a_device_refuses_models_signed_by_another_key_or_tampered(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    """The test plays a rogue aggregator: a foreign signature, then a tampered body, then the
+    genuine model. The device trains only on the genuine one and sends exactly one update."""
+    config = tiny_fleet(mosquitto_broker.url, clients=1, max_lag=0)
+    fleet = make_fleet(config)
+    genuine_key = load_signing_key(fleet.tmp / "aggregator-signing.key")
+    weights = initial_model(config).weights
+    chunk_bytes = config.service.broker.max_payload_bytes
+    rogue = MqttSession(SessionSettings(url=mosquitto_broker.url, client_id="rogue"))
+    updates: list[bytes] = []
+    rogue.subscribe(
+        client_topic(config.name, "device-000", TopicKind.UPDATE), lambda _, m: updates.append(m)
+    )
+    rogue.connect()
+    thread = fleet.start_device(0)
+    device = fleet.devices["device-000"]
+    offers = [(Ed25519PrivateKey.generate(), False), (genuine_key, True), (genuine_key, False)]
+    try:
+        for version, (key, tamper) in enumerate(offers):
+            payload = encode_model(
+                ModelHeader(fleet=config.name, version=version, class_names=[]), weights
+            )
+            manifest = sign_manifest(key, config.name, version, chunk_payload(payload, chunk_bytes))
+            if tamper:
+                payload = payload[:-1] + bytes([payload[-1] ^ 1])
+            rogue.publish_retained_chunks(model_body_topic(config.name, version), payload)
+            rogue.publish(
+                model_manifest_topic(config.name, version),
+                manifest.model_dump_json().encode(),
+                retain=True,
+            )
+            announcement = RoundAnnouncement(
+                fleet=config.name, round=version, task=0, model_version=version,
+                participants=["device-000"], deadline_unix=time.time() + 60,
+                expert_usage=[0.25] * 4, class_names=[], train_backbone=True,
+            )  # fmt: skip
+            rogue.publish(
+                round_topic(config.name), announcement.model_dump_json().encode(), retain=True
+            )
+            wait_for(lambda v=version: device._handled_round == v)  # type: ignore[misc]
+            if version < 2:
+                time.sleep(0.5)
+                assert device.model is None and not updates, f"offer {version} was accepted"
+        wait_for(lambda: len(updates) == 1)
+        assert device.model is not None and device.model.header.version == 2
+    finally:
+        fleet.stop.set()
+        thread.join(30)
+        rogue.close()
+
+
+def test_chaos_repeated_aggregator_kills_and_a_broker_restart_lose_nothing(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    """SIGKILL the aggregator at seeded random moments (collecting, merging, publishing: the
+    moment is whatever it was doing), restart the broker once, and check the accounting."""
+    fleet = make_fleet(tiny_fleet(mosquitto_broker.url))
+    rng = np.random.default_rng(7)
+    server = _serve(fleet)
+    kills = 0
+    try:
+        devices = [fleet.start_device(i) for i in range(3)]
+        while any(d.is_alive() for d in devices) and kills < 4:
+            time.sleep(float(rng.uniform(2.5, 4.5)))  # past start-up (~2 s), then anywhere
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait(10)
+            kills += 1
+            if kills == 2:
+                mosquitto_broker.restart()
+            server = _serve(fleet)
+        fleet.join(devices)
+        assert server.wait(WAIT_S) == 0, (fleet.tmp / "aggregator.log").read_text()[-2000:]
+    finally:
+        _kill(server)
+    assert kills >= 2, "the run ended before the chaos began"
+    state = assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
+    assert_devices_agree(state, fleet)
+
+
+def test_hostile_updates_are_rejected_with_a_reason_and_the_round_goes_on(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    config = tiny_fleet(mosquitto_broker.url, clients=1, max_lag=0)
+    fleet = make_fleet(config, signed=False)
+    aggregator = fleet.start_aggregator()
+    hand = HandDevice(config, 0)
+    stranger = MqttSession(SessionSettings(url=mosquitto_broker.url, client_id="device-999"))
+    stranger.connect()
+    try:
+        hand.hello()
+        genuine = hand.update_for_round(0)
+        header, tensors = decode_update(
+            genuine,
+            lambda h: expected_update_shapes(h, aggregator.keeper.model.weights),
+            max_bytes=1 << 28,
+            norm_bound=math.inf,
+        )
+
+        def variant(changes: dict[str, object], scale: float = 1.0, nan: bool = False) -> bytes:
+            altered = {name: value * scale for name, value in tensors.items()}
+            if nan:
+                first = next(n for n in altered if not n.startswith("fisher."))
+                altered[first] = altered[first].copy()
+                altered[first].flat[0] = np.nan
+            return encode_update(header.model_copy(update=changes), altered).payload
+
+        hostile = {
+            "random bytes": os.urandom(5000),
+            "truncated": genuine[: len(genuine) // 2],
+            "wrong round": variant({"round": 3}),
+            "wrong base version": variant({"base_version": 7}),
+            "header names another device": variant({"device_id": "device-999"}),
+            "non-finite values": variant({}, nan=True),
+            "norm beyond the bound": variant({}, scale=1e6),
+            "unknown expert": variant({"expert_ids": [99]}),
+        }
+        for payload in hostile.values():
+            hand.send(payload)
+        wait_for(lambda: len(hand.receipts) == len(hostile))
+        assert not any(r.accepted for r in hand.receipts)
+        # A device that is not a participant, speaking for itself on its own topic.
+        stranger.publish(
+            client_topic(config.name, "device-999", TopicKind.UPDATE),
+            variant({"device_id": "device-999"}),
+        )
+        wait_for(lambda: len(aggregator.state.rejections()) == len(hostile) + 1)
+        assert aggregator.keeper.model.version == 0  # nothing hostile was merged
+        hand.send(genuine)
+        wait_for(lambda: aggregator.keeper.model.version == 1)
+        assert hand.receipts[-1].accepted
+        totals = aggregator.state.round_totals()[0]
+        assert (totals.updates, totals.uplink_bytes) == (1, len(genuine))
+        reasons = [reason for _, _, reason in aggregator.state.rejections()]
+        for expected in ("round 3", "version 7", "non-finite", "exceeds the bound", "device-999"):
+            assert any(expected in reason for reason in reasons), (expected, reasons)
+    finally:
+        hand.session.close()
+        stranger.close()
+
+
+def _join(fleet: Fleet, index: int) -> subprocess.Popen[bytes]:
+    """`fedfmx-edge join` as its own process, logging (appending) to device-<index>.log."""
+    with (fleet.tmp / f"device-{index}.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedfmx_cli", "join", "--config",
+             str(fleet.device_config(index))],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+
+def test_a_device_power_cut_mid_training_resumes_from_its_saved_state(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    fleet = make_fleet(tiny_fleet(mosquitto_broker.url, clients=2))
+    aggregator = fleet.start_aggregator()
+    other = fleet.start_device(1)
+    device = _join(fleet, 0)
+    try:
+
+        def training() -> bool:
+            rows = {row.device_id: row for row in aggregator.state.devices()}
+            row = rows.get("device-000")
+            return (
+                row is not None and row.status.state == "training" and (row.status.round or 0) >= 1
+            )
+
+        wait_for(training, timeout_s=60)
+        device.kill()  # SIGKILL: no clean disconnect, no state written after this instant
+        device.wait(10)
+        device = _join(fleet, 0)
+        fleet.join([other])
+        assert device.wait(WAIT_S) == 0, (fleet.tmp / "device-0.log").read_text()[-2000:]
+        fleet.join()
+    finally:
+        _kill(device)
+    state = assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
+    accepted = {row.device_id: row.updates_accepted for row in state.devices()}
+    assert accepted["device-000"] >= 3  # it kept taking part after the power cut

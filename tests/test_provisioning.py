@@ -53,12 +53,7 @@ needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto
 
 def _tls_broker(directory: Path) -> MosquittoBroker:
     fleet = provision("city", ["cam-1", "cam-2"], directory)
-    lines = [
-        line
-        for line in fleet.mosquitto_conf.read_text().splitlines()
-        if not line.startswith(("listener", "persistence", "allow_anonymous"))
-    ]
-    return MosquittoBroker(allow_anonymous=False, extra_config=lines)
+    return MosquittoBroker(allow_anonymous=False, extra_config=fleet.broker_settings())
 
 
 def _session(broker: MosquittoBroker, directory: Path, name: str) -> MqttSession:
