@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,9 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import ValidationError
 
 from edge_client.config import DeviceConfig
-from edge_client.inference import DeviceModelServer
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
-from export.checkpoint import InputSpec
 from fedfmx.aggregation import Arrays
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
@@ -55,6 +54,9 @@ from transport import (
     round_topic,
     session_settings,
 )
+
+if TYPE_CHECKING:
+    from edge_client.inference import DeviceModelServer
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +439,10 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
     stream = OwnRowsStream(plan.stream(index, fleet.seed))
     inference = None
     if config.serve_predictions:
+        # The export stack (onnx, onnxruntime: ~50 MB resident) loads only on serving devices.
+        from edge_client.inference import DeviceModelServer
+        from export.checkpoint import InputSpec
+
         spec = InputSpec.of_dataset(dataset)
         inference = DeviceModelServer(config.state_dir / "serving", fleet, profile, spec)
     own_x = dataset.train_x[stream.rows].copy()

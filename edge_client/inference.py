@@ -17,8 +17,9 @@ import numpy as np
 
 from export.checkpoint import Checkpoint, InputSpec
 from export.errors import ParityError
-from export.inference import InferenceProvider, ModelServer, Prediction
-from export.pipeline import EvalSet, ExportFormat, ExportResult, Quantization, export_checkpoint
+from export.formats import ExportFormat, InferenceProvider, Quantization
+from export.inference import ModelServer, Prediction
+from export.pipeline import EvalSet, ExportResult, export_checkpoint
 from fedfmx.aggregation import Arrays
 from fedfmx.config import FleetConfig
 from fedfmx.errors import FedFMXError

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,18 +18,10 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from export.errors import first_line
+from export.formats import InferenceProvider
 from export.metadata import METADATA_KEY, ExportMetadata
 from export.parity import batched_logits
 from fedfmx.errors import ConfigError, DataError
-
-
-class InferenceProvider(StrEnum):
-    """The device profile's `inference_provider` setting."""
-
-    cpu = "cpu"
-    cuda = "cuda"
-    tensorrt = "tensorrt"
-
 
 PROVIDER_CHAINS: dict[InferenceProvider, list[str]] = {
     InferenceProvider.cpu: ["CPUExecutionProvider"],

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from export.checkpoint import Checkpoint
+from export.formats import ExportFormat, Quantization
 from export.inference import OnnxClassifier
 from export.metadata import ExportMetadata, Precision
 from export.onnx_model import OPSET, export_onnx
@@ -24,19 +24,6 @@ from export.quantize import QuantMode, quantize_onnx
 from export.torchscript_model import export_torchscript, load_torchscript
 from fedfmx.datasets import ImageDataset, load_dataset
 from fedfmx.model import FedFMXModel
-
-
-class ExportFormat(StrEnum):
-    onnx = "onnx"
-    torchscript = "torchscript"
-
-
-class Quantization(StrEnum):
-    none = "none"
-    int8 = "int8"
-    """The best int8 each format offers: ONNX static QDQ (calibrated), TorchScript dynamic."""
-    int8_dynamic = "int8-dynamic"
-    """ONNX dynamic int8 of the linear layers (no calibration data needed)."""
 
 
 def precision_of(fmt: ExportFormat, quantization: Quantization) -> Precision:

@@ -152,22 +152,33 @@ class FeatureCache:
             self.stats.evictions += 1
 
     def features(self, images: np.ndarray, compute: FeatureFn, batch_size: int = 64) -> np.ndarray:
-        """Features of every row of `images` (float32 [N, D]); misses are computed in batches."""
+        """Features of every row of `images` (float32 [N, D]); misses are computed in batches.
+
+        Rows are written straight into the result, so a round's peak memory holds its features
+        once (a device's budget is small).
+        """
         if len(images) == 0:
             return compute(images).astype(np.float32)
         keys = [self.key(sample) for sample in images]
-        found: dict[int, np.ndarray] = {}
+        features: np.ndarray | None = None
+        missing = []
         for i, key in enumerate(keys):
             values = self.get(key)
-            if values is not None:
-                found[i] = values
-        missing = [i for i in range(len(keys)) if i not in found]
-        self.stats.hits += len(found)
+            if values is None:
+                missing.append(i)
+                continue
+            if features is None:
+                features = np.empty((len(keys), len(values)), dtype=np.float32)
+            features[i] = values
+        self.stats.hits += len(keys) - len(missing)
         self.stats.misses += len(missing)
         for start in range(0, len(missing), batch_size):
             rows = missing[start : start + batch_size]
-            computed = compute(images[rows]).astype(np.float32)
+            computed = np.asarray(compute(images[rows]), dtype=np.float32)
+            if features is None:
+                features = np.empty((len(keys), computed.shape[1]), dtype=np.float32)
+            features[rows] = computed
             for i, values in zip(rows, computed, strict=True):
                 self.put(keys[i], values)
-                found[i] = values
-        return np.stack([found[i] for i in range(len(keys))])
+        assert features is not None  # every row was a hit or computed
+        return features

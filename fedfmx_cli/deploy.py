@@ -1,29 +1,22 @@
 """`fedfmx-edge export` and `fedfmx-edge predict`: a trained checkpoint to a device file, and
-predictions from that file with ONNX Runtime. The lead wires them in with `register(app)`."""
+predictions from that file with ONNX Runtime. torch and onnxruntime are imported inside the
+commands, so the services that share this CLI (`serve`, `join`) do not pay for them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from export.checkpoint import load_checkpoint
-from export.images import load_images
-from export.inference import InferenceProvider, OnnxClassifier, Prediction
-from export.pipeline import (
-    EvalSet,
-    ExportFormat,
-    Quantization,
-    calibration_slice,
-    export_checkpoint,
-    fleet_dataset,
-)
-from fedfmx.profiles import load_profile
+from export.formats import ExportFormat, InferenceProvider, Quantization
 from fedfmx_cli.console import one_line_errors
+
+if TYPE_CHECKING:
+    from export.inference import Prediction
 
 
 @one_line_errors
@@ -53,6 +46,10 @@ def export(
     ] = None,
 ) -> None:
     """Export a checkpoint; fails (exit 2, file not written) when parity with torch fails."""
+    from export.checkpoint import load_checkpoint
+    from export.images import load_images
+    from export.pipeline import EvalSet, calibration_slice, export_checkpoint, fleet_dataset
+
     ckpt = load_checkpoint(checkpoint)
     dataset = fleet_dataset(ckpt, data_path)
     samples = (
@@ -95,7 +92,12 @@ def predict(
     ] = None,
 ) -> None:
     """Classify images with an exported model through ONNX Runtime."""
+    from export.images import load_images
+    from export.inference import OnnxClassifier
+
     if profile is not None:
+        from fedfmx.profiles import load_profile
+
         limits = load_profile(profile)
         provider = InferenceProvider(limits.inference_provider)
         threads, fallback_to_cpu = limits.threads, limits.gpu_fallback_to_cpu

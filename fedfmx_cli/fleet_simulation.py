@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 import yaml
@@ -42,14 +41,10 @@ from fedfmx.simulation import (
     task_evaluator,
 )
 from transport import EmbeddedBroker, MosquittoBroker
+from transport.brokers import BrokerChoice
 from transport.session import ProtocolChoice
 
 DEVICE_EXIT_S = 60.0
-
-
-class BrokerChoice(StrEnum):
-    embedded = "embedded"
-    mosquitto = "mosquitto"
 
 
 @dataclass(frozen=True)

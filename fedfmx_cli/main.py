@@ -1,5 +1,7 @@
 """fedfmx-edge: federated class-incremental learning for edge fleets (FedFMX)."""
 
+# Commands import torch, onnx and matplotlib inside their bodies, so `serve` stays light.
+
 from __future__ import annotations
 
 import json
@@ -8,7 +10,7 @@ import sys
 from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,24 +18,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aggregator.events import configure_logging
-from export.checkpoint import Checkpoint, InputSpec, save_checkpoint
-from fedfmx.benchmark import (
-    ALL_METHODS,
-    BENCH_FLEET,
-    FULL,
-    REDUCED,
-    markdown_table,
-    run_grid,
-    write_outputs,
-)
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError
-from fedfmx.messages import ModelHeader
-from fedfmx.plots import plot_seen_accuracy
-from fedfmx.simulation import RoundLog, SimulationResult, load_fleet_dataset, run_simulation
 from fedfmx_cli import deploy, provisioning, services
 from fedfmx_cli.console import console, one_line_errors
-from fedfmx_cli.fleet_simulation import BrokerChoice, MqttRun, run_over_mqtt
+from transport.brokers import BrokerChoice
+
+if TYPE_CHECKING:
+    from fedfmx.simulation import RoundLog, SimulationResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -123,6 +115,12 @@ def simulate(
     ] = None,
 ) -> None:
     """Run a whole class-incremental federation: every task, every round, every device."""
+    from export.checkpoint import Checkpoint, InputSpec, save_checkpoint
+    from fedfmx.messages import ModelHeader
+    from fedfmx.plots import plot_seen_accuracy
+    from fedfmx.simulation import load_fleet_dataset, run_simulation
+    from fedfmx_cli.fleet_simulation import MqttRun, run_over_mqtt
+
     fleet = _apply_overrides(load_fleet(fleet_file), method, seed, data_path)
     dataset = load_fleet_dataset(fleet)
     total = fleet.protocol.num_tasks * fleet.protocol.rounds_per_task
@@ -195,6 +193,16 @@ def bench_fcil(
     name: Annotated[str, typer.Option(help="Output file stem.")] = "fcil_fmnist",
 ) -> None:
     """FedFMX against the baselines and ablations: methods x seeds x settings."""
+    from fedfmx.benchmark import (
+        ALL_METHODS,
+        BENCH_FLEET,
+        FULL,
+        REDUCED,
+        markdown_table,
+        run_grid,
+        write_outputs,
+    )
+
     chosen = FULL if grid is GridName.full else REDUCED
     if methods:
         unknown = sorted(set(methods) - set(ALL_METHODS))

@@ -13,8 +13,9 @@ from test_export import train_digits_checkpoint
 from typer.testing import CliRunner
 
 from export.checkpoint import load_checkpoint
-from export.inference import InferenceProvider, ModelServer, execution_providers
-from export.pipeline import EvalSet, ExportFormat, Quantization, export_checkpoint
+from export.formats import ExportFormat, InferenceProvider, Quantization
+from export.inference import ModelServer, execution_providers
+from export.pipeline import EvalSet, export_checkpoint
 from fedfmx.datasets import ImageDataset, load_digits
 from fedfmx.errors import ConfigError, DataError
 from fedfmx_cli.deploy import register

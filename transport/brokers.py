@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -28,6 +29,15 @@ from fedfmx.errors import FedFMXError
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+
+
+class BrokerChoice(StrEnum):
+    """The local broker `simulate` starts: amqtt in-process, or a Mosquitto binary."""
+
+    embedded = "embedded"
+    mosquitto = "mosquitto"
+
+
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 
 

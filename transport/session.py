@@ -50,6 +50,18 @@ from transport.chunks import (
 
 log = logging.getLogger(__name__)
 
+
+class _QuietWhileReconnecting(logging.Filter):
+    """paho logs "Client is not connected" as an error on every loop tick while it waits to
+    reconnect; the session already said once that the connection was lost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger(f"{__name__}.paho")
+_PAHO_LOG.addFilter(_QuietWhileReconnecting())
+
 Handler = Callable[[str, bytes], None]
 """Receives (topic, whole message). For a spread retained body the topic is its base topic."""
 ProtocolChoice = Literal["auto", "5", "3.1.1"]
@@ -242,9 +254,7 @@ class MqttSession:
         self._broker_max_packet: int | None = None
         self._reconnect_hooks: list[Callable[[], None]] = []
         self._ever_connected = False
-        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue(
-            settings.inbox_size
-        )
+        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue(settings.inbox_size)
         self._worker: threading.Thread | None = None
 
     # -- connection -------------------------------------------------------------------------
@@ -330,7 +340,7 @@ class MqttSession:
             protocol=mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311,
             transport="websockets" if self.address.websockets else "tcp",
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_PAHO_LOG)
         if self.address.websockets:
             client.ws_set_options(path=self.address.path)
         if self.address.tls:
