@@ -16,17 +16,16 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fedfmx.benchmark import time_device_rounds
 from fedfmx.config import FleetConfig
 from fedfmx.device import DeviceLearner
-from fedfmx.federation import RoundKeeper
-from fedfmx.profiles import PROFILES_DIR, PeakRss, apply_profile, load_profile
-from fedfmx.simulation import initial_model, load_fleet_dataset, make_plan
+from fedfmx.profiles import PROFILES_DIR, apply_profile, load_profile
+from fedfmx.simulation import load_fleet_dataset, make_plan
 from fedfmx.stream import OwnRowsStream
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,27 +43,7 @@ def measure(profile_name: str) -> dict[str, object]:
     own_names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
     del dataset  # a device holds its own rows only
     device = DeviceLearner("device-000", fleet, own_x, own_names, stream, seed=0)
-    keeper = RoundKeeper(fleet, initial_model(fleet))
-    rounds: list[dict[str, float | int | bool]] = []
-    for round_index in range(ROUNDS):
-        announcement = keeper.open_round(round_index, ["device-000"], deadline_unix=0.0)
-        header = keeper.model_header()
-        started = time.perf_counter()
-        with PeakRss() as memory:
-            payload = device.handle_round(announcement, header, keeper.model.weights)
-        elapsed = time.perf_counter() - started
-        if payload is not None:
-            keeper.accept(payload)
-        keeper.close_round()
-        rounds.append(
-            {
-                "round": round_index,
-                "seconds": elapsed,
-                "peak_rss_mb": memory.peak_mb,
-                "trained": payload is not None,
-                "uplink_bytes": len(payload or b""),
-            }
-        )
+    rounds = time_device_rounds(device, fleet, ROUNDS)
     peak = max(float(r["peak_rss_mb"]) for r in rounds)
     return {
         "profile": profile.model_dump(),

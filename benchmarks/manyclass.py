@@ -19,6 +19,9 @@ method and seed; the devices' caches are off because their inputs already are fe
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -35,18 +38,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import psutil
 import torch
 from matplotlib.lines import Line2D
 
-from fedfmx.benchmark import Grid, Progress, Setting, percent, run_grid, stat
+from fedfmx.benchmark import Grid, Progress, Setting, percent, run_grid, stat, time_device_rounds
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.datasets import ImageDataset
 from fedfmx.device import DeviceLearner
 from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
-from fedfmx.federation import RoundKeeper
 from fedfmx.pretrained import BACKBONE_ID, PretrainedBackbone
-from fedfmx.profiles import PeakRss, apply_profile, load_profile
-from fedfmx.simulation import initial_model, load_fleet_dataset, make_plan
+from fedfmx.profiles import apply_profile, load_profile
+from fedfmx.simulation import load_fleet_dataset, make_plan
 from fedfmx.stream import OwnRowsStream
 
 RESULTS = Path(__file__).parent / "results"
@@ -97,6 +100,9 @@ class Budget:
     reduced: bool
     seeds: Sequence[int] = (0, 1, 2)
     methods: Sequence[str] = METHODS
+    threads: int = 1
+    """Torch threads per run: one, since runs share two cores with other work (a second
+    thread mostly spins while the other waits for a core)."""
 
 
 REDUCED = Budget("reduced", rounds_per_task=2, local_epochs=4, reduced=True)
@@ -119,7 +125,11 @@ def base_fleet(data: DataSet, backbone: str, budget: Budget) -> FleetConfig:
     document["model"] |= {"backbone": backbone}
     # pretrained cells are fed trunk features already (see the module docstring)
     cache_mb = 0 if backbone == "efficientnet_lite0" else fleet.training.feature_cache_mb
-    document["training"] |= {"local_epochs": budget.local_epochs, "feature_cache_mb": cache_mb}
+    document["training"] |= {
+        "local_epochs": budget.local_epochs,
+        "feature_cache_mb": cache_mb,
+        "threads": budget.threads,
+    }
     return FleetConfig.model_validate(document)
 
 
@@ -172,7 +182,7 @@ def run_benchmark(
     tuned: Mapping[str, object],
 ) -> dict[str, object]:
     """Every data set x backbone x method x seed; the JSON is rewritten after each block."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(budget.threads)
     started = time.perf_counter()
     results: dict[str, dict[str, object]] = {}
     described: dict[str, dict[str, object]] = {}
@@ -182,6 +192,7 @@ def run_benchmark(
             "name": budget.name,
             "rounds_per_task": budget.rounds_per_task,
             "local_epochs": budget.local_epochs,
+            "threads": budget.threads,
             "seeds": list(budget.seeds),
             "setting": SETTING.label,
             "tuned": dict(tuned),
@@ -277,7 +288,10 @@ def write_plot(document: Mapping[str, object], path: Path) -> None:
                 (line,) = panel.plot(
                     tasks, curve, style, marker="o", markersize=3, color=colours[method]
                 )
-                panel.fill_between(tasks, curve - spread, curve + spread, alpha=0.1)
+                panel.fill_between(
+                    tasks, curve - spread, curve + spread, alpha=0.1, color=colours[method]
+                )
+                panel.set_xticks(tasks)
                 labels[method] = line
             panel.set_title(f"{DATASETS[name].label}\n{backbone}", fontsize="small")
             panel.set_ylim(0, 100)
@@ -353,30 +367,12 @@ def measure_device(variant: str, profile_name: str, cache_dir: Path) -> dict[str
     own_x = dataset.train_x[stream.rows].copy()
     own_names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
     del dataset  # a device holds its own rows only
+    _return_freed_memory()  # ... and never read the whole data set: drop that from its RSS
+    idle_mb = psutil.Process().memory_info().rss / 2**20
     device = DeviceLearner(
         "device-000", fleet, own_x, own_names, stream, seed=0, cache_dir=cache_dir
     )
-    keeper = RoundKeeper(fleet, initial_model(fleet))
-    rounds: list[dict[str, float | int | bool]] = []
-    for round_index in range(DEVICE_ROUNDS):
-        announcement = keeper.open_round(round_index, ["device-000"], deadline_unix=0.0)
-        header = keeper.model_header()
-        started = time.perf_counter()
-        with PeakRss() as memory:
-            payload = device.handle_round(announcement, header, keeper.model.weights)
-        elapsed = time.perf_counter() - started
-        if payload is not None:
-            keeper.accept(payload)
-        keeper.close_round()
-        rounds.append(
-            {
-                "round": round_index,
-                "seconds": elapsed,
-                "peak_rss_mb": memory.peak_mb,
-                "trained": payload is not None,
-                "rows_held": len(device.state.held),
-            }
-        )
+    rounds = time_device_rounds(device, fleet, DEVICE_ROUNDS)
     cache = device.feature_cache
     peak = max(float(r["peak_rss_mb"]) for r in rounds)
     return {
@@ -386,10 +382,19 @@ def measure_device(variant: str, profile_name: str, cache_dir: Path) -> dict[str
         "rounds": rounds,
         "mean_round_s": float(np.mean([r["seconds"] for r in rounds if r["trained"]])),
         "peak_rss_mb": peak,
+        "idle_rss_mb": idle_mb,
+        "round_rss_increase_mb": peak - idle_mb,
         "train_memory_mb": profile.train_memory_mb,
         "within_memory_budget": peak <= profile.train_memory_mb,
         "cache": None if cache is None else vars(cache.stats) | {"bytes": cache.size_bytes},
     }
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap glibc keeps after freeing the loaded data set back to the system."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the loader's heap stays
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def run_device_benchmark(profile_name: str) -> dict[str, object]:
@@ -436,8 +441,12 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="*", choices=BACKBONES, default=list(BACKBONES))
     parser.add_argument("--methods", nargs="*", help="subset of methods (default: all)")
     parser.add_argument("--seeds", nargs="*", type=int, help="seeds (default: 0 1 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--untuned", action="store_true", help="ignore results/tuning.json")
     parser.add_argument("--name", default="manyclass", help="output file stem under results/")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the PNG and table from the JSON"
+    )
     parser.add_argument("--device", action="store_true", help="measure a device's rounds")
     parser.add_argument("--profile", default="raspberry-pi-4", help="device profile (--device)")
     parser.add_argument("--device-child", nargs=3, help=argparse.SUPPRESS)
@@ -456,9 +465,13 @@ def main() -> None:
         budget = replace(budget, methods=tuple(args.methods))
     if args.seeds:
         budget = replace(budget, seeds=tuple(args.seeds))
+    budget = replace(budget, threads=args.threads)
     tuned = {} if args.untuned else tuned_values()
     output = RESULTS / f"{args.name}.json"
-    document = run_benchmark(budget, args.datasets, args.backbones, output, tuned)
+    if args.replot:
+        document = json.loads(output.read_text())
+    else:
+        document = run_benchmark(budget, args.datasets, args.backbones, output, tuned)
     write_plot(document, RESULTS / f"{args.name}.png")
     print(markdown_table(document))
 

@@ -1,7 +1,7 @@
 """Robust merges against hostile devices, on the FCIL setting (issue 7, DESIGN §6).
 
-    nice -n 19 python benchmarks/robustness.py            # the reduced grid below (~25 min, 2 cores)
-    python benchmarks/robustness.py --probe               # one clean run: time and update norms
+    nice -n 19 python benchmarks/robustness.py --seeds 0 1   # 28 runs a seed, 25 min on 2 cores
+    python benchmarks/robustness.py --probe                  # one clean run: time, update norms
 
 FedFMX (tuned values of results/tuning.json) on Split Fashion-MNIST, 10 devices, alpha=0.5,
 lag 1, a reduced data slice. 0, 1 or 2 of the 10 devices train honestly and then send a hostile
@@ -25,8 +25,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -104,18 +104,30 @@ def robustness_for(merge: str, clip_norm: float) -> RobustnessConfig:
     return RobustnessConfig()
 
 
-def base_fleet(seed: int, train_per_class: int, test_per_class: int) -> FleetConfig:
-    """The FCIL benchmark fleet with FedFMX's tuned values and a reduced data slice."""
-    document = dict(BENCH_FLEET) | {"method": "fedfmx", "seed": seed}
-    tuning = RESULTS / "tuning.json"
-    chosen = json.loads(tuning.read_text())["chosen"].get("fedfmx", {}) if tuning.exists() else {}
-    document |= {section: dict(values) for section, values in chosen.items()}
-    document["data"] = dict(BENCH_FLEET["data"]) | {  # type: ignore[arg-type]
-        "train_per_class": train_per_class,
-        "test_per_class": test_per_class,
-    }
-    document["protocol"] = dict(BENCH_FLEET["protocol"]) | {"alpha": 0.5, "max_lag": 1}  # type: ignore[arg-type]
-    return FleetConfig.model_validate(document)
+@dataclass(frozen=True)
+class Budget:
+    """The data slice and threads of a run: the FCIL benchmark's reduced slice, one thread."""
+
+    train_per_class: int = 600
+    test_per_class: int = 300
+    threads: int = 1
+    """Torch threads: on 2 cores shared with other jobs, 2 threads ran a run 10x slower."""
+
+    def fleet(self, seed: int) -> FleetConfig:
+        """The FCIL benchmark fleet (alpha=0.5, lag 1) with FedFMX's tuned values."""
+        document = dict(BENCH_FLEET) | {"method": "fedfmx", "seed": seed}
+        tuning = RESULTS / "tuning.json"
+        tuned = json.loads(tuning.read_text())["chosen"]["fedfmx"] if tuning.exists() else {}
+        document |= {section: dict(values) for section, values in tuned.items()}
+        document["training"] = dict(tuned.get("training", {})) | {"threads": self.threads}
+        document["data"] = {
+            "dataset": "fashion_mnist",
+            "train_per_class": self.train_per_class,
+            "test_per_class": self.test_per_class,
+        }
+        protocol = dict(BENCH_FLEET["protocol"])  # type: ignore[call-overload]
+        document["protocol"] = protocol | {"alpha": 0.5, "max_lag": 1}
+        return FleetConfig.model_validate(document)
 
 
 def one_run(
@@ -152,37 +164,53 @@ def scenario_label(attack: str | None, hostile: int) -> str:
     return "clean" if attack is None else f"{attack} x{hostile}"
 
 
+Runs = dict[str, dict[str, list[dict[str, object]]]]
+"""scenario label -> merge -> one entry per seed."""
+
+
 def run_benchmark(
     seeds: Sequence[int],
     attacks: Sequence[str],
     hostile_counts: Sequence[int],
     merges: Sequence[str],
-    train_per_class: int,
-    test_per_class: int,
+    budget: Budget,
     clip_norm: float | None,
+    on_seed: Callable[[dict[str, object]], None] | None = None,
 ) -> dict[str, object]:
+    """Every scenario under every merge, seed by seed; `on_seed` gets the document so far."""
     started = time.perf_counter()
     scenarios: list[tuple[str | None, int]] = [(None, 0)] + [
         (a, h) for a in attacks for h in hostile_counts if h > 0
     ]
-    runs: dict[str, dict[str, list[dict[str, object]]]] = {
-        scenario_label(a, h): {m: [] for m in merges} for a, h in scenarios
+    runs: Runs = {scenario_label(a, h): {m: [] for m in merges} for a, h in scenarios}
+    norms: dict[str, dict[str, float]] = {}
+    grid = {
+        "method": "fedfmx",
+        "seeds": [],
+        "num_clients": 10,
+        "attacks": list(attacks),
+        "hostile_counts": [0, *hostile_counts],
+        "merges": list(merges),
+        "scale": SCALE,
+        "trim_fraction": TRIM_FRACTION,
+        "clip_norm": "median honest update norm of the seed's clean mean run"
+        if clip_norm is None
+        else clip_norm,
+        "budget": asdict(budget),
     }
-    honest: dict[str, float] = {}
+    document: dict[str, object] = {}
     for seed in seeds:
-        fleet = base_fleet(seed, train_per_class, test_per_class)
+        fleet = budget.fleet(seed)
         dataset = load_fleet_dataset(fleet)
         # the clean mean run first: its honest update norms set the clipping bound
         run, probe = one_run(fleet, dataset, None, 0, "mean", NO_BOUND)
         runs["clean"]["mean"].append(run)
-        norms = np.array(probe.honest_norms)
-        honest = {
-            "median": float(np.median(norms)),
-            "p90": float(np.percentile(norms, 90)),
-            "max": float(norms.max()),
-        }
-        bound = clip_norm if clip_norm is not None else honest["median"]
-        print(f"seed {seed}: honest update norms {honest}, clip_norm {bound:.3g}", flush=True)
+        quantiles = np.percentile(probe.honest_norms, [10, 50, 90, 100])
+        norms[str(seed)] = dict(
+            zip(("p10", "median", "p90", "max"), map(float, quantiles), strict=True)
+        )
+        bound = clip_norm if clip_norm is not None else norms[str(seed)]["median"]
+        print(f"seed {seed}: honest norms {norms[str(seed)]}, clip_norm {bound:.3g}", flush=True)
         for attack, hostile in scenarios:
             label = scenario_label(attack, hostile)
             for merge in merges:
@@ -191,42 +219,32 @@ def run_benchmark(
                 run, _ = one_run(fleet, dataset, attack, hostile, merge, bound)
                 run["clip_norm"] = bound if merge == "clip" else None
                 runs[label][merge].append(run)
+                accuracy = 100 * float(run["final_accuracy"])  # type: ignore[arg-type]
                 print(
-                    f"seed {seed} {label} {merge}: final {100 * float(run['final_accuracy']):.1f}%"  # type: ignore[arg-type]
-                    f" rejected {run['rejected']} ({float(run['wall_time_s']):.0f} s)",  # type: ignore[arg-type]
+                    f"seed {seed} {label} {merge}: final {accuracy:.1f}%, "
+                    f"rejected {run['rejected']} of {run['hostile_sent']} hostile",
                     flush=True,
                 )
-    table = {
-        label: {merge: summarise(cell) for merge, cell in merges_runs.items()}
-        for label, merges_runs in runs.items()
-    }
-    return {
-        "benchmark": "robustness",
-        "dataset": "fashion_mnist",
-        "grid": {
-            "method": "fedfmx",
-            "seeds": list(seeds),
-            "num_clients": 10,
-            "attacks": list(attacks),
-            "hostile_counts": [0, *hostile_counts],
-            "merges": list(merges),
-            "scale": SCALE,
-            "trim_fraction": TRIM_FRACTION,
-            "clip_norm": "median honest update norm of the clean mean run"
-            if clip_norm is None
-            else clip_norm,
-            "train_per_class": train_per_class,
-            "test_per_class": test_per_class,
-        },
-        "honest_update_norms_last_seed": honest,
-        "machine": {
-            "cpus": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        "total_wall_time_s": time.perf_counter() - started,
-        "results": table,
-    }
+        grid["seeds"] = [*grid["seeds"], seed]  # type: ignore[misc]
+        document = {
+            "benchmark": "robustness",
+            "dataset": "fashion_mnist",
+            "grid": grid,
+            "honest_update_norms": norms,
+            "machine": {
+                "cpus": len(os.sched_getaffinity(0)),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "total_wall_time_s": time.perf_counter() - started,
+            "results": {
+                label: {merge: summarise(cell) for merge, cell in by_merge.items()}
+                for label, by_merge in runs.items()
+            },
+        }
+        if on_seed is not None:
+            on_seed(document)
+    return document
 
 
 def summarise(runs: Sequence[Mapping[str, object]]) -> dict[str, object]:
@@ -245,7 +263,9 @@ def markdown_table(document: Mapping[str, object]) -> str:
     assert isinstance(results, Mapping)
     merges = list(next(iter(results.values())))
     lines = [
-        "| scenario | " + " | ".join(f"{m} final acc (%)" for m in merges) + " | rejected |",
+        "| scenario | "
+        + " | ".join(f"{m} final acc (%)" for m in merges)
+        + " | rejected / hostile sent |",
         "|---|" + "---|" * (len(merges) + 1),
     ]
     for label, cells in results.items():
@@ -279,12 +299,19 @@ def plot(document: Mapping[str, object], path: Path) -> None:
         f"FedFMX, Split Fashion-MNIST, 10 devices, hostile devices (x1, x2): "
         f"{len(grid['seeds'])} seed(s)"
     )
-    axes.legend(title="merge", fontsize=8)
+    axes.set_ylim(0, 75)
+    axes.legend(title="merge", fontsize=8, ncol=len(merges), loc="upper center")
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def write_outputs(document: dict[str, object], name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(document, indent=2))
+    plot(document, RESULTS / f"{name}.png")
 
 
 def main() -> None:
@@ -295,20 +322,21 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--hostile", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--merges", nargs="*", choices=MERGES, default=list(MERGES))
-    parser.add_argument("--train-per-class", type=int, default=300)
-    parser.add_argument("--test-per-class", type=int, default=300)
+    parser.add_argument("--train-per-class", type=int, default=Budget.train_per_class)
+    parser.add_argument("--test-per-class", type=int, default=Budget.test_per_class)
+    parser.add_argument("--threads", type=int, default=Budget.threads)
     parser.add_argument(
         "--clip-norm", type=float, help="default: median honest norm of the clean run"
     )
     parser.add_argument("--probe", action="store_true", help="one clean mean run, no outputs")
     parser.add_argument("--name", default="robustness", help="output file stem under results/")
     args = parser.parse_args()
+    budget = Budget(args.train_per_class, args.test_per_class, args.threads)
     if args.probe:
-        fleet = base_fleet(args.seeds[0], args.train_per_class, args.test_per_class)
+        fleet = budget.fleet(args.seeds[0])
         run, probe = one_run(fleet, load_fleet_dataset(fleet), None, 0, "mean", NO_BOUND)
-        norms = np.array(probe.honest_norms)
+        quantiles = np.percentile(probe.honest_norms, [10, 50, 90, 100])
         print(run)
-        quantiles = np.percentile(norms, [10, 50, 90, 100])
         print("honest norms p10 / median / p90 / max: " + " / ".join(f"{q:.3g}" for q in quantiles))
         return
     document = run_benchmark(
@@ -316,13 +344,10 @@ def main() -> None:
         args.attacks,
         args.hostile,
         args.merges,
-        args.train_per_class,
-        args.test_per_class,
+        budget,
         args.clip_norm,
+        on_seed=lambda partial: write_outputs(partial, args.name),
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(document, indent=2))
-    plot(document, RESULTS / f"{args.name}.png")
     print(markdown_table(document))
 
 

@@ -449,7 +449,13 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
     own_names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
     del dataset  # a device keeps its own rows only
     learner = DeviceLearner(
-        config.device_id, fleet, own_x, own_names, stream, seed=fleet.seed * 1000 + index
+        config.device_id,
+        fleet,
+        own_x,
+        own_names,
+        stream,
+        seed=fleet.seed * 1000 + index,
+        cache_dir=config.state_dir / "features",  # pretrained trunk features survive restarts
     )
     offline = DeviceStatus(device_id=config.device_id, state="offline", profile=profile.name)
     will = LastWill(

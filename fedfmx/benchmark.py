@@ -19,8 +19,16 @@ import numpy as np
 
 from fedfmx.config import FleetConfig, MethodName
 from fedfmx.datasets import ImageDataset
+from fedfmx.device import DeviceLearner
+from fedfmx.federation import RoundKeeper
 from fedfmx.plots import plot_seen_accuracy
-from fedfmx.simulation import SimulationResult, load_fleet_dataset, run_simulation
+from fedfmx.profiles import PeakRss
+from fedfmx.simulation import (
+    SimulationResult,
+    initial_model,
+    load_fleet_dataset,
+    run_simulation,
+)
 
 ALL_METHODS: tuple[str, ...] = get_args(MethodName)
 
@@ -238,3 +246,32 @@ def markdown_table(document: Mapping[str, object]) -> str:
 def percent(cell: Mapping[str, object], metric: str) -> str:
     """`mean ± std` of a fraction, in percent."""
     return f"{100 * stat(cell, metric):.1f} ± {100 * stat(cell, metric, 'std'):.1f}"
+
+
+def time_device_rounds(
+    device: DeviceLearner, fleet: FleetConfig, rounds: int
+) -> list[dict[str, float | int | bool]]:
+    """One device alone against a local `RoundKeeper`: seconds, peak RSS and uplink bytes of
+    each of its first `rounds` local rounds (the device-profile benchmarks)."""
+    keeper = RoundKeeper(fleet, initial_model(fleet))
+    measured: list[dict[str, float | int | bool]] = []
+    for round_index in range(rounds):
+        announcement = keeper.open_round(round_index, [device.device_id], deadline_unix=0.0)
+        started = time.perf_counter()
+        with PeakRss() as memory:
+            payload = device.handle_round(announcement, keeper.model_header(), keeper.model.weights)
+        elapsed = time.perf_counter() - started
+        if payload is not None:
+            keeper.accept(payload)
+        keeper.close_round()
+        measured.append(
+            {
+                "round": round_index,
+                "seconds": elapsed,
+                "peak_rss_mb": memory.peak_mb,
+                "trained": payload is not None,
+                "rows_held": len(device.state.held),
+                "uplink_bytes": len(payload or b""),
+            }
+        )
+    return measured

@@ -81,7 +81,9 @@ def _freeze_as_buffers(module: nn.Module) -> None:
 def efficientnet_lite0_trunk() -> EfficientNet:
     """EfficientNet-Lite0 with ImageNet weights and no classifier, frozen.
 
-    Built for `INPUT_SIZE` so its static "same" padding matches the resized inputs.
+    Built for `INPUT_SIZE` so its static "same" padding matches the resized inputs. Every trunk
+    in the process shares one read-only copy of the weights (`assign=True`): a device builds a
+    model each round, and a copy each time would cost 14 MB of its memory budget.
     """
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -89,7 +91,7 @@ def efficientnet_lite0_trunk() -> EfficientNet:
         raise ConfigError(f"model.backbone efficientnet_lite0 needs its code: {_INSTALL}") from None
     trunk = EfficientNet.from_name("efficientnet-lite0", image_size=INPUT_SIZE)
     trunk._fc = nn.Identity()  # the 1000 ImageNet classes are not needed, only pooled features
-    trunk.load_state_dict(_imagenet_trunk_weights())
+    trunk.load_state_dict(_imagenet_trunk_weights(), assign=True)
     _freeze_as_buffers(trunk)
     return trunk.eval()
 

