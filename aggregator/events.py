@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 
 log = logging.getLogger("fedfmx.events")
@@ -54,9 +55,18 @@ def _text(value: EventValue) -> str:
     return str(value)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes: a CLI run inside a test runner
+    swaps it, and a handler bound to the old one would write to a closed file."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(as_json: bool, level: int = logging.INFO) -> None:
     """Send every log record to stderr through `EventFormatter` (replacing other handlers)."""
-    handler = logging.StreamHandler()
+    handler = _CurrentStderr()
     handler.setFormatter(EventFormatter(as_json))
     root = logging.getLogger()
     root.handlers[:] = [handler]

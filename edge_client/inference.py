@@ -57,8 +57,9 @@ class DeviceModelServer:
         self, header: ModelHeader, weights: Arrays, images: np.ndarray, names: np.ndarray
     ) -> ExportResult | None:
         """Export `header`'s version, check it on the local rows (`images`, class `names`) and
-        swap it in; None when it is already serving or the export was refused."""
-        if header.version == self.version or not len(images):
+        swap it in; None when it is already serving, has no classes yet (version 0), or the
+        export was refused."""
+        if header.version == self.version or not len(images) or not header.class_names:
             return None
         registry = {name: i for i, name in enumerate(header.class_names)}
         targets = np.array([registry.get(str(name), -1) for name in names], dtype=np.int64)

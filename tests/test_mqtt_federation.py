@@ -171,7 +171,7 @@ def test_full_round_trip_with_signed_models(
 ) -> None:
     fleet = make_fleet(tiny_fleet(mosquitto_broker.url))
     aggregator = fleet.start_aggregator()
-    devices = [fleet.start_device(0, serve=True), fleet.start_device(1), fleet.start_device(2)]
+    devices = [fleet.start_device(i) for i in range(3)]
     fleet.join(devices)
     fleet.join()
     assert aggregator.finished
@@ -182,7 +182,18 @@ def test_full_round_trip_with_signed_models(
         assert device.snapshot.progress.updates_sent == accepted[name] > 0
         assert device.model is not None and device.model.header.version >= 3
     assert state.rejections() == []
-    # Device 0 serves the last version it trained from, exported to ONNX and swapped in.
+
+
+def test_a_serving_device_exports_and_swaps_in_each_version(
+    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    """Alone in its process: torch's exporter keeps global tracing state, so a device that
+    exports must not share a process with other devices training (each `join` is a process)."""
+    fleet = make_fleet(tiny_fleet(mosquitto_broker.url, clients=1, max_lag=0))
+    fleet.start_aggregator()
+    fleet.join([fleet.start_device(0, serve=True)])
+    fleet.join()
+    # It serves the last version it trained from, exported to ONNX and swapped in.
     serving = fleet.devices["device-000"]
     assert serving.inference is not None and serving.model is not None
     assert serving.inference.version == serving.model.header.version
