@@ -225,13 +225,8 @@ class EdgeDevice:
         never delays the fleet)."""
         if self.inference is None:
             return
-        held = self.learner.state.held
-        old_x, old_names = self.learner.exemplars.arrays()
-        images, names = self.learner.train_x[held], self.learner.train_names[held]
-        if len(old_x):
-            images = np.concatenate([images, old_x])
-            names = np.concatenate([names, old_names])
-        self.inference.refresh(model.header, model.weights, images, names)
+        rows = self.learner.local_rows()
+        self.inference.refresh(model.header, model.weights, rows.x, rows.names)
 
     def _deliver_pending(self, round_index: int, stop: threading.Event) -> None:
         """Send the pending update until its receipt comes back or the round moves on."""
@@ -375,9 +370,7 @@ class EdgeDevice:
         self._last_hello = hello
 
     def _hello(self) -> Hello:
-        held = self.learner.train_names[self.learner.state.held]
-        _, old = self.learner.exemplars.arrays()
-        counts = Counter(str(name) for name in np.concatenate([held, old]))
+        counts = Counter(str(name) for name in self.learner.local_rows().names)
         return Hello(
             fleet=self.fleet.name,
             device_id=self.device_id,

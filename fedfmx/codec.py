@@ -38,13 +38,13 @@ from pydantic import BaseModel, ValidationError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from fedfmx.aggregation import FISHER_PREFIX, delta_norm
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import CodecSettings, ModelHeader, UpdateHeader
 
 UPDATE_MAGIC = b"FMXU"
 MODEL_MAGIC = b"FMXM"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-FISHER_PREFIX = "fisher."
 DECOMPRESSION_FACTOR = 8
 """A body may decompress to at most this many times the payload limit (zip-bomb guard)."""
 
@@ -255,19 +255,14 @@ def decode_update(
         name: _decode_tensor(stored, name, tuple(shape), header.codec)
         for name, shape in shapes.items()
     }
-    squares = 0.0
     for name, value in tensors.items():
         if not np.all(np.isfinite(value)):
             raise ProtocolError(f"{name}: non-finite values")
-        if name.startswith(FISHER_PREFIX):
-            if np.any(value < 0):
-                raise ProtocolError(f"{name}: Fisher values must be non-negative")
-        else:
-            squares += float(np.square(value, dtype=np.float64).sum())
-    if math.sqrt(squares) > norm_bound:
-        raise ProtocolError(
-            f"update norm {math.sqrt(squares):.3g} exceeds the bound {norm_bound:.3g}"
-        )
+        if name.startswith(FISHER_PREFIX) and np.any(value < 0):
+            raise ProtocolError(f"{name}: Fisher values must be non-negative")
+    norm = delta_norm(tensors)
+    if norm > norm_bound:
+        raise ProtocolError(f"update norm {norm:.3g} exceeds the bound {norm_bound:.3g}")
     return header, tensors
 
 

@@ -154,6 +154,14 @@ class DeviceLearner:
         self.state.residual = dict(encoded.residual)
         return encoded.payload
 
+    def local_rows(self) -> LocalRows:
+        """Everything the device holds now: the current task's rows, then its exemplars."""
+        old_x, old_names = self.exemplars.arrays()
+        rows = LocalRows(self.train_x[self.state.held], self.train_names[self.state.held])
+        if not len(old_x):
+            return rows
+        return LocalRows(np.concatenate([rows.x, old_x]), np.concatenate([rows.names, old_names]))
+
     def _teacher(self) -> FedFMXModel | None:
         if self.state.teacher is None:
             return None

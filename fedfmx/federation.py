@@ -25,7 +25,6 @@ from fedfmx.aggregation import (
     apply_delta,
     clip_update,
     coordinate_median,
-    delta_norm,
     fisher_summary_shape,
     robust_delta,
     trimmed_mean,
@@ -199,10 +198,9 @@ class RoundKeeper:
             return None
         clip_norm = self.fleet.robustness.clip_norm
         if clip_norm is not None:
-            norm = delta_norm(tensors)
             tensors, factor = clip_update(tensors, clip_norm)
             if factor < 1.0:
-                log.info("update of %s clipped from norm %.3g", header.device_id, norm)
+                log.info("update of %s clipped by %.3g", header.device_id, factor)
         if self._center is None:
             self.current.sums.add(update_sums(header, tensors, self.model.class_names))
         else:

@@ -48,6 +48,14 @@ def cli() -> typer.Typer:
     return app
 
 
+def write_pngs(images: np.ndarray, folder: Path) -> None:
+    """Unit-range grey images as 8-bit PNGs named 00.png, 01.png, ..."""
+    for i, image in enumerate(images):
+        Image.fromarray(np.rint(image * 255).astype(np.uint8), mode="L").save(
+            folder / f"{i:02d}.png"
+        )
+
+
 def test_predict_on_an_idx_file_prints_json_lines(
     model_file: Path, digits: ImageDataset, tmp_path: Path
 ) -> None:
@@ -75,10 +83,7 @@ def test_predict_on_an_idx_file_prints_json_lines(
 def test_predict_on_a_png_directory_prints_a_table(
     model_file: Path, digits: ImageDataset, tmp_path: Path
 ) -> None:
-    for i, image in enumerate(digits.test_x[:20, 0]):
-        Image.fromarray(np.rint(image * 255).astype(np.uint8), mode="L").save(
-            tmp_path / f"{i:02d}.png"
-        )
+    write_pngs(digits.test_x[:20, 0], tmp_path)
     (tmp_path / "notes.txt").write_text("not an image")
     result = CliRunner().invoke(
         cli(), ["predict", "--model", str(model_file), "--input", str(tmp_path)]
@@ -128,10 +133,7 @@ def test_missing_gpu_provider_is_an_error_unless_the_profile_allows_cpu() -> Non
 def test_predict_takes_provider_and_threads_from_a_device_profile(
     model_file: Path, digits: ImageDataset, tmp_path: Path
 ) -> None:
-    for i, image in enumerate(digits.test_x[:4, 0]):
-        Image.fromarray(np.rint(image * 255).astype(np.uint8), mode="L").save(
-            tmp_path / f"{i:02d}.png"
-        )
+    write_pngs(digits.test_x[:4, 0], tmp_path)
     result = CliRunner().invoke(
         cli(),
         [
