@@ -32,6 +32,8 @@ from fedfmx.errors import ConfigError
 
 AGGREGATOR = "aggregator"
 VALIDITY = datetime.timedelta(days=3650)
+PACKET_HEADROOM = 1024
+"""Bytes an MQTT PUBLISH adds to its payload (fixed header, topic, properties), rounded up."""
 PBKDF2_ITERATIONS = 101
 """What `mosquitto_passwd` of Mosquitto 2.0 uses for its `$7$` (PBKDF2-SHA512) hashes."""
 
@@ -203,9 +205,17 @@ def _client(
 
 
 def provision(
-    fleet: str, device_ids: Sequence[str], directory: Path, port: int = 8883
+    fleet: str,
+    device_ids: Sequence[str],
+    directory: Path,
+    port: int = 8883,
+    max_payload_bytes: int = BrokerConfig().max_payload_bytes,
 ) -> ProvisionedFleet:
-    """Write (or extend: an existing CA is reused) the fleet's credentials under `directory`."""
+    """Write (or extend: an existing CA is reused) the fleet's credentials under `directory`.
+
+    The broker refuses (and disconnects) any client sending a packet larger than the fleet's
+    chunk size allows, so an oversized flood never reaches the aggregator.
+    """
     for device in device_ids:
         if device == AGGREGATOR or not device.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"device id {device!r}: use letters, digits, '-' and '_' only")
@@ -234,6 +244,7 @@ def provision(
                 "per_listener_settings false",
                 "allow_anonymous false",
                 f"acl_file {acl_file}",
+                f"max_packet_size {max_payload_bytes + PACKET_HEADROOM}",
                 "persistence true",
                 f"persistence_location {directory}/",
                 f"listener {port}",

@@ -23,7 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import ValidationError
 
+from aggregator.crash_points import crash_point
 from aggregator.events import log_event
+from aggregator.rate_limit import RateLimiter
 from aggregator.state import AggregatorState, Evaluation, RoundTotals, StoredModel
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig
@@ -84,6 +86,7 @@ class Aggregator:
         self.keeper = RoundKeeper(fleet, self._restore_model())
         self._lock = threading.RLock()
         self._finished = threading.Event()
+        self._rate_limiter = RateLimiter(fleet.service.rate_limit)
 
     # -- start and resume -------------------------------------------------------------------
 
@@ -125,6 +128,7 @@ class Aggregator:
             self._resume_open_round()
             self._evaluate_missed_task()
             self.session.connect()
+            self._resend_receipts()
             self._publish_model()
             if self.keeper.current is not None:
                 self._announce()
@@ -151,6 +155,17 @@ class Aggregator:
         return self._finished.is_set()
 
     # -- rounds -----------------------------------------------------------------------------
+
+    def _resend_receipts(self) -> None:
+        """The receipts of the latest round's stored updates, again: one lost when the process
+        died would leave its device believing that an update which counted was dropped.
+        (Published before any round announcement, so they reach a device first; a device
+        ignores receipts it is not waiting for.)"""
+        last = self.state.last_round()
+        if last is None:
+            return
+        for device_id, digest in self.state.update_digests(last.announcement.round):
+            self._receipt(device_id, digest, "")
 
     def _tick(self, now: float) -> None:
         current = self.keeper.current
@@ -212,6 +227,7 @@ class Aggregator:
         announcement = self.keeper.current.announcement
         before = self.keeper.model.version
         model = self.keeper.close_round()
+        crash_point("round_merged")
         stored = None
         if model.version != before:
             payload = self.keeper.model_payload()
@@ -219,6 +235,7 @@ class Aggregator:
                 model.version, payload, model.class_names, model.expert_usage, None
             )
         self.state.close_round(announcement.round, stored)
+        crash_point("round_closed")
         totals = self.state.round_totals()[-1]
         log_event(
             "round_closed",
@@ -258,6 +275,7 @@ class Aggregator:
         payload = self.keeper.model_payload()
         fleet = self.fleet.name
         chunks = self.session.publish_retained_chunks(model_body_topic(fleet, version), payload)
+        crash_point("model_chunks_published")
         manifest = sign_manifest(
             self.signing_key,
             fleet,
@@ -284,8 +302,29 @@ class Aggregator:
         assert device_id is not None  # the subscriptions only match per-client topics
         return device_id
 
+    def _admitted(self, sender: str) -> bool:
+        """Whether `sender` is within its rate limit; logs where a throttling streak starts
+        (stored as a rejection) and where it ends (with the count dropped)."""
+        with self._lock:
+            verdict = self._rate_limiter.admit(sender)
+        if verdict.streak_started:
+            limit = self.fleet.service.rate_limit
+            self._reject(
+                None,
+                sender,
+                f"rate limit: over {limit.messages_per_s:g} messages/s (burst {limit.burst}); "
+                "dropping its messages until it slows down",
+            )
+        if verdict.streak_ended:
+            log_event(
+                "device_throttled", logging.WARNING, device=sender, dropped=verdict.streak_ended
+            )
+        return verdict.allowed
+
     def _on_hello(self, topic: str, message: bytes) -> None:
         sender = self._sender(topic)
+        if not self._admitted(sender):
+            return
         try:
             hello = Hello.model_validate_json(message)
         except ValidationError as error:
@@ -304,6 +343,8 @@ class Aggregator:
 
     def _on_status(self, topic: str, message: bytes) -> None:
         sender = self._sender(topic)
+        if not self._admitted(sender):
+            return
         try:
             status = DeviceStatus.model_validate_json(message)
         except ValidationError:
@@ -329,14 +370,17 @@ class Aggregator:
 
     def _on_update(self, topic: str, payload: bytes) -> None:
         sender = self._sender(topic)
+        if not self._admitted(sender):
+            return
         with self._lock:
             current = self.keeper.current
             round_index = None if current is None else current.announcement.round
+            digest = hashlib.sha256(payload).hexdigest()
             try:
                 header = self.keeper.accept(payload, sender)
             except ProtocolError as error:
                 self._reject(round_index, sender, str(error))
-                self._receipt(sender, payload, str(error))
+                self._receipt(sender, digest, str(error))
                 return
             if header is None:
                 log_event("update_duplicate", device=sender, round=round_index)
@@ -344,6 +388,7 @@ class Aggregator:
                 self.state.store_update(
                     header.round, sender, payload, header.num_samples, header.train_loss
                 )
+                crash_point("update_stored")
                 log_event(
                     "update_accepted",
                     device=sender,
@@ -351,11 +396,11 @@ class Aggregator:
                     bytes=len(payload),
                     experts=[str(e) for e in header.expert_ids],
                 )
-            self._receipt(sender, payload, "")
+            self._receipt(sender, digest, "")
 
-    def _receipt(self, device_id: str, payload: bytes, refusal: str) -> None:
+    def _receipt(self, device_id: str, digest: str, refusal: str) -> None:
         receipt = UpdateReceipt(
-            update_sha256=hashlib.sha256(payload).hexdigest(),
+            update_sha256=digest,
             accepted=not refusal,
             reason=refusal,
         )

@@ -9,6 +9,7 @@ a restarted aggregator re-folds them instead of trusting in-memory sums, which i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 from fedfmx.errors import ConfigError
 from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEEP_MODEL_PAYLOADS = 3
 """Encoded versions kept: the current one, and the previous ones devices may still train on."""
 
@@ -47,6 +48,7 @@ CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL,
     device_id TEXT NOT NULL,
     payload BLOB,
+    sha256 TEXT NOT NULL,
     bytes INTEGER NOT NULL,
     num_samples INTEGER NOT NULL,
     train_loss REAL NOT NULL,
@@ -294,12 +296,23 @@ class AggregatorState:
     def store_update(
         self, round_index: int, device_id: str, payload: bytes, num_samples: int, loss: float
     ) -> bool:
-        """Keep an accepted update; False when this device's update for the round is stored."""
+        """Keep an accepted update (and its SHA-256, which outlives the payload); False when
+        this device's update for the round is stored already."""
+        digest = hashlib.sha256(payload).hexdigest()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             cursor = self._db.execute(
-                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (round_index, device_id, payload, len(payload), num_samples, loss, time.time()),
+                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    round_index,
+                    device_id,
+                    payload,
+                    digest,
+                    len(payload),
+                    num_samples,
+                    loss,
+                    time.time(),
+                ),
             )
             self._db.execute("COMMIT")
             return cursor.rowcount == 1
@@ -312,6 +325,14 @@ class AggregatorState:
             (round_index,),
         )
         return [StoredUpdate(str(d), bytes(p)) for d, p in rows]
+
+    def update_digests(self, round_index: int) -> list[tuple[str, str]]:
+        """(device id, SHA-256) of every update stored for a round, open or closed."""
+        rows = self._read(
+            "SELECT device_id, sha256 FROM updates WHERE round = ? ORDER BY received",
+            (round_index,),
+        )
+        return [(str(d), str(h)) for d, h in rows]
 
     def record_skip(self, round_index: int, device_id: str) -> None:
         """A participant answered that it has nothing to send this round."""

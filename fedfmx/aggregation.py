@@ -93,7 +93,7 @@ class MergeSums:
     head: dict[str, WeightedSum] = field(default_factory=dict)
     """Head rows by class name: weighted by that class's sample count on each device."""
     new_classes: list[str] = field(default_factory=list)
-    """Class names not in the base registry, in order of first appearance."""
+    """Class names not in the base registry (`apply_delta` appends them sorted)."""
     usage: np.ndarray | None = None
     updates: int = 0
 
@@ -175,10 +175,11 @@ def apply_delta(
 ) -> tuple[Arrays, list[str]]:
     """New global state and class registry: `θ ← θ_base + merged δ`.
 
-    New classes get ids after the existing ones, in order of first appearance; their rows'
-    deltas were taken against zero. Experts nobody trained keep their base values.
+    New classes get ids after the existing ones, sorted by name: the order updates arrived in
+    (which a restart or a retry can change) never changes the model. Their rows' deltas were
+    taken against zero. Experts nobody trained keep their base values.
     """
-    registry = list(class_names) + [name for name in delta.new_classes if name not in class_names]
+    registry = list(class_names) + sorted(set(delta.new_classes) - set(class_names))
     state = {name: np.array(value, dtype=np.float32, copy=True) for name, value in base.items()}
     for name, change in delta.tensors.items():
         state[name] = state[name] + change
@@ -258,8 +259,8 @@ def robust_delta(
     the expert merge's Fisher weights (and its sample-weighted fallback), the router's and
     backbone's sample weights and the head rows' class counts are all claims of the sender,
     which a hostile device could inflate, so here each device has one vote per coordinate.
-    Fisher summaries are not used. Expert usage is summed and new classes are registered in
-    order of first appearance, as in the mean.
+    Fisher summaries are not used. Expert usage is summed and new classes are registered as
+    in the mean.
     """
     known = set(known_classes)
     columns: dict[str, list[np.ndarray]] = {}

@@ -163,6 +163,18 @@ class BrokerConfig(Section):
     payloads near 128 KiB)."""
 
 
+class RateLimitConfig(Section):
+    """A token bucket per device over its hellos, statuses and updates (DESIGN §6).
+
+    A device sends a handful of messages a round; a flood from one stolen or buggy device is
+    dropped before it is decoded or stored, so it costs the others neither CPU nor state. A
+    dropped update gets no receipt, so an honest device that was throttled simply re-sends.
+    """
+
+    messages_per_s: float = Field(default=2.0, gt=0)
+    burst: int = Field(default=30, ge=1)
+
+
 class ServiceConfig(Section):
     """How the aggregator paces rounds over MQTT and where it keeps its state (DESIGN §5, §7)."""
 
@@ -182,6 +194,8 @@ class ServiceConfig(Section):
     """A device re-sends its update when no receipt came back within this time."""
     signing_key: Path | None = None
     """The aggregator's Ed25519 private key (PEM); None publishes unsigned manifests."""
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    """How many messages a second the aggregator handles from one device (beyond: dropped)."""
 
     def state_file(self, fleet_name: str) -> Path:
         return self.state_path or Path(f"{fleet_name}.aggregator.sqlite")
@@ -193,6 +207,10 @@ class RobustnessConfig(Section):
     The defaults (`mean`, no clipping) are the plain associative merge.
     """
 
+    max_update_norm: float = Field(default=1e4, gt=0)
+    """Reject (logged, stored, the round goes on) an update whose deltas' joint L2 norm exceeds
+    this: an order of magnitude no honest local round produces. `clip_norm` scales what is
+    admitted; this refuses what is absurd."""
     clip_norm: float | None = Field(default=None, gt=0)
     """Scale each update's deltas (experts, router, backbone, head rows; not the Fisher
     summaries) down so their joint L2 norm is at most this; None: no clipping."""

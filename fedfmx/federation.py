@@ -39,7 +39,6 @@ from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
 log = logging.getLogger(__name__)
 
 MAX_UPDATE_BYTES = 64 * 1024 * 1024
-UPDATE_NORM_BOUND = 1e4
 
 
 @dataclass
@@ -174,7 +173,7 @@ class RoundKeeper:
             payload,
             lambda h: expected_update_shapes(h, self.model.weights),
             max_bytes=MAX_UPDATE_BYTES,
-            norm_bound=UPDATE_NORM_BOUND,
+            norm_bound=self.fleet.robustness.max_update_norm,
         )
         announcement = self.current.announcement
         if sender is not None and header.device_id != sender:

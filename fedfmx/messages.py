@@ -52,7 +52,7 @@ class RoundAnnouncement(Message):
     expert_usage: list[float]
     """Fleet-wide fraction of routed samples per expert over the last round (RAR's `f_e`)."""
     class_names: list[str]
-    """The class registry: index = global class id, in order of first appearance."""
+    """The class registry: index = global class id; each round appends its new classes, sorted."""
     train_backbone: bool
     """Whether devices train (and send) the backbone this round."""
 

@@ -11,6 +11,7 @@ the graph static, so it exports to ONNX and TorchScript unchanged.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +117,8 @@ class FedFMXModel(nn.Module):
         self.router = nn.Linear(model.feature_dim, model.num_experts)
         self.head = LinearHead(num_classes, model.feature_dim)
         self.aes = routing
+        self.head_generator = torch.Generator()
+        """Draws the rows `grow_head` adds (`build_model` seeds it)."""
 
     @property
     def num_experts(self) -> int:
@@ -158,7 +161,7 @@ class FedFMXModel(nn.Module):
         if missing <= 0:
             return
         dim = self.head.weight.shape[1]
-        extra = torch.randn(missing, dim) * dim**-0.5
+        extra = torch.randn(missing, dim, generator=self.head_generator) * dim**-0.5
         self.head.weight = nn.Parameter(torch.cat([self.head.weight.detach(), extra]))
 
 
@@ -178,9 +181,21 @@ def load_numpy_state(model: FedFMXModel, state: dict[str, np.ndarray]) -> None:
     )
 
 
+_BUILDING = threading.Lock()
+
+
 def build_model(
     model: ModelConfig, routing: FedFMXConfig, num_classes: int, seed: int
 ) -> FedFMXModel:
-    """A freshly initialised model; the seed makes every party build the same initial weights."""
-    torch.manual_seed(seed)
-    return FedFMXModel(model, routing, num_classes)
+    """A freshly initialised model; the seed makes every party build the same initial weights.
+
+    torch's layers initialise from its process-wide generator, so building holds a lock, and
+    the model's head generator takes over where the seed's stream left off: the rows grown
+    later are the same whether or not other learners in the process (threads) use torch
+    meanwhile.
+    """
+    with _BUILDING:
+        torch.manual_seed(seed)
+        network = FedFMXModel(model, routing, num_classes)
+        network.head_generator.set_state(torch.get_rng_state())
+    return network

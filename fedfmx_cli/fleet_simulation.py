@@ -254,7 +254,12 @@ def run_over_mqtt(
     credentials = None
     if run.secure:
         ids = [device_id(index) for index in range(fleet.protocol.num_clients)]
-        credentials = provision(fleet.name, ids, workdir / "credentials")
+        credentials = provision(
+            fleet.name,
+            ids,
+            workdir / "credentials",
+            max_payload_bytes=fleet.service.broker.max_payload_bytes,
+        )
     try:
         with _broker(run, credentials) as (url, protocol):
             fleet, configs = _prepare(fleet, url, protocol, workdir, credentials)

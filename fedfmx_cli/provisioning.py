@@ -40,7 +40,9 @@ def provision(
         raise ConfigError("give either --devices N or one or more --device ID")
     ids = list(device or []) or [f"device-{index:03d}" for index in range(devices or 0)]
     fleet = load_fleet(fleet_file)
-    written = write_credentials(fleet.name, ids, out, port=port)
+    written = write_credentials(
+        fleet.name, ids, out, port=port, max_payload_bytes=fleet.service.broker.max_payload_bytes
+    )
     fleet_file, configs = written.write_configs(fleet, f"mqtts://{broker_host}:{port}", profile)
     table = Table(title=f"fleet {fleet.name}: credentials in {written.directory}")
     table.add_column("client")

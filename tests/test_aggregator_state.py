@@ -1,5 +1,6 @@
 """The aggregator's SQLite state: one transaction per event, and it refuses to mix fleets."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,8 @@ def test_a_round_resumes_with_its_stored_updates_and_closes_with_its_model(tmp_p
     closed = reopened.last_round()
     assert closed is not None and closed.merged_version == 1
     assert reopened.round_updates(0) == []  # payloads dropped once merged
+    digest = hashlib.sha256(b"update-1").hexdigest()
+    assert reopened.update_digests(0) == [("d1", digest)]  # kept: receipts can be re-sent
     latest = reopened.latest_model()
     assert latest is not None and latest.version == 1
     totals = reopened.round_totals()[0]

@@ -108,3 +108,17 @@ def test_sender_must_match_header() -> None:
 def test_a_round_without_updates_keeps_the_version() -> None:
     keeper = _keeper()
     assert keeper.close_round().version == 0
+
+
+def test_the_reject_norm_comes_from_the_fleet_and_new_classes_are_registered_sorted() -> None:
+    strict = FLEET.model_copy(
+        update={"robustness": FLEET.robustness.model_copy(update={"max_update_norm": 0.01})}
+    )
+    keeper = RoundKeeper(strict, initial_model(strict))
+    keeper.open_round(0, ["a", "b"], deadline_unix=0.0)
+    with pytest.raises(ProtocolError, match=r"exceeds the bound 0\.01"):
+        keeper.accept(_payload(keeper))  # every delta 0.01: its norm is well above 0.01
+    keeper = _keeper()  # the default bound admits the same update
+    keeper.accept(_payload(keeper, "a", head_classes=["zebra"]))
+    keeper.accept(_payload(keeper, "b", head_classes=["cat"]))
+    assert keeper.close_round().class_names == ["cat", "zebra"]  # not in arrival order

@@ -2,7 +2,9 @@
 
 Each test starts a private Mosquitto on a free loopback port (see conftest), runs a tiny digits
 fleet (2 tasks x 2 rounds, 8x8 images) and checks the aggregator's durable accounting: every
-participant answered every round, and every accepted update was counted exactly once.
+participant answered every round, and every accepted update was counted exactly once. The
+chaos and hostile-device tests run on a locked-down broker (`secure_broker`: mutual TLS with
+provisioned certificates, no anonymous clients, the fleet's ACL), as a real fleet would.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,16 +27,18 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aggregator.provisioning import signing_key_files
+from aggregator.crash_points import ENVIRONMENT_VARIABLE as CRASH_AT
+from aggregator.provisioning import AGGREGATOR, ProvisionedFleet, provision, signing_key_files
 from aggregator.service import Aggregator, ServiceHooks, load_signing_key, open_aggregator
 from aggregator.state import AggregatorState
 from edge_client.agent import EdgeDevice, open_device
 from edge_client.config import load_device_config
-from fedfmx.codec import decode_model, decode_update, encode_model, encode_update
-from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.codec import MAX_MODEL_BYTES, decode_model, decode_update, encode_model, encode_update
+from fedfmx.config import BrokerConfig, FleetConfig, load_fleet
 from fedfmx.device import DeviceLearner
+from fedfmx.errors import FedFMXError
 from fedfmx.federation import expected_update_shapes
-from fedfmx.messages import Hello, ModelHeader, RoundAnnouncement, UpdateReceipt
+from fedfmx.messages import DeviceStatus, Hello, ModelHeader, RoundAnnouncement, UpdateReceipt
 from fedfmx.signing import chunk_payload, sign_manifest
 from fedfmx.simulation import device_id, initial_model, load_fleet_dataset, make_plan
 from fedfmx.stream import OwnRowsStream
@@ -43,10 +48,14 @@ from transport import (
     SessionSettings,
     TopicKind,
     client_topic,
+    clients_filter,
+    find_mosquitto,
     model_body_filter,
     model_body_topic,
     model_manifest_topic,
+    parse_topic,
     round_topic,
+    session_settings,
 )
 
 FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"
@@ -68,16 +77,59 @@ def tiny_fleet(url: str, clients: int = 3, max_lag: int = 1, **service: object) 
     return FleetConfig.model_validate(document)
 
 
-class Fleet:
-    """A fleet under test: its files in tmp_path, the aggregator thread, device threads."""
+@dataclass
+class SecureBroker:
+    """A Mosquitto with mutual TLS, no anonymous clients and the fleet's ACL, and the
+    credentials `provision` wrote for it (the aggregator, device-000..002 and device-999)."""
 
-    def __init__(self, tmp_path: Path, fleet: FleetConfig, signed: bool = True) -> None:
+    broker: MosquittoBroker
+    credentials: ProvisionedFleet
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{self.broker.host}:{self.broker.port}"
+
+
+@pytest.fixture
+def secure_broker(tmp_path: Path) -> Iterator[SecureBroker]:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed: run `sudo apt-get install -y mosquitto`")
+    name = load_fleet(FLEETS / "ci-digits.yaml").name
+    devices = [device_id(index) for index in (0, 1, 2, 999)]
+    credentials = provision(name, devices, tmp_path / "credentials")
+    broker = MosquittoBroker(allow_anonymous=False, extra_config=credentials.broker_settings())
+    broker.start()
+    try:
+        yield SecureBroker(broker, credentials)
+    finally:
+        broker.close()
+
+
+class Fleet:
+    """A fleet under test: its files in tmp_path, the aggregator thread, device threads.
+
+    With `credentials`, every client connects with its own provisioned certificate and the
+    models are signed with the provisioned key.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        fleet: FleetConfig,
+        signed: bool = True,
+        credentials: ProvisionedFleet | None = None,
+    ) -> None:
         self.tmp = tmp_path
-        private, self.public_key = signing_key_files(tmp_path)
+        self.credentials = credentials
+        if credentials is None:
+            private, self.public_key = signing_key_files(tmp_path)
+        else:
+            private, self.public_key = credentials.signing_key, credentials.verify_key
+        self._broker = fleet.service.broker
+        service = {"broker": self.broker_for(AGGREGATOR)}
         if signed:
-            fleet = fleet.model_copy(
-                update={"service": fleet.service.model_copy(update={"signing_key": private})}
-            )
+            service["signing_key"] = private
+        fleet = fleet.model_copy(update={"service": fleet.service.model_copy(update=service)})
         self.fleet = fleet
         self.fleet_file = tmp_path / "fleet.yaml"
         self.fleet_file.write_text(yaml.safe_dump(fleet.model_dump(mode="json")))
@@ -87,13 +139,26 @@ class Fleet:
         self.devices: dict[str, EdgeDevice] = {}
         self.errors: list[BaseException] = []
 
+    def broker_for(self, name: str) -> BrokerConfig:
+        """Client `name`'s broker section: the fleet's, with its own certificate if secure."""
+        if self.credentials is None:
+            return self._broker
+        own = self.credentials.broker_section(name, self._broker.url)
+        return self._broker.model_copy(
+            update={"ca_file": own.ca_file, "cert_file": own.cert_file, "key_file": own.key_file}
+        )
+
+    def session(self, name: str, client_id: str | None = None) -> MqttSession:
+        """A session speaking as `name` (its credentials), under `client_id` if given."""
+        return MqttSession(session_settings(self.broker_for(name), client_id or name))
+
     def device_config(self, index: int, serve: bool = False) -> Path:
         name = device_id(index)
         path = self.tmp / f"{name}.yaml"
         document = {
             "device_id": name,
             "fleet_file": str(self.fleet_file),
-            "broker": self.fleet.service.broker.model_dump(mode="json"),
+            "broker": self.broker_for(name).model_dump(mode="json"),
             "data": {"client_index": index},
             "state_dir": f"state-{name}",
             "fleet_public_key": str(self.public_key),
@@ -144,8 +209,14 @@ class Fleet:
 def make_fleet(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
     fleets: list[Fleet] = []
 
-    def make(fleet: FleetConfig, signed: bool = True) -> Fleet:
-        fleets.append(Fleet(tmp_path, fleet, signed))
+    def make(
+        fleet: FleetConfig,
+        signed: bool = True,
+        credentials: ProvisionedFleet | None = None,
+        directory: str = "",
+    ) -> Fleet:
+        (tmp_path / directory).mkdir(exist_ok=True)
+        fleets.append(Fleet(tmp_path / directory, fleet, signed, credentials))
         return fleets[-1]
 
     yield make
@@ -223,7 +294,8 @@ def test_small_payload_limit_chunks_models_and_updates(
 class HandDevice:
     """A device driven step by step by the test: hello, one update, whatever it is told to send."""
 
-    def __init__(self, fleet: FleetConfig, index: int) -> None:
+    def __init__(self, under_test: Fleet, index: int) -> None:
+        fleet = under_test.fleet
         self.fleet = fleet
         self.device_id = device_id(index)
         dataset = load_fleet_dataset(fleet)
@@ -232,9 +304,7 @@ class HandDevice:
         self.learner = DeviceLearner(
             self.device_id, fleet, dataset.train_x[stream.rows], names, stream, seed=index
         )
-        self.session = MqttSession(
-            SessionSettings(url=fleet.service.broker.url, client_id=self.device_id)
-        )
+        self.session = under_test.session(self.device_id)
         self.announcements: list[RoundAnnouncement] = []
         self.receipts: list[UpdateReceipt] = []
         self.models: dict[str, bytes] = {}
@@ -297,7 +367,7 @@ def test_a_duplicated_update_is_counted_once_and_both_copies_get_a_receipt(
 ) -> None:
     fleet = make_fleet(tiny_fleet(mosquitto_broker.url, clients=1, max_lag=0), signed=False)
     aggregator = fleet.start_aggregator()
-    hand = HandDevice(fleet.fleet, 0)
+    hand = HandDevice(fleet, 0)
     try:
         hand.hello()
         update = hand.update_for_round(0)
@@ -396,8 +466,12 @@ def assert_devices_agree(state: AggregatorState, fleet: Fleet) -> None:
         assert device.snapshot.pending_update is None
 
 
-def _serve(fleet: Fleet) -> subprocess.Popen[bytes]:
-    """`fedfmx-edge serve` as its own process, logging (appending) to aggregator.log."""
+def _serve(fleet: Fleet, crash_at: str | None = None) -> subprocess.Popen[bytes]:
+    """`fedfmx-edge serve` as its own process, logging (appending) to aggregator.log; with
+    `crash_at`, it SIGKILLs itself at that crash point (`aggregator.crash_points`)."""
+    environment = {name: value for name, value in os.environ.items() if name != CRASH_AT}
+    if crash_at is not None:
+        environment[CRASH_AT] = crash_at
     with (fleet.tmp / "aggregator.log").open("ab") as log:
         return subprocess.Popen(
             [
@@ -413,13 +487,14 @@ def _serve(fleet: Fleet) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
+            env=environment,
         )
 
 
 def test_aggregator_killed_mid_round_resumes_without_losing_or_recounting(
-    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+    secure_broker: SecureBroker, make_fleet: Callable[..., Fleet]
 ) -> None:
-    fleet = make_fleet(tiny_fleet(mosquitto_broker.url))
+    fleet = make_fleet(tiny_fleet(secure_broker.url), credentials=secure_broker.credentials)
     server = _serve(fleet)
     try:
         devices = [fleet.start_device(i) for i in range(3)]
@@ -459,16 +534,17 @@ def test_a_broker_restart_is_survived_through_persistent_sessions(
 
 
 def test_a_device_refuses_models_signed_by_another_key_or_tampered(
-    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+    secure_broker: SecureBroker, make_fleet: Callable[..., Fleet]
 ) -> None:
-    """The test plays a rogue aggregator: a foreign signature, then a tampered body, then the
-    genuine model. The device trains only on the genuine one and sends exactly one update."""
-    config = tiny_fleet(mosquitto_broker.url, clients=1, max_lag=0)
-    fleet = make_fleet(config)
-    genuine_key = load_signing_key(fleet.tmp / "aggregator-signing.key")
+    """The test plays a rogue holding the aggregator's broker certificate (so the broker lets
+    it publish models) but not its signing key: a foreign signature, then a tampered body,
+    then the genuine model. The device trains only on the genuine one, sending one update."""
+    config = tiny_fleet(secure_broker.url, clients=1, max_lag=0)
+    fleet = make_fleet(config, credentials=secure_broker.credentials)
+    genuine_key = load_signing_key(fleet.fleet.service.signing_key)
     weights = initial_model(config).weights
     chunk_bytes = config.service.broker.max_payload_bytes
-    rogue = MqttSession(SessionSettings(url=mosquitto_broker.url, client_id="rogue"))
+    rogue = fleet.session(AGGREGATOR, client_id="rogue")
     updates: list[bytes] = []
     rogue.subscribe(
         client_topic(config.name, "device-000", TopicKind.UPDATE), lambda _, m: updates.append(m)
@@ -511,50 +587,118 @@ def test_a_device_refuses_models_signed_by_another_key_or_tampered(
         rogue.close()
 
 
-def test_chaos_repeated_aggregator_kills_and_a_broker_restart_lose_nothing(
-    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
-) -> None:
-    """SIGKILL the aggregator once in each of rounds 1-3, a seeded random moment after its
-    first update arrived (collecting, merging or publishing: whatever it was doing), restart
-    the broker once, and check that every answer was counted exactly once."""
-    fleet = make_fleet(tiny_fleet(mosquitto_broker.url))
-    rng = np.random.default_rng(7)
-    server = _serve(fleet)
+CRASH_POINTS = (
+    "update_stored:2",  # collecting: an update is stored, its receipt not yet sent
+    "round_merged:1",  # merging: the next version computed, nothing of it stored
+    "model_chunks_published:2",  # publishing: the body is out, its signed manifest is not
+    "round_closed:1",  # the close is committed, its model not yet published
+)
+"""Where the chaos test kills the aggregator, one point per process life, in this order.
+(`model_chunks_published:1` would be the restart's re-publish of the current version.)"""
+
+
+def _run_serving_lives(
+    fleet: Fleet, crash_points: tuple[str, ...], between_lives: Callable[[int], None]
+) -> list[int]:
+    """Run the fleet's devices (threads) and `serve` processes one after the other, the i-th
+    crashing at `crash_points[i]` and the last one undisturbed; their exit codes."""
+    devices = [fleet.start_device(i) for i in range(3)]
+    codes = []
+    for life, crash_at in enumerate([*crash_points, None]):
+        server = _serve(fleet, crash_at)
+        try:
+            codes.append(server.wait(WAIT_S))
+        except subprocess.TimeoutExpired:
+            _kill(server)
+            raise AssertionError((fleet.tmp / "aggregator.log").read_text()[-2000:]) from None
+        between_lives(life)
+    fleet.join(devices)
+    return codes
+
+
+def wait_until_every_device_is_online(fleet: Fleet) -> None:
+    """Until each device's retained status (what an aggregator reads on start) says online."""
+    states: dict[str, str] = {}
+
+    def record(topic: str, message: bytes) -> None:
+        device = parse_topic(topic).device_id
+        assert device is not None
+        states[device] = DeviceStatus.model_validate_json(message).state
+
+    watcher = fleet.session(AGGREGATOR, client_id="status-watcher")
+    watcher.subscribe(clients_filter(fleet.fleet.name, TopicKind.STATUS), record, raw=True)
+    watcher.connect()
     try:
-        devices = [fleet.start_device(i) for i in range(3)]
-        wait_for(lambda: fleet.state_path.exists())
-        state = AggregatorState(fleet.state_path, fleet.fleet.name)
-        for target in (1, 2, 3):
-
-            def under_way(target: int = target) -> bool:
-                totals = state.round_totals()
-                return len(totals) > target and totals[target].updates >= 1
-
-            wait_for(under_way)
-            time.sleep(float(rng.uniform(0.0, 0.3)))
-            os.kill(server.pid, signal.SIGKILL)
-            server.wait(10)
-            if target == 2:
-                mosquitto_broker.restart()
-            server = _serve(fleet)
-        fleet.join(devices)
-        assert server.wait(WAIT_S) == 0, (fleet.tmp / "aggregator.log").read_text()[-2000:]
+        wait_for(lambda: len(states) == 3 and "offline" not in states.values())
     finally:
-        _kill(server)
-    log = (fleet.tmp / "aggregator.log").read_text()
-    assert log.count("aggregator_started") == 4  # three kills, three restarts
-    state = assert_every_answer_counted_once(fleet.state_path, fleet.fleet)
-    assert_devices_agree(state, fleet)
+        watcher.close()
+
+
+def _final_model(fleet: Fleet) -> tuple[list[str], dict[str, np.ndarray]]:
+    latest = AggregatorState(fleet.state_path, fleet.fleet.name).latest_model()
+    assert latest is not None
+    header, weights = decode_model(latest.payload, max_bytes=MAX_MODEL_BYTES)
+    return header.class_names, weights
+
+
+def test_chaos_aggregator_killed_at_each_crash_point_and_a_broker_restart_change_nothing(
+    secure_broker: SecureBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    """On TLS + ACLs: SIGKILL the aggregator while collecting, merging, publishing and between
+    a committed close and its publish, restart the broker once, and compare with an undisturbed
+    run of the same seed (on a broker of its own): the same answers counted once each, the same
+    bytes, the same final model."""
+    config = tiny_fleet(secure_broker.url)
+    credentials = secure_broker.credentials
+    with MosquittoBroker(
+        allow_anonymous=False, extra_config=credentials.broker_settings()
+    ) as quiet_broker:
+        undisturbed = make_fleet(
+            tiny_fleet(f"mqtts://{quiet_broker.host}:{quiet_broker.port}"),
+            credentials=credentials,
+            directory="undisturbed",
+        )
+        assert _run_serving_lives(undisturbed, (), lambda life: None) == [0]
+    chaos = make_fleet(config, credentials=credentials, directory="chaos")
+
+    def restart_broker_once(life: int) -> None:
+        if life == 1:
+            secure_broker.broker.restart()
+            # A round opened while devices are still reconnecting would (rightly) run
+            # without them, and so differ from the undisturbed run: wait for them.
+            wait_until_every_device_is_online(chaos)
+
+    codes = _run_serving_lives(chaos, CRASH_POINTS, restart_broker_once)
+    assert codes == [-signal.SIGKILL] * len(CRASH_POINTS) + [0]  # each point was reached
+    log = (chaos.tmp / "aggregator.log").read_text()
+    assert log.count("aggregator_started") == len(CRASH_POINTS) + 1
+    rounds = {}
+    for run in (undisturbed, chaos):
+        state = assert_every_answer_counted_once(run.state_path, run.fleet)
+        assert_devices_agree(state, run)
+        rounds[run.tmp.name] = [
+            (t.participants, t.updates, t.skips, t.uplink_bytes) for t in state.round_totals()
+        ]
+    assert rounds["chaos"] == rounds["undisturbed"]
+    classes, weights = _final_model(chaos)
+    expected_classes, expected = _final_model(undisturbed)
+    assert classes == expected_classes
+    assert weights.keys() == expected.keys()
+    for name, value in weights.items():
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-5, err_msg=name)
 
 
 def test_hostile_updates_are_rejected_with_a_reason_and_the_round_goes_on(
-    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+    secure_broker: SecureBroker, make_fleet: Callable[..., Fleet]
 ) -> None:
-    config = tiny_fleet(mosquitto_broker.url, clients=1, max_lag=0)
-    fleet = make_fleet(config, signed=False)
+    """On TLS + ACLs: a device with a valid certificate cannot even publish as another device
+    (the broker refuses it); what it may publish on its own topic is checked by the aggregator,
+    which rejects every hostile kind with a stored reason and still merges the genuine update."""
+    config = tiny_fleet(secure_broker.url, clients=1, max_lag=0)
+    fleet = make_fleet(config, signed=False, credentials=secure_broker.credentials)
     aggregator = fleet.start_aggregator()
-    hand = HandDevice(config, 0)
-    stranger = MqttSession(SessionSettings(url=mosquitto_broker.url, client_id="device-999"))
+    hand = HandDevice(fleet, 0)
+    stranger = fleet.session("device-999")
     stranger.connect()
     try:
         hand.hello()
@@ -584,6 +728,8 @@ def test_hostile_updates_are_rejected_with_a_reason_and_the_round_goes_on(
             "norm beyond the bound": variant({}, scale=1e6),
             "unknown expert": variant({"expert_ids": [99]}),
         }
+        with pytest.raises(FedFMXError, match="Not authorized"):
+            stranger.publish(client_topic(config.name, "device-000", TopicKind.UPDATE), genuine)
         for payload in hostile.values():
             hand.send(payload)
         wait_for(lambda: len(hand.receipts) == len(hostile))
@@ -608,6 +754,42 @@ def test_hostile_updates_are_rejected_with_a_reason_and_the_round_goes_on(
         stranger.close()
 
 
+def test_a_flooding_device_is_throttled_and_its_genuine_update_still_counts(
+    secure_broker: SecureBroker, make_fleet: Callable[..., Fleet]
+) -> None:
+    limit = {"messages_per_s": 5.0, "burst": 10}
+    config = tiny_fleet(secure_broker.url, clients=1, max_lag=0, rate_limit=limit)
+    fleet = make_fleet(config, signed=False, credentials=secure_broker.credentials)
+    aggregator = fleet.start_aggregator()
+    hand = HandDevice(fleet, 0)
+    flood = 200
+    try:
+        hand.hello()
+        genuine = hand.update_for_round(0)
+        started = time.monotonic()
+        for _ in range(flood):
+            hand.send(os.urandom(64))
+
+        def throttled() -> list[str]:
+            return [r for _, _, r in aggregator.state.rejections() if r.startswith("rate limit")]
+
+        wait_for(throttled)
+        time.sleep(0.5)  # whatever the broker still had queued is handled by now
+        elapsed = time.monotonic() - started
+        decoded = len(aggregator.state.rejections()) - len(throttled())
+        assert len(throttled()) == 1  # one stored line per streak, not one per dropped message
+        # The hello took one token; the flood got the rest of the burst and the refill only.
+        assert decoded <= limit["burst"] + limit["messages_per_s"] * elapsed < flood
+        time.sleep(1.0)  # tokens come back
+        hand.send(genuine)
+        wait_for(lambda: aggregator.keeper.model.version == 1)
+        assert hand.receipts[-1].accepted and hand.receipts[-1].update_sha256 == (
+            hashlib.sha256(genuine).hexdigest()
+        )
+    finally:
+        hand.session.close()
+
+
 def _join(fleet: Fleet, index: int) -> subprocess.Popen[bytes]:
     """`fedfmx-edge join` as its own process, logging (appending) to device-<index>.log."""
     with (fleet.tmp / f"device-{index}.log").open("ab") as log:
@@ -621,9 +803,11 @@ def _join(fleet: Fleet, index: int) -> subprocess.Popen[bytes]:
 
 
 def test_a_device_power_cut_mid_training_resumes_from_its_saved_state(
-    mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
+    secure_broker: SecureBroker, make_fleet: Callable[..., Fleet]
 ) -> None:
-    fleet = make_fleet(tiny_fleet(mosquitto_broker.url, clients=2))
+    fleet = make_fleet(
+        tiny_fleet(secure_broker.url, clients=2), credentials=secure_broker.credentials
+    )
     aggregator = fleet.start_aggregator()
     other = fleet.start_device(1)
     device = _join(fleet, 0)

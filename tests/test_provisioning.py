@@ -28,7 +28,9 @@ def test_provision_writes_private_keys_0600_and_ca_signed_certificates(tmp_path:
         cert.verify_directly_issued_by(ca)
     for key in [*tmp_path.glob("*.key"), *tmp_path.glob("*.password"), fleet.password_file]:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
-    assert "allow_anonymous false" in fleet.mosquitto_conf.read_text()
+    conf = fleet.mosquitto_conf.read_text()
+    assert "allow_anonymous false" in conf
+    assert f"max_packet_size {128 * 1024 + 1024}" in conf  # the default chunk size, headers
 
 
 def test_reprovisioning_a_device_keeps_the_ca_and_other_passwords(tmp_path: Path) -> None:

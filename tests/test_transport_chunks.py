@@ -161,6 +161,17 @@ def test_concurrent_partials_are_bounded() -> None:
     assert reassembler.feed(first[2][0]) is None
 
 
+def test_one_origin_cannot_take_every_slot() -> None:
+    reassembler = Reassembler(max_messages=8, max_per_origin=2)
+    flood = [split_message(_payload(3_000, seed=s), 1_000) for s in range(3)]
+    reassembler.feed(flood[0][0], origin="hostile")
+    reassembler.feed(flood[1][0], origin="hostile")
+    with pytest.raises(ProtocolError, match="from 'hostile' already in assembly"):
+        reassembler.feed(flood[2][0], origin="hostile")
+    honest = split_message(_payload(2_000, seed=9), 1_000)
+    assert [reassembler.feed(c, origin="honest") for c in honest][-1] == _payload(2_000, seed=9)
+
+
 def test_stale_partials_are_evicted_by_idle_time() -> None:
     now = [0.0]
     reassembler = Reassembler(max_age_s=10.0, clock=lambda: now[0])

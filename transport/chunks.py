@@ -165,7 +165,8 @@ class _Partial:
 class Reassembler:
     """Collects chunks per (origin, message id) and yields each verified message once.
 
-    Bounded: at most `max_messages` partial messages, each at most `max_message_bytes`;
+    Bounded: at most `max_messages` partial messages, at most `max_per_origin` of them from one
+    origin (so one flooding sender cannot take every slot), each at most `max_message_bytes`;
     partials idle for `max_age_s` are evicted; the ids of the last `remembered_ids` completed
     messages are kept so that a late duplicate is ignored rather than delivered twice.
     Thread-safe, so another thread can ask what is missing while chunks are fed.
@@ -175,12 +176,14 @@ class Reassembler:
         self,
         *,
         max_messages: int = 64,
+        max_per_origin: int = 4,
         max_message_bytes: int = 64 * 1024 * 1024,
         max_age_s: float = 300.0,
         remembered_ids: int = 4096,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_messages = max_messages
+        self.max_per_origin = max_per_origin
         self.max_message_bytes = max_message_bytes
         self.max_age_s = max_age_s
         self._remembered_ids = remembered_ids
@@ -253,6 +256,12 @@ class Reassembler:
             raise ProtocolError(
                 f"{len(self._partials)} messages already in assembly; chunk of "
                 f"{chunk.message_id.hex()} refused (the sender can re-send it later)"
+            )
+        origin = key[0]
+        if sum(1 for other, _ in self._partials if other == origin) >= self.max_per_origin:
+            raise ProtocolError(
+                f"{self.max_per_origin} messages from {origin!r} already in assembly; chunk of "
+                f"{chunk.message_id.hex()} refused"
             )
         partial = _Partial(chunk.count, chunk.total_length, chunk.message_sha256, now)
         self._partials[key] = partial
