@@ -14,8 +14,10 @@ the Fisher summaries and the header stay honest):
 
 Each scenario runs under the plain mean (`robustness: {}`), norm clipping at the median norm
 of the honest updates of the clean run (`clip_norm`), the coordinate-wise median and the
-trimmed mean (`trim_fraction: 0.2`). Updates the aggregator rejects (beyond its norm bound,
-non-finite) are counted. Writes results/robustness.json and .png, prints the markdown table.
+trimmed mean (`trim_fraction: 0.2`), and the plain mean with a reject bound
+(`max_update_norm`) at 4x the median honest norm (`reject`). Updates the aggregator rejects
+(beyond its norm bound, non-finite) are counted. Writes results/robustness.json and .png,
+prints the markdown table.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ from fedfmx.simulation import device_id, load_fleet_dataset, run_inproc
 
 RESULTS = Path(__file__).parent / "results"
 ATTACKS = ("sign_flip", "scale", "random")
-MERGES = ("mean", "clip", "median", "trimmed_mean")
+MERGES = ("mean", "clip", "median", "trimmed_mean", "reject")
 SCALE = 10.0
 TRIM_FRACTION = 0.2
+REJECT_FACTOR = 4.0
+"""`reject`: the plain mean, refusing updates whose norm exceeds this many median honest norms."""
 NO_BOUND = float("inf")
 """Hostile updates are decoded without a norm bound: the device alters what it would send."""
 
@@ -94,9 +98,11 @@ class Hostility:
         return out
 
 
-def robustness_for(merge: str, clip_norm: float) -> RobustnessConfig:
+def robustness_for(merge: str, honest_norm: float) -> RobustnessConfig:
     if merge == "clip":
-        return RobustnessConfig(clip_norm=clip_norm)
+        return RobustnessConfig(clip_norm=honest_norm)
+    if merge == "reject":
+        return RobustnessConfig(max_update_norm=REJECT_FACTOR * honest_norm)
     if merge == "trimmed_mean":
         return RobustnessConfig(merge="trimmed_mean", trim_fraction=TRIM_FRACTION)
     if merge == "median":
@@ -204,7 +210,8 @@ def run_benchmark(
         dataset = load_fleet_dataset(fleet)
         # the clean mean run first: its honest update norms set the clipping bound
         run, probe = one_run(fleet, dataset, None, 0, "mean", NO_BOUND)
-        runs["clean"]["mean"].append(run)
+        if "mean" in merges:
+            runs["clean"]["mean"].append(run)
         quantiles = np.percentile(probe.honest_norms, [10, 50, 90, 100])
         norms[str(seed)] = dict(
             zip(("p10", "median", "p90", "max"), map(float, quantiles), strict=True)
@@ -218,6 +225,7 @@ def run_benchmark(
                     continue
                 run, _ = one_run(fleet, dataset, attack, hostile, merge, bound)
                 run["clip_norm"] = bound if merge == "clip" else None
+                run["max_update_norm"] = REJECT_FACTOR * bound if merge == "reject" else None
                 runs[label][merge].append(run)
                 accuracy = 100 * float(run["final_accuracy"])  # type: ignore[arg-type]
                 print(
