@@ -2,8 +2,10 @@
 
 Every hello, status and update a device sends takes a token from its bucket, which refills at
 `messages_per_s` up to `burst`. A message with no token left is dropped before it is decoded or
-stored; the first drop of a streak is logged and stored as a rejection, the rest are counted
-and reported when the streak ends, so that a flood cannot fill the log or the state file either.
+stored. The first drop of a throttling streak is logged and stored as a rejection; the rest are
+counted, and reported when the streak ends: at the first message after the bucket has refilled
+completely (the device slowed down). So a flood, however long, costs one line in the log and one
+row in the state file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ class _Bucket:
     dropped: int = 0
     """Messages dropped in the current streak (0: not throttled)."""
 
+    def refill(self, now: float, config: RateLimitConfig) -> None:
+        elapsed = now - self.refilled_at
+        self.tokens = min(float(config.burst), self.tokens + elapsed * config.messages_per_s)
+        self.refilled_at = now
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -29,7 +36,7 @@ class Verdict:
     streak_started: bool = False
     """This is the first message dropped since the device was last allowed through."""
     streak_ended: int = 0
-    """Allowed again after dropping this many messages (0: it was not throttled)."""
+    """The device slowed down after this many messages were dropped (0: no streak ended)."""
 
 
 class RateLimiter:
@@ -46,14 +53,12 @@ class RateLimiter:
         """Take a token from `device_id`'s bucket if it has one."""
         now = self._clock()
         bucket = self._buckets.setdefault(device_id, _Bucket(float(self.config.burst), now))
-        bucket.tokens = min(
-            float(self.config.burst),
-            bucket.tokens + (now - bucket.refilled_at) * self.config.messages_per_s,
-        )
-        bucket.refilled_at = now
+        bucket.refill(now, self.config)
+        ended = 0
+        if bucket.dropped and bucket.tokens >= self.config.burst:
+            ended, bucket.dropped = bucket.dropped, 0
         if bucket.tokens < 1.0:
             bucket.dropped += 1
             return Verdict(allowed=False, streak_started=bucket.dropped == 1)
         bucket.tokens -= 1.0
-        ended, bucket.dropped = bucket.dropped, 0
         return Verdict(allowed=True, streak_ended=ended)

@@ -7,18 +7,27 @@ were learnt — then exports every format through `export.pipeline` (so each fil
 parity checks) and measures batch-1 latency, batch-32 throughput, file size and test accuracy
 with 1 and 2 threads.
 
-    python benchmarks/inference.py            # ~5 minutes on 2 cores
+`--backbone efficientnet_lite0` measures the pretrained edge model instead (issue 8): the frozen
+ImageNet EfficientNet-Lite0 trunk, projection, experts and head, trained *federated* on Split
+Fashion-MNIST (`device_configs/fleets/manyclass-fmnist.yaml`, the many-class benchmark's reduced
+slice: 300 / 200 images per class) on trunk features, as the devices' feature caches give it.
+Its static int8 file may fail the parity check; it is then written unchecked, measured, and
+reported as failing (`parity_failure`), since a device would never be handed it.
+
+    python benchmarks/inference.py                                # ~5 minutes on 2 cores
+    python benchmarks/inference.py --backbone efficientnet_lite0  # ~6 minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
@@ -30,23 +39,42 @@ import onnxruntime as ort
 import torch
 
 from export.checkpoint import Checkpoint, InputSpec, save_checkpoint
+from export.errors import ParityError
 from export.inference import OnnxClassifier
+from export.metadata import ExportMetadata
+from export.onnx_model import OPSET
+from export.parity import batched_logits, compare_logits
 from export.pipeline import (
     EvalSet,
     ExportFormat,
     Quantization,
     calibration_slice,
     export_checkpoint,
+    precision_of,
     torch_logits,
+    write_file,
 )
 from export.torchscript_model import load_torchscript
-from fedfmx.config import FleetConfig
+from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.datasets import load_dataset
+from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
 from fedfmx.messages import ModelHeader
 from fedfmx.model import FedFMXModel, build_model
+from fedfmx.pretrained import BACKBONE_ID, PretrainedBackbone
+from fedfmx.simulation import load_fleet_dataset, run_simulation
 from fedfmx.training import LocalData, train_local
 
 RESULTS = Path(__file__).parent / "results"
+PRETRAINED_FLEET = Path(__file__).parent.parent / "device_configs/fleets/manyclass-fmnist.yaml"
+PRETRAINED_SLICE = {"train_per_class": 300, "test_per_class": 200}
+"""The many-class benchmark's reduced Split Fashion-MNIST (`manyclass.py`)."""
+PLAN = {
+    "torchscript fp32": (ExportFormat.torchscript, Quantization.none, "pt"),
+    "torchscript int8-dynamic": (ExportFormat.torchscript, Quantization.int8, "pt"),
+    "onnxruntime fp32": (ExportFormat.onnx, Quantization.none, "onnx"),
+    "onnxruntime int8-static": (ExportFormat.onnx, Quantization.int8, "onnx"),
+    "onnxruntime int8-dynamic": (ExportFormat.onnx, Quantization.int8_dynamic, "onnx"),
+}
 Logits = Callable[[np.ndarray], np.ndarray]
 
 
@@ -56,12 +84,27 @@ class RuntimeResult:
     """None for torch eager, which runs from the checkpoint."""
     accuracy: float
     parity: dict[str, float | int] | None
+    parity_failure: str | None = None
+    """The export's refusal, for a file measured although it fails parity."""
     threads: dict[str, dict[str, float]] = field(default_factory=dict)
     """Thread count -> `measure` statistics."""
 
 
-def train_model(fleet: FleetConfig, epochs: int) -> tuple[FedFMXModel, float]:
-    """Central training on the full training split; returns the model and the seconds taken."""
+@dataclass(frozen=True, eq=False)
+class Subject:
+    """The model under test, as a checkpoint, and the images its files are checked and timed on."""
+
+    model: FedFMXModel
+    checkpoint: Checkpoint
+    eval_set: EvalSet
+    calibration: np.ndarray
+    description: dict[str, object]
+    """How the model was trained, for the JSON."""
+
+
+def cnn_subject(epochs: int) -> Subject:
+    """The demo fleet's model trained *centrally* on all of Fashion-MNIST (`train_local`)."""
+    fleet = FleetConfig()  # the demo fleet: Fashion-MNIST, default model and AES
     dataset = load_dataset("fashion_mnist")
     model = build_model(fleet.model, fleet.routing, len(dataset.class_names), fleet.seed)
     data = LocalData(
@@ -81,7 +124,101 @@ def train_model(fleet: FleetConfig, epochs: int) -> tuple[FedFMXModel, float]:
         lr=fleet.training.lr,
         generator=torch.Generator().manual_seed(fleet.seed),
     )
-    return model.eval(), time.perf_counter() - started
+    header = ModelHeader(fleet=fleet.name, version=1, class_names=list(dataset.class_names))
+    checkpoint = Checkpoint.of_model(model, fleet, header, InputSpec.of_dataset(dataset))
+    return Subject(
+        model=model.eval(),
+        checkpoint=checkpoint,
+        eval_set=EvalSet.of_dataset(checkpoint, dataset),
+        calibration=calibration_slice(dataset, 256, fleet.seed),
+        description={
+            "dataset": "fashion_mnist",
+            "training": f"central, {epochs} epochs on 60,000 images with "
+            "fedfmx.training.train_local (plain cross-entropy)",
+            "training_seconds": time.perf_counter() - started,
+        },
+    )
+
+
+def pretrained_subject() -> Subject:
+    """The many-class benchmark's pretrained Split Fashion-MNIST fleet, trained federated (FedFMX,
+    5 devices, 5 tasks) on trunk features; checked and timed on the images themselves."""
+    base = load_fleet(PRETRAINED_FLEET)
+    fleet = base.model_copy(
+        update={
+            "data": base.data.model_copy(update=PRETRAINED_SLICE),
+            # the devices are fed trunk features already: no cache of their own
+            "training": base.training.model_copy(update={"feature_cache_mb": 0}),
+        }
+    )
+    images = load_fleet_dataset(fleet)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="inference-features-") as folder, torch.no_grad():
+        cache = FeatureCache(Path(folder), BACKBONE_ID, max_bytes=2**32)
+        trunk = trunk_feature_fn(PretrainedBackbone(feature_dim=1))
+        features = replace(
+            images,
+            train_x=cache.features(images.train_x, trunk),
+            test_x=cache.features(images.test_x, trunk),
+        )
+    result = run_simulation(fleet, features)
+    final = result.final_model
+    assert final is not None
+    header = ModelHeader(fleet=fleet.name, version=final.version, class_names=final.class_names)
+    checkpoint = Checkpoint(fleet, header, InputSpec.of_dataset(images), final.weights)
+    return Subject(
+        model=checkpoint.build(),
+        checkpoint=checkpoint,
+        eval_set=EvalSet.of_dataset(checkpoint, images),
+        calibration=calibration_slice(images, 256, fleet.seed),
+        description={
+            "dataset": "fashion_mnist (300 / 200 images per class)",
+            "training": f"federated FedFMX, {fleet.protocol.num_clients} devices, "
+            f"{fleet.protocol.num_tasks} tasks x {fleet.protocol.rounds_per_task} rounds, "
+            "on cached trunk features",
+            "training_seconds": time.perf_counter() - started,
+            "federated_final_accuracy": result.final_accuracy,
+            "frozen_trunk_values": sum(b.numel() for b in checkpoint.build().buffers()),
+        },
+    )
+
+
+def export_files(
+    subject: Subject, folder: Path
+) -> tuple[dict[str, Path], dict[str, RuntimeResult]]:
+    """Every file of `PLAN` through `export_checkpoint`; a file that fails parity is written
+    unchecked (to be measured) and its refusal kept in the result."""
+    files: dict[str, Path] = {}
+    rows: dict[str, RuntimeResult] = {}
+    for name, (fmt, quantization, suffix) in PLAN.items():
+        out = folder / f"{name.replace(' ', '-')}.{suffix}"
+        failure = None
+        try:
+            report = export_checkpoint(
+                subject.checkpoint, fmt, quantization, out, subject.eval_set, subject.calibration
+            ).parity
+        except ParityError as error:
+            failure = str(error)
+            precision = precision_of(fmt, quantization)
+            opset = OPSET if fmt is ExportFormat.onnx else None
+            metadata = ExportMetadata.of_checkpoint(subject.checkpoint, precision, opset)
+            logits = write_file(
+                subject.model, metadata, fmt, quantization, out, subject.calibration, OPSET
+            )
+            report = compare_logits(
+                batched_logits(torch_logits(subject.model), subject.eval_set.images),
+                batched_logits(logits, subject.eval_set.images),
+                subject.eval_set.targets,
+            )
+        files[name] = out
+        rows[name] = RuntimeResult(
+            file_bytes=out.stat().st_size,
+            accuracy=report.exported_accuracy,
+            parity=report.to_json(),
+            parity_failure=failure,
+        )
+        print(f"exported {name}: {report}" + (f" FAILED: {failure}" if failure else ""), flush=True)
+    return files, rows
 
 
 def measure(logits: Logits, images: np.ndarray, seconds: float) -> dict[str, float]:
@@ -113,79 +250,62 @@ def measure(logits: Logits, images: np.ndarray, seconds: float) -> dict[str, flo
     }
 
 
-def runtimes(
-    model: FedFMXModel, files: dict[str, Path], threads: int
-) -> dict[str, tuple[Logits, Path | None]]:
-    """Every runtime under test, set to `threads` threads, with the file it runs (if any)."""
+def runtimes(model: FedFMXModel, files: dict[str, Path], threads: int) -> dict[str, Logits]:
+    """Every runtime under test, set to `threads` threads."""
     torch.set_num_threads(threads)
-    result: dict[str, tuple[Logits, Path | None]] = {
-        "torch eager fp32": (torch_logits(model), None)
-    }
+    result: dict[str, Logits] = {"torch eager fp32": torch_logits(model)}
     for name in ("torchscript fp32", "torchscript int8-dynamic"):
         module, _ = load_torchscript(files[name])
-        result[name] = (torch_logits(module), files[name])
+        result[name] = torch_logits(module)
     for name in ("onnxruntime fp32", "onnxruntime int8-static", "onnxruntime int8-dynamic"):
-        result[name] = (OnnxClassifier.load(files[name], threads=threads).logits, files[name])
+        result[name] = OnnxClassifier.load(files[name], threads=threads).logits
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--backbone", choices=["cnn", "efficientnet_lite0"], default="cnn")
+    parser.add_argument("--epochs", type=int, default=2, help="central epochs (cnn)")
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     args = parser.parse_args()
 
-    fleet = FleetConfig()  # the demo fleet: Fashion-MNIST, default model and AES
     torch.set_num_threads(2)
-    model, train_s = train_model(fleet, args.epochs)
-    dataset = load_dataset("fashion_mnist")
-    header = ModelHeader(fleet=fleet.name, version=1, class_names=list(dataset.class_names))
-    checkpoint = Checkpoint.of_model(model, fleet, header, InputSpec.of_dataset(dataset))
-    eval_set = EvalSet.of_dataset(checkpoint, dataset)
-    calibration = calibration_slice(dataset, 256, fleet.seed)
-    plan = {
-        "torchscript fp32": (ExportFormat.torchscript, Quantization.none, "pt"),
-        "torchscript int8-dynamic": (ExportFormat.torchscript, Quantization.int8, "pt"),
-        "onnxruntime fp32": (ExportFormat.onnx, Quantization.none, "onnx"),
-        "onnxruntime int8-static": (ExportFormat.onnx, Quantization.int8, "onnx"),
-        "onnxruntime int8-dynamic": (ExportFormat.onnx, Quantization.int8_dynamic, "onnx"),
-    }
+    subject = cnn_subject(args.epochs) if args.backbone == "cnn" else pretrained_subject()
+    stem = "inference" if args.backbone == "cnn" else f"inference_{args.backbone}"
     with tempfile.TemporaryDirectory() as scratch:
-        files: dict[str, Path] = {}
-        parity: dict[str, dict[str, float | int]] = {}
         checkpoint_path = Path(scratch) / "model.safetensors"
-        save_checkpoint(checkpoint, checkpoint_path)
-        for name, (fmt, quantization, suffix) in plan.items():
-            out = Path(scratch) / f"{name.replace(' ', '-')}.{suffix}"
-            result = export_checkpoint(checkpoint, fmt, quantization, out, eval_set, calibration)
-            files[name], parity[name] = out, result.parity.to_json()
-            print(f"exported {name}: {result.parity}", flush=True)
-        rows: dict[str, RuntimeResult] = {}
+        save_checkpoint(subject.checkpoint, checkpoint_path)
+        files, rows = export_files(subject, Path(scratch))
+        rows = {
+            "torch eager fp32": RuntimeResult(
+                file_bytes=None,
+                accuracy=_accuracy(torch_logits(subject.model), subject.eval_set),
+                parity=None,
+            ),
+            **rows,
+        }
         for threads in (1, 2):
-            for name, (logits, path) in runtimes(model, files, threads).items():
-                if name not in rows:
-                    rows[name] = RuntimeResult(
-                        file_bytes=path.stat().st_size if path else None,
-                        accuracy=_accuracy(logits, eval_set),
-                        parity=parity.get(name),
-                    )
-                rows[name].threads[str(threads)] = measure(logits, dataset.test_x, args.seconds)
+            for name, logits in runtimes(subject.model, files, threads).items():
+                rows[name].threads[str(threads)] = measure(
+                    logits, subject.eval_set.images, args.seconds
+                )
                 print(f"{threads} thread(s) {name}: {rows[name].threads[str(threads)]}", flush=True)
         checkpoint_bytes = checkpoint_path.stat().st_size
+    fleet = subject.checkpoint.fleet
     report = {
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            "cpus": len(os.sched_getaffinity(0)),
             "torch": torch.__version__,
             "onnxruntime": ort.__version__,
         },
         "model": {
-            "dataset": "fashion_mnist",
-            "training": f"central, {args.epochs} epochs on 60,000 images with "
-            "fedfmx.training.train_local (plain cross-entropy)",
-            "training_seconds": train_s,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            **subject.description,
+            "backbone": args.backbone,
+            "parameters": sum(p.numel() for p in subject.model.parameters()),
             "checkpoint_bytes": checkpoint_bytes,
+            "eval_rows": len(subject.eval_set.images),
             "config": fleet.model.model_dump(),
             "routing": fleet.routing.model_dump(),
         },
@@ -193,8 +313,8 @@ def main() -> None:
         "targets": _targets(rows),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "inference.json").write_text(json.dumps(report, indent=2))
-    _plot(rows, RESULTS / "inference.png")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    _plot(rows, RESULTS / f"{stem}.png", f"{subject.description['dataset']}, {args.backbone}")
     print(json.dumps(report["targets"], indent=2))
 
 
@@ -234,7 +354,7 @@ def _targets(rows: dict[str, RuntimeResult]) -> dict[str, object]:
     return result
 
 
-def _plot(rows: dict[str, RuntimeResult], path: Path) -> None:
+def _plot(rows: dict[str, RuntimeResult], path: Path, model: str) -> None:
     names = list(rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     width = 0.38
@@ -247,7 +367,7 @@ def _plot(rows: dict[str, RuntimeResult], path: Path) -> None:
             values = [rows[n].threads[threads][key] for n in names]
             bars = ax.bar(x + offset, values, width, label=f"{threads} thread(s)")
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
-        ax.set_title(f"Fashion-MNIST FedFMX model — {title}")
+        ax.set_title(f"FedFMX model ({model}) — {title}", fontsize=9)
         ax.set_xticks(x, [n.replace(" ", "\n", 1) for n in names], fontsize=8)
         ax.legend()
     sizes = ", ".join(

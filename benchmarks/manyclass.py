@@ -33,14 +33,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import psutil
 import torch
-from matplotlib.lines import Line2D
 
 from fedfmx.benchmark import Grid, Progress, Setting, percent, run_grid, stat, time_device_rounds
 from fedfmx.config import FleetConfig, load_fleet
@@ -267,6 +262,14 @@ def check_targets(results: Mapping[str, Mapping[str, object]]) -> dict[str, dict
 
 def write_plot(document: Mapping[str, object], path: Path) -> None:
     """Seen-class accuracy after each task: a row per data set, a column per backbone."""
+    # imported here, not at the top: the `--device` children measure a device's memory, and a
+    # device does not load matplotlib's 30 MB
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
     results = document["results"]
     assert isinstance(results, Mapping)
     rows = list(results)

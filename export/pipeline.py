@@ -91,7 +91,7 @@ def export_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch:
         partial = Path(scratch) / out.name
-        exported = _write(model, metadata, fmt, quantization, partial, calibration, opset)
+        exported = write_file(model, metadata, fmt, quantization, partial, calibration, opset)
         report = compare_logits(
             batched_logits(torch_logits(model), eval_set.images),
             batched_logits(exported, eval_set.images),
@@ -112,7 +112,7 @@ def torch_logits(module: torch.nn.Module) -> Logits:
     return logits
 
 
-def _write(
+def write_file(
     model: FedFMXModel,
     metadata: ExportMetadata,
     fmt: ExportFormat,
@@ -121,8 +121,12 @@ def _write(
     calibration: np.ndarray | None,
     opset: int,
 ) -> Logits:
-    """Write the file to `partial` and return its logits, computed by the runtime that will
-    serve it (ONNX Runtime, or the TorchScript loader), from the file as written."""
+    """Write the file to `partial`, unchecked, and return its logits, computed by the runtime
+    that will serve it (ONNX Runtime, or the TorchScript loader), from the file as written.
+
+    Only `export_checkpoint` should hand a file to a device; the benchmark calls this directly
+    to measure a file that fails parity.
+    """
     if fmt is ExportFormat.torchscript:
         export_torchscript(model, metadata, partial, quantize=quantization is not Quantization.none)
         module, _ = load_torchscript(partial)

@@ -21,7 +21,6 @@ from fedfmx.config import FleetConfig, MethodName
 from fedfmx.datasets import ImageDataset
 from fedfmx.device import DeviceLearner
 from fedfmx.federation import RoundKeeper
-from fedfmx.plots import plot_seen_accuracy
 from fedfmx.profiles import PeakRss
 from fedfmx.simulation import (
     SimulationResult,
@@ -210,6 +209,8 @@ def write_outputs(document: dict[str, object], json_path: Path, png_path: Path) 
     json_path.write_text(json.dumps(document, indent=2))
     results: dict[str, dict[str, dict[str, list[float]]]] = document["results"]  # type: ignore[assignment]
     label, methods = next(iter(results.items()))
+    from fedfmx.plots import plot_seen_accuracy  # matplotlib: 30 MB a timed device lacks
+
     plot_seen_accuracy(
         {name: cell["seen_accuracy_mean"] for name, cell in methods.items()},
         png_path,

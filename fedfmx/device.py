@@ -29,7 +29,7 @@ from fedfmx.methods import LocalContext, LocalOutcome, make_method
 from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
 from fedfmx.pretrained import BACKBONE_ID, TRUNK_FEATURES, PretrainedBackbone
 from fedfmx.stream import DeviceStream
-from fedfmx.training import LocalData
+from fedfmx.training import LocalData, gather_rows
 
 
 @dataclass
@@ -124,14 +124,15 @@ class DeviceLearner:
             self._close_task(network)
         self.state.task = position.task
         self.state.held = self.stream.available(announcement.round)
-        current = LocalRows(self.train_x[self.state.held], self.train_names[self.state.held])
+        held_names = self.train_names[self.state.held]
         old_x, old_names = self.exemplars.arrays()
-        local_names = _local_class_names(model.class_names, current.names, old_names)
+        local_names = _local_class_names(model.class_names, held_names, old_names)
         network.grow_head(len(local_names))
         index = {name: i for i, name in enumerate(local_names)}
         data = LocalData(
-            x_new=self._model_input(network, current.x),
-            y_new=torch.tensor([index[n] for n in current.names], dtype=torch.long),
+            # with a feature cache, the copy of the held images is gone before training starts
+            x_new=self._model_input(network, self.train_x[self.state.held]),
+            y_new=torch.tensor([index[n] for n in held_names], dtype=torch.long),
             x_old=self._model_input(network, old_x),
             y_old=torch.tensor([index[n] for n in old_names], dtype=torch.long),
         )
@@ -173,13 +174,20 @@ class DeviceLearner:
     def _close_task(self, network: FedFMXModel) -> None:
         """On meeting a new task: keep exemplars of the old one, fold its Fisher in, and keep
         the current model as the distillation teacher (for the methods that use them)."""
-        previous = LocalRows(self.train_x[self.state.held], self.train_names[self.state.held])
+        held = self.state.held
         names = self.method.fisher_names(network, self.fleet)
         if names:
             old_x, _ = self.exemplars.arrays()
-            rows = np.concatenate([previous.x, old_x]) if len(old_x) else previous.x
-            pick = torch.randperm(len(rows), generator=self.generator)
-            sample = rows[pick[: self.fleet.fedfmx.fisher_samples].numpy()]
+            pick = torch.randperm(len(held) + len(old_x), generator=self.generator)
+            pick = pick[: self.fleet.fedfmx.fisher_samples]
+            # rows `pick` of concat(train_x[held], old_x), gathered without building it
+            index = torch.where(
+                pick < len(held),
+                torch.from_numpy(held)[pick.clamp(max=len(held) - 1)],
+                pick - len(held) + len(self.train_x),
+            )
+            parts = [torch.from_numpy(self.train_x), torch.from_numpy(old_x)]
+            sample = gather_rows(parts, index).numpy()
             fresh = diagonal_fisher(
                 network, self._model_input(network, sample), names, self.generator
             )
@@ -190,7 +198,7 @@ class DeviceLearner:
             )
         if self.method.uses_teacher:
             self.state.teacher = state_to_numpy(network)
-        self.exemplars.add(previous.x, previous.names)
+        self.exemplars.add(self.train_x[held], self.train_names[held])
 
     def _update(
         self,

@@ -34,6 +34,7 @@ from fedfmx.training import (
     distillation_term,
     ewc_penalty,
     fres_routing_term,
+    gather_rows,
     proximal_term,
     rar_terms,
     steps_per_round,
@@ -99,8 +100,8 @@ def parameter_names(model: FedFMXModel, *prefixes: str) -> list[str]:
 
 def _fisher_sample(data: LocalData, limit: int, generator: torch.Generator) -> torch.Tensor:
     """Up to `limit` rows of everything the device holds (new rows and exemplars)."""
-    rows = torch.cat([data.x_new, data.x_old]) if len(data.x_old) else data.x_new
-    return rows[torch.randperm(len(rows), generator=generator)[:limit]]
+    pick = torch.randperm(len(data.x_new) + len(data.x_old), generator=generator)[:limit]
+    return gather_rows([data.x_new, data.x_old], pick)
 
 
 @dataclass(frozen=True)

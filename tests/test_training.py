@@ -14,6 +14,7 @@ from fedfmx.training import (
     batches,
     distillation_term,
     ewc_penalty,
+    gather_rows,
     proximal_term,
     rar_terms,
     steps_per_round,
@@ -59,11 +60,22 @@ def test_batches_pair_new_rows_with_equal_replay() -> None:
         torch.rand(3, 1, 4, 4),
         torch.ones(3, dtype=torch.long),
     )
-    epoch = batches(data, batch_size=4, generator=torch.Generator().manual_seed(0))
+    epoch = list(batches(data, batch_size=4, generator=torch.Generator().manual_seed(0)))
     assert [len(b.y) for b in epoch] == [8, 8, 4]
     assert all(int(b.is_new.sum()) * 2 == len(b.y) for b in epoch)
     assert all(
         bool((b.y[b.is_new] == 0).all()) and bool((b.y[~b.is_new] == 1).all()) for b in epoch
+    )
+
+
+def test_gather_rows_equals_indexing_the_concatenation() -> None:
+    """The device's Fisher sample: same rows, same order, without building the concatenation."""
+    parts = [torch.rand(7, 3), torch.rand(5, 3)]
+    index = torch.randperm(12, generator=torch.Generator().manual_seed(0))[:9]
+    assert torch.equal(gather_rows(parts, index), torch.cat(parts)[index])
+    no_exemplars = torch.empty(0)
+    assert torch.equal(
+        gather_rows([parts[0], no_exemplars], index[index < 7]), parts[0][index[index < 7]]
     )
 
 
