@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import ValidationError
 
 from aggregator.crash_points import crash_point
@@ -29,10 +28,10 @@ from aggregator.rate_limit import RateLimiter
 from aggregator.state import AggregatorState, Evaluation, RoundTotals, StoredModel
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig
-from fedfmx.errors import ConfigError, ProtocolError
+from fedfmx.errors import ProtocolError
 from fedfmx.federation import GlobalModel, RoundKeeper
 from fedfmx.messages import DeviceStatus, Hello, UpdateReceipt
-from fedfmx.signing import chunk_payload, sign_manifest
+from fedfmx.signing import chunk_payload, load_signing_key, sign_manifest
 from transport import (
     MqttSession,
     TopicKind,
@@ -82,7 +81,7 @@ class Aggregator:
         self.session = session
         self.signing_key = signing_key
         self.hooks = hooks
-        self.num_rounds = fleet.protocol.num_tasks * fleet.protocol.rounds_per_task
+        self.num_rounds = fleet.protocol.num_rounds
         self.keeper = RoundKeeper(fleet, self._restore_model())
         self._lock = threading.RLock()
         self._finished = threading.Event()
@@ -386,7 +385,7 @@ class Aggregator:
                 log_event("update_duplicate", device=sender, round=round_index)
             else:
                 self.state.store_update(
-                    header.round, sender, payload, header.num_samples, header.train_loss
+                    header.round, sender, payload, digest, header.num_samples, header.train_loss
                 )
                 crash_point("update_stored")
                 log_event(
@@ -417,18 +416,6 @@ class Aggregator:
             round=round_index,
             reason=reason,
         )
-
-
-def load_signing_key(path: Path | None) -> Ed25519PrivateKey | None:
-    if path is None:
-        return None
-    try:
-        key = load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as error:
-        raise ConfigError(f"{path}: not a readable PEM private key ({error})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"{path}: the signing key must be Ed25519")
-    return key
 
 
 def aggregator_client_id(fleet: FleetConfig) -> str:

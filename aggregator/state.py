@@ -9,11 +9,12 @@ a restarted aggregator re-folds them instead of trusting in-memory sums, which i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,15 +166,13 @@ class AggregatorState:
 
     def _claim(self, fleet: str) -> None:
         """A state file belongs to one fleet and one schema: refuse to mix them up."""
-        with self._lock:
-            rows = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        with self._transaction() as db:
+            rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
             if not rows:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
+                db.executemany(
                     "INSERT INTO meta VALUES (?, ?)",
                     [("fleet", fleet), ("schema", str(SCHEMA_VERSION))],
                 )
-                self._db.execute("COMMIT")
                 return
         if rows.get("fleet") != fleet or rows.get("schema") != str(SCHEMA_VERSION):
             raise ConfigError(
@@ -185,17 +184,23 @@ class AggregatorState:
         with self._lock:
             self._db.close()
 
-    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
-        """Run the statements as one transaction: all of them happen or none."""
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction under the lock: committed when the block completes, else undone."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
+                yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        """Run the statements as one transaction: all of them happen or none."""
+        with self._transaction() as db:
+            for sql, args in statements:
+                db.execute(sql, args)
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -294,28 +299,23 @@ class AggregatorState:
     # -- updates and answers ----------------------------------------------------------------
 
     def store_update(
-        self, round_index: int, device_id: str, payload: bytes, num_samples: int, loss: float
+        self,
+        round_index: int,
+        device_id: str,
+        payload: bytes,
+        sha256: str,
+        num_samples: int,
+        loss: float,
     ) -> bool:
-        """Keep an accepted update (and its SHA-256, which outlives the payload); False when
-        this device's update for the round is stored already."""
-        digest = hashlib.sha256(payload).hexdigest()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            cursor = self._db.execute(
+        """Keep an accepted update and its SHA-256 (which outlives the payload, for receipts);
+        False when this device's update for the round is stored already."""
+        row = (round_index, device_id, payload, sha256, len(payload), num_samples, loss)
+        with self._transaction() as db:
+            cursor = db.execute(
                 "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    round_index,
-                    device_id,
-                    payload,
-                    digest,
-                    len(payload),
-                    num_samples,
-                    loss,
-                    time.time(),
-                ),
+                (*row, time.time()),
             )
-            self._db.execute("COMMIT")
-            return cursor.rowcount == 1
+        return cursor.rowcount == 1
 
     def round_updates(self, round_index: int) -> list[StoredUpdate]:
         """The stored payloads of an open round, in arrival order (re-folded on restart)."""
@@ -370,12 +370,11 @@ class AggregatorState:
         """Record a device's hello; True when the device is new to the fleet."""
         now = time.time()
         status = DeviceStatus(device_id=hello.device_id, state="online", profile=hello.profile)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            known = self._db.execute(
+        with self._transaction() as db:
+            known = db.execute(
                 "SELECT 1 FROM devices WHERE device_id = ?", (hello.device_id,)
             ).fetchone()
-            self._db.execute(
+            db.execute(
                 "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO "
                 "UPDATE SET profile = excluded.profile, classes_met = excluded.classes_met, "
                 "sample_counts = excluded.sample_counts, last_seen = excluded.last_seen",
@@ -389,19 +388,16 @@ class AggregatorState:
                     status.model_dump_json(),
                 ),
             )
-            self._db.execute("COMMIT")
         return known is None
 
     def record_status(self, status: DeviceStatus) -> bool:
         """Store a registered device's latest status; False for a device never registered."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            cursor = self._db.execute(
+        with self._transaction() as db:
+            cursor = db.execute(
                 "UPDATE devices SET status = ?, last_seen = ? WHERE device_id = ?",
                 (status.model_dump_json(), time.time(), status.device_id),
             )
-            self._db.execute("COMMIT")
-            return cursor.rowcount == 1
+        return cursor.rowcount == 1
 
     def devices(self) -> list[DeviceRow]:
         rows = self._read(

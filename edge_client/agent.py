@@ -15,13 +15,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import ValidationError
 
 from edge_client.config import DeviceConfig
@@ -40,7 +38,7 @@ from fedfmx.messages import (
     UpdateReceipt,
 )
 from fedfmx.profiles import DeviceProfile, PeakRss, apply_profile, load_profile, training_device
-from fedfmx.signing import assemble_verified, chunk_payload, verify_manifest
+from fedfmx.signing import assemble_verified, chunk_payload, load_verify_key, verify_manifest
 from fedfmx.simulation import load_fleet_dataset, make_plan
 from fedfmx.stream import OwnRowsStream
 from transport import (
@@ -94,7 +92,7 @@ class EdgeDevice:
         self.session = session
         self.public_key = public_key
         self.device_id = config.device_id
-        self.last_round_index = fleet.protocol.num_tasks * fleet.protocol.rounds_per_task - 1
+        self.last_round_index = fleet.protocol.num_rounds - 1
         self.snapshot = load_snapshot(config.state_dir, learner) or Snapshot(
             Progress(config.device_id, fleet.name)
         )
@@ -400,18 +398,6 @@ class EdgeDevice:
             log.warning("status %s not delivered: %s", state, error)
 
 
-def _public_key(path: Path | None) -> Ed25519PublicKey | None:
-    if path is None:
-        return None
-    try:
-        key = load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path}: not a readable PEM public key ({error})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{path}: the fleet key must be Ed25519")
-    return key
-
-
 def open_device(config: DeviceConfig) -> EdgeDevice:
     """Build a device from its YAML: fleet, profile limits, its data partition, saved state."""
     profile = load_profile(config.profile)
@@ -456,5 +442,5 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
         payload=offline.model_dump_json().encode(),
     )
     session = MqttSession(session_settings(config.broker, config.device_id, will))
-    public_key = _public_key(config.fleet_public_key)
+    public_key = load_verify_key(config.fleet_public_key)
     return EdgeDevice(config, fleet, profile, learner, session, public_key, inference)

@@ -65,6 +65,11 @@ class ProtocolConfig(Section):
     lags: list[int] | None = None
     """Explicit per-client lags; overrides `max_lag`."""
 
+    @property
+    def num_rounds(self) -> int:
+        """Rounds in the whole schedule: every task's rounds."""
+        return self.num_tasks * self.rounds_per_task
+
     @model_validator(mode="after")
     def _lags_fit_rounds(self) -> ProtocolConfig:
         largest = max(self.lags) if self.lags else self.max_lag

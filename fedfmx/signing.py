@@ -10,13 +10,41 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 from pydantic import Field, ValidationError
 
-from fedfmx.errors import ProtocolError
+from fedfmx.errors import ConfigError, ProtocolError
 from fedfmx.messages import Message
+
+
+def load_signing_key(path: Path | None) -> Ed25519PrivateKey | None:
+    """The aggregator's private key (PEM); None: the fleet publishes unsigned manifests."""
+    if path is None:
+        return None
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(f"{path}: not a readable PEM private key ({error})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: the signing key must be Ed25519")
+    return key
+
+
+def load_verify_key(path: Path | None) -> Ed25519PublicKey | None:
+    """The fleet's public key (PEM) a device checks manifests with; None: hashes only."""
+    if path is None:
+        return None
+    try:
+        key = load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: not a readable PEM public key ({error})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{path}: the fleet key must be Ed25519")
+    return key
 
 
 class Manifest(Message):

@@ -24,14 +24,12 @@ from pathlib import Path
 import yaml
 
 from aggregator.provisioning import ProvisionedFleet, provision, signing_key_files
-from aggregator.service import ServiceHooks, open_aggregator
-from aggregator.state import AggregatorState, RoundTotals
+from aggregator.service import Aggregator, ServiceHooks, open_aggregator
+from aggregator.state import RoundTotals
 from edge_client.config import DeviceConfig, PartitionSource, save_device_config
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.datasets import ImageDataset
 from fedfmx.errors import FedFMXError
-from fedfmx.federation import GlobalModel
 from fedfmx.profiles import load_profile
 from fedfmx.simulation import (
     RoundLog,
@@ -202,14 +200,10 @@ class _DeviceWatch:
         self.stop.set()
 
 
-def _result(fleet: FleetConfig, dataset: ImageDataset, state: AggregatorState) -> SimulationResult:
+def _result(fleet: FleetConfig, dataset: ImageDataset, aggregator: Aggregator) -> SimulationResult:
     plan = make_plan(fleet, dataset)
+    state = aggregator.state
     evaluations = state.evaluations()
-    stored = state.latest_model()
-    final = None
-    if stored is not None:
-        header, weights = decode_model(stored.payload, max_bytes=MAX_MODEL_BYTES)
-        final = GlobalModel(stored.version, weights, header.class_names, stored.expert_usage)
     result = SimulationResult(
         method=fleet.method,
         config=fleet.model_dump(mode="json"),
@@ -218,7 +212,7 @@ def _result(fleet: FleetConfig, dataset: ImageDataset, state: AggregatorState) -
         seen_accuracy=[e.seen for e in evaluations],
         uplink_bytes=0,
         downlink_bytes=0,
-        final_model=final,
+        final_model=aggregator.keeper.model,
     )
     for totals in state.round_totals():
         log = round_log(totals)
@@ -277,7 +271,7 @@ def run_over_mqtt(
                     watch.finish()
                 if not completed:
                     raise FedFMXError(watch.failure or "the simulation was stopped")
-                result = _result(fleet, dataset, aggregator.state)
+                result = _result(fleet, dataset, aggregator)
                 result.wall_time_s = time.perf_counter() - started
             finally:
                 aggregator.session.close()

@@ -123,7 +123,7 @@ def simulate(
 
     fleet = _apply_overrides(load_fleet(fleet_file), method, seed, data_path)
     dataset = load_fleet_dataset(fleet)
-    total = fleet.protocol.num_tasks * fleet.protocol.rounds_per_task
+    total = fleet.protocol.num_rounds
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -127,7 +127,7 @@ def status(
             row.profile,
         )
     out.print(table)
-    total = fleet.protocol.num_tasks * fleet.protocol.rounds_per_task
+    total = fleet.protocol.num_rounds
     if rounds:
         last = rounds[-1]
         state_word = "closed" if last.closed is not None else "open"

@@ -33,8 +33,9 @@ def test_a_round_resumes_with_its_stored_updates_and_closes_with_its_model(tmp_p
     state = AggregatorState(path, "city")
     state.save_first_model(model(0))
     state.open_round(announcement(0, 0, ["d1", "d2", "d3"]))
-    assert state.store_update(0, "d1", b"update-1", 10, 0.5)
-    assert not state.store_update(0, "d1", b"update-1-again", 10, 0.5)  # counted once
+    digest = hashlib.sha256(b"update-1").hexdigest()
+    assert state.store_update(0, "d1", b"update-1", digest, 10, 0.5)
+    assert not state.store_update(0, "d1", b"update-1-again", digest, 10, 0.5)  # counted once
     state.record_skip(0, "d3")
     state.close()
 
@@ -48,7 +49,6 @@ def test_a_round_resumes_with_its_stored_updates_and_closes_with_its_model(tmp_p
     closed = reopened.last_round()
     assert closed is not None and closed.merged_version == 1
     assert reopened.round_updates(0) == []  # payloads dropped once merged
-    digest = hashlib.sha256(b"update-1").hexdigest()
     assert reopened.update_digests(0) == [("d1", digest)]  # kept: receipts can be re-sent
     latest = reopened.latest_model()
     assert latest is not None and latest.version == 1

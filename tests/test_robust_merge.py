@@ -142,18 +142,8 @@ def _keeper(robustness: RobustnessConfig) -> RoundKeeper:
 
 
 def _payload(keeper: RoundKeeper, device: str, value: float, samples: int = 4) -> bytes:
-    header = UpdateHeader(
-        fleet="t",
-        device_id=device,
-        round=0,
-        base_version=0,
-        num_samples=samples,
-        expert_ids=[1],
-        head_classes=["cat"],
-        class_counts=[samples],
-        expert_usage=[1.0, 3.0],
-        includes_fisher=True,
-        train_loss=0.5,
+    header = _header(device, ["cat"], [samples], samples).model_copy(
+        update={"expert_ids": [1], "expert_usage": [1.0, 3.0], "train_loss": 0.5}
     )
     shapes = expected_update_shapes(header, keeper.model.weights)
     tensors = {name: np.full(shape, value, dtype=np.float32) for name, shape in shapes.items()}
