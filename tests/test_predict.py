@@ -10,7 +10,7 @@ import pytest
 import typer
 from PIL import Image
 from test_export import train_digits_checkpoint
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from export.checkpoint import load_checkpoint
 from export.formats import ExportFormat, InferenceProvider, Quantization
@@ -56,22 +56,17 @@ def write_pngs(images: np.ndarray, folder: Path) -> None:
         )
 
 
+def _predict(model: str, images: str, *options: str) -> Result:
+    """`fedfmx-edge predict --model MODEL --input IMAGES [options]`."""
+    return CliRunner().invoke(cli(), ["predict", "--model", model, "--input", images, *options])
+
+
 def test_predict_on_an_idx_file_prints_json_lines(
     model_file: Path, digits: ImageDataset, tmp_path: Path
 ) -> None:
     raw = np.rint(digits.test_x[:, 0] * 16)  # back to the file's 0..16 pixel counts
     write_idx_uint8(tmp_path / "images-idx3-ubyte", raw)
-    result = CliRunner().invoke(
-        cli(),
-        [
-            "predict",
-            "--model",
-            str(model_file),
-            "--input",
-            str(tmp_path / "images-idx3-ubyte"),
-            "--json",
-        ],
-    )
+    result = _predict(str(model_file), str(tmp_path / "images-idx3-ubyte"), "--json")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == len(digits.test_y)
@@ -85,9 +80,7 @@ def test_predict_on_a_png_directory_prints_a_table(
 ) -> None:
     write_pngs(digits.test_x[:20, 0], tmp_path)
     (tmp_path / "notes.txt").write_text("not an image")
-    result = CliRunner().invoke(
-        cli(), ["predict", "--model", str(model_file), "--input", str(tmp_path)]
-    )
+    result = _predict(str(model_file), str(tmp_path))
     assert result.exit_code == 0, result.output
     assert "20 predictions" in result.stdout and "00.png" in result.stdout
 
@@ -95,9 +88,7 @@ def test_predict_on_a_png_directory_prints_a_table(
 def test_predict_with_a_corrupt_model_is_one_line(tmp_path: Path) -> None:
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"\x08\x07 definitely not protobuf")
-    result = CliRunner().invoke(
-        cli(), ["predict", "--model", str(broken), "--input", str(tmp_path)]
-    )
+    result = _predict(str(broken), str(tmp_path))
     assert result.exit_code == 2
     assert "Traceback" not in result.output  # rich wraps the one line at the terminal width
     assert "broken.onnx: not a loadable ONNX model" in " ".join(result.stderr.split())
@@ -134,18 +125,7 @@ def test_predict_takes_provider_and_threads_from_a_device_profile(
     model_file: Path, digits: ImageDataset, tmp_path: Path
 ) -> None:
     write_pngs(digits.test_x[:4, 0], tmp_path)
-    result = CliRunner().invoke(
-        cli(),
-        [
-            "predict",
-            "--model",
-            str(model_file),
-            "--input",
-            str(tmp_path),
-            "--profile",
-            "raspberry-pi-4",
-        ],
-    )
+    result = _predict(str(model_file), str(tmp_path), "--profile", "raspberry-pi-4")
     assert result.exit_code == 0, result.output
     assert "4 predictions" in result.stdout
     jetson = tmp_path / "strict-jetson.yaml"
@@ -154,8 +134,5 @@ def test_predict_takes_provider_and_threads_from_a_device_profile(
         "batch_size: 32\nexemplars_per_class: 10\nuse_gpu: true\ngpu_fallback_to_cpu: false\n"
         "inference_provider: tensorrt\n"
     )
-    refused = CliRunner().invoke(
-        cli(),
-        ["predict", "--model", str(model_file), "--input", str(tmp_path), "--profile", str(jetson)],
-    )
+    refused = _predict(str(model_file), str(tmp_path), "--profile", str(jetson))
     assert refused.exit_code == 2 and "TensorrtExecutionProvider" in refused.output
