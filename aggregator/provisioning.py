@@ -130,7 +130,7 @@ def _certificate(
     *,
     server: bool = False,
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
         x509.CertificateBuilder()
@@ -169,6 +169,7 @@ def acl_lines(fleet: str) -> list[str]:
         "",
         f"pattern write {prefix}/clients/%u/#",
         f"pattern read {prefix}/clients/%u/inbox",
+        f"pattern read {prefix}/clients/%u/clock",
         f"pattern read {prefix}/round",
         f"pattern read {prefix}/model/#",
     ]

@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
+from aggregator.clock import clock_answer
 from aggregator.crash_points import crash_point
 from aggregator.events import log_event
 from aggregator.rate_limit import RateLimiter
@@ -123,6 +124,7 @@ class Aggregator:
         self.session.subscribe(clients_filter(fleet, TopicKind.HELLO), self._on_hello)
         self.session.subscribe(clients_filter(fleet, TopicKind.STATUS), self._on_status, raw=True)
         self.session.subscribe(clients_filter(fleet, TopicKind.UPDATE), self._on_update)
+        self.session.subscribe(clients_filter(fleet, TopicKind.CLOCK), self._on_clock, raw=True)
         with self._lock:
             self._resume_open_round()
             self._evaluate_missed_task()
@@ -366,6 +368,12 @@ class Aggregator:
             ):
                 self.state.record_skip(status.round, sender)
                 log_event("device_skipped", device=sender, round=status.round)
+
+    def _on_clock(self, topic: str, message: bytes) -> None:
+        """Answer `doctor`'s clock probe on the same topic (see aggregator.clock)."""
+        answer = clock_answer(message, time.time())
+        if answer is not None and self._admitted(self._sender(topic)):
+            self.session.publish_raw(topic, answer)
 
     def _on_update(self, topic: str, payload: bytes) -> None:
         sender = self._sender(topic)

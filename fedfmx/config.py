@@ -298,6 +298,8 @@ def read_yaml(path: Path, what: str) -> object:
         raise ConfigError(f"{path}: no such {what} file") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a {what} file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: binary, not a UTF-8 {what} file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

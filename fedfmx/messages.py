@@ -125,3 +125,22 @@ class DeviceStatus(Message):
     """Peak resident memory of the last local round (DESIGN §8: the profile's budget)."""
     round_time_s: float | None = None
     profile: str | None = None
+    rss_mb: float | None = None
+    """Resident memory of the device process when the status was sent (health)."""
+    disk_free_mb: float | None = None
+    """Free space under the device's state_dir."""
+    last_round_unix: float | None = None
+    """When the device last finished a round (its clock)."""
+    source_state: str | None = Field(default=None, max_length=64)
+    """The data source's state: `ok`, `exhausted` (stream fully met) or an error word."""
+
+
+class ClockProbe(Message):
+    """`doctor`'s clock echo on `clients/<id>/clock`: the device sends a probe, the aggregator
+    answers with the same `probe_id` and its clock. With `t0`/`t1` the device's send and
+    receive times, skew = aggregator_unix - (t0 + t1) / 2, within ±(t1 - t0) / 2 (NTP's rule)."""
+
+    kind: Literal["clock"] = "clock"
+    probe_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    aggregator_unix: float | None = None
+    """None in a probe; the aggregator's time.time() in its answer."""
