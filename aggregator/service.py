@@ -140,9 +140,14 @@ class Aggregator:
             state=str(self.state.path),
         )
 
-    def run(self, stop: threading.Event | None = None) -> bool:
-        """Drive rounds until the fleet's schedule is done (True) or `stop` is set (False)."""
+    def run(
+        self, stop: threading.Event | None = None, heartbeat: Callable[[], None] | None = None
+    ) -> bool:
+        """Drive rounds until the fleet's schedule is done (True) or `stop` is set (False);
+        `heartbeat` is called every tick (systemd's watchdog)."""
         while not self._finished.is_set():
+            if heartbeat is not None:
+                heartbeat()
             if stop is not None and stop.wait(TICK_S):
                 return False
             if stop is None:

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -126,8 +127,9 @@ class EdgeDevice:
 
     # -- the main loop ----------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
-        """Take part in rounds until the schedule is done (or `stop`), then go offline."""
+    def run(self, stop: threading.Event, heartbeat: Callable[[], None] | None = None) -> None:
+        """Take part in rounds until the schedule is done (or `stop`), then go offline;
+        `heartbeat` is called every turn of the loop (systemd's watchdog)."""
         self.session.subscribe(round_topic(self.fleet.name), self._on_round)
         self.session.subscribe(self._topic(TopicKind.INBOX), self._on_inbox)
         self.session.on_reconnect(lambda: self._publish_status(self._activity))
@@ -136,6 +138,8 @@ class EdgeDevice:
         self._say_hello()
         try:
             while not stop.is_set() and not self._done():
+                if heartbeat is not None:
+                    heartbeat()
                 announcement = self._next_announcement(stop)
                 if announcement is not None:
                     self._take_part(announcement, stop)

@@ -22,6 +22,7 @@ from edge_client.config import load_device_config
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError
 from fedfmx_cli.console import one_line_errors
+from fedfmx_cli.systemd import SystemdNotifier
 
 FleetOption = Annotated[
     Path | None, typer.Option("--fleet", help="Fleet YAML; default: the embedded demo fleet.")
@@ -67,10 +68,13 @@ def serve(
         hooks = ServiceHooks(evaluate=task_evaluator(fleet, load_fleet_dataset(fleet)))
     aggregator = open_aggregator(fleet, state or fleet.service.state_file(fleet.name), hooks)
     stop = stop_on_signals()
+    notifier = SystemdNotifier()
     try:
         aggregator.start()
-        aggregator.run(stop)
+        notifier.ready(f"fleet {fleet.name}, model version {aggregator.keeper.model.version}")
+        aggregator.run(stop, notifier.heartbeat)
     finally:
+        notifier.stopping()
         aggregator.session.close()
         aggregator.state.close()
 
@@ -85,7 +89,11 @@ def join(
 
     configure_logging(json_logs)
     device = open_device(load_device_config(config))
-    device.run(stop_on_signals())
+    notifier = SystemdNotifier()
+    try:
+        device.run(stop_on_signals(), notifier.heartbeat)  # READY=1 on the loop's first turn
+    finally:
+        notifier.stopping()
 
 
 def _ago(seconds: float) -> str:

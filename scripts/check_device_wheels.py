@@ -15,7 +15,7 @@ unreachable index a failure (as a CI with internet should).
 
 Markers in our own pins (`python_version < '3.11'`) are evaluated for the target here; pip
 evaluates markers of transitive requirements for the machine running it (x86_64 Linux in
-CI), which can only add packages, never hide one.
+CI), which can only add packages, never hide one. Runs on CI's Python (3.11: tomllib).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,77 @@
+"""systemd's notify protocol reaches the socket: READY=1, WATCHDOG=1 when due, STOPPING=1."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedfmx_cli.systemd import SystemdNotifier
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(2.0)
+    try:
+        yield sock, path
+    finally:
+        sock.close()
+
+
+def _received(sock: socket.socket) -> list[str]:
+    messages = []
+    sock.settimeout(0.2)
+    try:
+        while True:
+            messages.append(sock.recv(4096).decode())
+    except TimeoutError:
+        return messages
+
+
+def test_ready_watchdog_and_stopping_reach_the_notify_socket(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    sock, path = notify_socket
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000"})
+    assert notifier.watchdog_interval_s == 1.0
+    notifier.heartbeat()  # first turn of a main loop: ready, then the first ping
+    notifier.heartbeat()  # within the interval: nothing more
+    notifier.stopping()
+    assert _received(sock) == ["READY=1", "WATCHDOG=1", "STOPPING=1"]
+
+
+def test_a_ready_status_line_travels_in_the_same_datagram(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    sock, path = notify_socket
+    SystemdNotifier({"NOTIFY_SOCKET": path}).ready("fleet city, model version 3")
+    assert _received(sock) == ["READY=1\nSTATUS=fleet city, model version 3"]
+
+
+def test_abstract_socket_names_start_with_a_nul_byte() -> None:
+    name = f"fedfmx-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(2.0)
+        SystemdNotifier({"NOTIFY_SOCKET": f"@{name}"}).notify("WATCHDOG=1")
+        assert sock.recv(64) == b"WATCHDOG=1"
+
+
+def test_outside_systemd_or_with_a_dead_socket_nothing_breaks(tmp_path: Path) -> None:
+    assert not SystemdNotifier({}).notify("READY=1")
+    broken = SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+    broken.heartbeat()
+    assert not broken.notify("WATCHDOG=1")
+
+
+def test_a_watchdog_meant_for_another_process_is_not_fed() -> None:
+    notifier = SystemdNotifier(
+        {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}
+    )
+    assert notifier.watchdog_interval_s is None
