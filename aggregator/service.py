@@ -232,7 +232,9 @@ class Aggregator:
         assert self.keeper.current is not None
         announcement = self.keeper.current.announcement
         before = self.keeper.model.version
+        merge_started = time.perf_counter()
         model = self.keeper.close_round()
+        merge_duration_s = time.perf_counter() - merge_started
         crash_point("round_merged")
         stored = None
         if model.version != before:
@@ -252,6 +254,8 @@ class Aggregator:
             participants=totals.participants,
             uplink_bytes=totals.uplink_bytes,
             model_version=model.version,
+            merge_duration_s=round(merge_duration_s, 4),
+            round_duration_s=round((totals.closed or totals.opened) - totals.opened, 3),
         )
         self._evaluate_missed_task()
         self._publish_model()

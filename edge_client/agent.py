@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from edge_client.config import DeviceConfig
+from edge_client.health import free_disk_mb, process_rss_mb, source_state
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
 from fedfmx.aggregation import Arrays
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
@@ -111,6 +112,7 @@ class EdgeDevice:
         self._manifests: dict[int, bytes] = {}
         self._peak_rss_mb: float | None = None
         self._round_time_s: float | None = None
+        self._last_round_unix: float | None = None
         self._last_hello: Hello | None = None
         self._activity: DeviceActivity = "online"
         """The last state published: said again after a reconnect, over a Last Will."""
@@ -200,6 +202,7 @@ class EdgeDevice:
         with PeakRss() as rss:
             update = self.learner.handle_round(announcement, model.header, model.weights)
         self._round_time_s = time.perf_counter() - started
+        self._last_round_unix = time.time()
         self._peak_rss_mb = rss.peak_mb
         if rss.peak_mb > self.profile.train_memory_mb:
             log.warning(
@@ -393,6 +396,10 @@ class EdgeDevice:
             peak_rss_mb=self._peak_rss_mb,
             round_time_s=self._round_time_s,
             profile=self.profile.name,
+            rss_mb=round(process_rss_mb(), 1),
+            disk_free_mb=round(free_disk_mb(self.config.state_dir), 1),
+            last_round_unix=self._last_round_unix,
+            source_state=source_state(len(self.learner.local_rows().names)),
         )
         try:
             self.session.publish_raw(

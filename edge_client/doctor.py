@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import platform
 import secrets
-import shutil
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ import psutil
 from pydantic import ValidationError
 
 from edge_client.config import DeviceConfig, load_device_config
+from edge_client.health import existing_parent, free_disk_mb
 from fedfmx.errors import FedFMXError
 from fedfmx.messages import ClockProbe
 from transport import MqttSession, TopicKind, client_topic, session_settings
@@ -133,15 +133,9 @@ def check_data(config: DeviceConfig) -> Finding:
     )
 
 
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_disk(state_dir: Path) -> Finding:
-    where = _existing_parent(state_dir.resolve())
-    free_mb = shutil.disk_usage(where).free / 2**20
+    where = existing_parent(state_dir)
+    free_mb = free_disk_mb(where)
     detail = f"{free_mb:.0f} MB free under {where}"
     if not os.access(where, os.W_OK):
         return Finding("disk", "fail", f"{detail}, but it is not writable by this user")

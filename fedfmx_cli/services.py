@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -16,8 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from aggregator.events import configure_logging
-from aggregator.service import ServiceHooks, open_aggregator
+from aggregator.monitoring import serve_metrics
+from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
+from aggregator.status_page import serve_status_page
 from edge_client.config import load_device_config
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError
@@ -57,6 +60,15 @@ def serve(
         bool, typer.Option(help="Evaluate on the fleet data set's test split after each task.")
     ] = False,
     json_logs: JsonLogs = False,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Expose Prometheus metrics on this port (/metrics).")
+    ] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="Serve the read-only status page on this port.")
+    ] = None,
+    listen: Annotated[
+        str, typer.Option(help="Address the metrics and the page listen on (0.0.0.0: all).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the fleet's aggregator: rounds, merges and model versions, resumable from its state."""
     configure_logging(json_logs)
@@ -70,13 +82,31 @@ def serve(
     stop = stop_on_signals()
     notifier = SystemdNotifier()
     try:
+        with ExitStack() as served:
+            if metrics_port is not None:
+                served.enter_context(serve_metrics(aggregator.state, metrics_port, listen))
+            if http_port is not None:
+                page = serve_status_page(
+                    aggregator.state, fleet.name, fleet.protocol.num_rounds, http_port, listen
+                )
+                served.enter_context(page)
+            _run_aggregator(aggregator, stop, notifier)
+    finally:
+        aggregator.state.close()  # after the page and metrics stopped reading it
+
+
+def _run_aggregator(
+    aggregator: Aggregator, stop: threading.Event, notifier: SystemdNotifier
+) -> None:
+    """Start, tell systemd, run until done or stopped; always close the MQTT session."""
+    try:
         aggregator.start()
-        notifier.ready(f"fleet {fleet.name}, model version {aggregator.keeper.model.version}")
+        version = aggregator.keeper.model.version
+        notifier.ready(f"fleet {aggregator.fleet.name}, model version {version}")
         aggregator.run(stop, notifier.heartbeat)
     finally:
         notifier.stopping()
         aggregator.session.close()
-        aggregator.state.close()
 
 
 @one_line_errors
