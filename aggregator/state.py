@@ -216,16 +216,32 @@ class AggregatorState:
             "SELECT version, payload, class_names, expert_usage, published_chunks FROM models "
             "WHERE payload IS NOT NULL ORDER BY version DESC LIMIT 1"
         )
-        if not rows:
-            return None
-        version, payload, names, usage, chunks = rows[0]
-        return StoredModel(
-            int(version),
-            bytes(payload),
-            json.loads(str(names)),
-            json.loads(str(usage)),
-            None if chunks is None else int(chunks),
+        return _stored_model(rows[0]) if rows else None
+
+    def model(self, version: int) -> StoredModel | None:
+        """One stored version; None when unknown or its payload was dropped (only the newest
+        `KEEP_MODEL_PAYLOADS` keep theirs)."""
+        rows = self._read(
+            "SELECT version, payload, class_names, expert_usage, published_chunks FROM models "
+            "WHERE version = ? AND payload IS NOT NULL",
+            (version,),
         )
+        return _stored_model(rows[0]) if rows else None
+
+    def roll_back(self, model: StoredModel) -> int | None:
+        """Store `model` as the newest version and abandon the open round (its updates were
+        made from the version being replaced), in one transaction; the abandoned round's
+        index, or None."""
+        with self._transaction() as db:
+            row = db.execute("SELECT round FROM rounds WHERE closed IS NULL").fetchone()
+            sql, args = _insert_model(model)
+            db.execute(sql, args)
+            if row is None:
+                return None
+            db.execute("UPDATE rounds SET closed = ? WHERE round = ?", (time.time(), row[0]))
+            # Deleted, not kept as counted: no receipt of a dropped update is ever re-sent.
+            db.execute("DELETE FROM updates WHERE round = ?", (row[0],))
+        return int(row[0])
 
     def published_chunks(self, version: int) -> int | None:
         rows = self._read("SELECT published_chunks FROM models WHERE version = ?", (version,))
@@ -470,6 +486,17 @@ class AggregatorState:
                 )
             )
         return totals
+
+
+def _stored_model(row: tuple[Any, ...]) -> StoredModel:
+    version, payload, names, usage, chunks = row
+    return StoredModel(
+        int(version),
+        bytes(payload),
+        json.loads(str(names)),
+        json.loads(str(usage)),
+        None if chunks is None else int(chunks),
+    )
 
 
 def _insert_model(model: StoredModel) -> tuple[str, tuple[object, ...]]:

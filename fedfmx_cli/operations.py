@@ -1,4 +1,4 @@
-"""Operating a pilot: `doctor` on a device (more operator commands register here too)."""
+"""Operating a pilot: `doctor` on a device, `rollback` of the fleet's model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from fedfmx.errors import ConfigError
 from fedfmx_cli.console import one_line_errors
 
 
@@ -26,5 +27,40 @@ def doctor(
         raise typer.Exit(1)
 
 
+@one_line_errors
+def rollback(
+    to: Annotated[int, typer.Option("--to", help="The model version to bring back.")],
+    fleet_file: Annotated[
+        Path | None, typer.Option("--fleet", help="Fleet YAML; default: the demo fleet.")
+    ] = None,
+    state: Annotated[
+        Path | None, typer.Option(help="SQLite state file; default: the fleet's state_path.")
+    ] = None,
+) -> None:
+    """Make model VERSION the newest again (as version N+1); `serve` then publishes it signed.
+
+    Stop the aggregator first (systemctl stop fedfmx-aggregator); start it again after."""
+    from aggregator.rollback import roll_back
+    from aggregator.state import AggregatorState
+    from aggregator.state_lock import exclusive_state
+    from fedfmx.config import load_fleet
+
+    fleet = load_fleet(fleet_file)
+    path = state or fleet.service.state_file(fleet.name)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no aggregator state here (has `serve` run for this fleet?)")
+    with exclusive_state(path, "rolling back"):
+        store = AggregatorState(path, fleet.name)
+        try:
+            done = roll_back(store, to)
+        finally:
+            store.close()
+    typer.echo(f"version {done.new_version} now holds the weights of version {done.restored}")
+    if done.abandoned_round is not None:
+        typer.echo(f"round {done.abandoned_round + 1} was open: closed without merging")
+    typer.echo("start the aggregator again: it publishes the new version, signed")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(doctor)
+    app.command()(rollback)

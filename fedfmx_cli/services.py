@@ -20,6 +20,7 @@ from aggregator.events import configure_logging
 from aggregator.monitoring import serve_metrics
 from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
+from aggregator.state_lock import exclusive_state
 from aggregator.status_page import serve_status_page
 from edge_client.config import load_device_config
 from fedfmx.config import FleetConfig, load_fleet
@@ -78,21 +79,21 @@ def serve(
         from fedfmx.simulation import load_fleet_dataset, task_evaluator  # torch: only here
 
         hooks = ServiceHooks(evaluate=task_evaluator(fleet, load_fleet_dataset(fleet)))
-    aggregator = open_aggregator(fleet, state or fleet.service.state_file(fleet.name), hooks)
-    stop = stop_on_signals()
-    notifier = SystemdNotifier()
-    try:
-        with ExitStack() as served:
-            if metrics_port is not None:
-                served.enter_context(serve_metrics(aggregator.state, metrics_port, listen))
-            if http_port is not None:
-                page = serve_status_page(
-                    aggregator.state, fleet.name, fleet.protocol.num_rounds, http_port, listen
-                )
-                served.enter_context(page)
-            _run_aggregator(aggregator, stop, notifier)
-    finally:
-        aggregator.state.close()  # after the page and metrics stopped reading it
+    state_path = state or fleet.service.state_file(fleet.name)
+    with ExitStack() as served:
+        served.enter_context(exclusive_state(state_path, "serving it again"))
+        aggregator = open_aggregator(fleet, state_path, hooks)
+        served.callback(aggregator.state.close)  # last: after the page and metrics stopped
+        stop = stop_on_signals()
+        notifier = SystemdNotifier()
+        if metrics_port is not None:
+            served.enter_context(serve_metrics(aggregator.state, metrics_port, listen))
+        if http_port is not None:
+            page = serve_status_page(
+                aggregator.state, fleet.name, fleet.protocol.num_rounds, http_port, listen
+            )
+            served.enter_context(page)
+        _run_aggregator(aggregator, stop, notifier)
 
 
 def _run_aggregator(

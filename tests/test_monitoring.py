@@ -17,8 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,29 +24,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fleet_helpers import device_yaml, run_to_end, small_fleet, write_fleet
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.monitoring import rejection_bucket, serve_metrics
 from aggregator.service import ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
 from aggregator.status_page import serve_status_page
-from edge_client.agent import open_device
-from edge_client.config import load_device_config
-from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.simulation import device_id, load_fleet_dataset, task_evaluator
+from fedfmx.simulation import load_fleet_dataset, task_evaluator
 from transport import MosquittoBroker, MqttSession, SessionSettings, find_mosquitto, free_port
 
-FLEET_FILE = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 DOCS = Path(__file__).parent.parent / "docs"
-WAIT_S = 120.0
-
-
-def small_fleet(url: str, clients: int = 2) -> FleetConfig:
-    document = load_fleet(FLEET_FILE).model_dump(mode="json")
-    document["protocol"].update(num_tasks=2, num_clients=clients, rounds_per_task=1, max_lag=0)
-    document["training"].update(local_epochs=1)
-    document["service"] = {"broker": {"url": url}, "round_deadline_s": 60.0}
-    return FleetConfig.model_validate(document)
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -97,45 +83,20 @@ def test_metrics_and_page_of_a_real_fleet_match_the_state(
     hooks = ServiceHooks(evaluate=task_evaluator(fleet, load_fleet_dataset(fleet)))
     aggregator = open_aggregator(fleet, state_path, hooks)
     metrics_port, page_port = free_port(), free_port()
-    stop = threading.Event()
-    errors: list[BaseException] = []
     with (
         serve_metrics(aggregator.state, metrics_port, "127.0.0.1"),
         serve_status_page(
             aggregator.state, fleet.name, fleet.protocol.num_rounds, page_port, "127.0.0.1"
         ),
     ):
-        fleet_file = tmp_path / "fleet.yaml"
-        fleet_file.write_text(yaml.safe_dump(fleet.model_dump(mode="json")))
         aggregator.start()
         # A hostile hello (malformed) shows up as a bucketed message rejection.
         with MqttSession(SessionSettings(url=broker.url, client_id="intruder")) as intruder:
             intruder.connect()
             intruder.publish(f"fedfmx/v1/{fleet.name}/clients/intruder/hello", b"{not json")
-        threads = [threading.Thread(target=lambda: _run(aggregator.run, stop, errors))]
-        for index in range(fleet.protocol.num_clients):
-            config = tmp_path / f"device-{index}.yaml"
-            config.write_text(
-                yaml.safe_dump(
-                    {
-                        "device_id": device_id(index),
-                        "fleet_file": str(fleet_file),
-                        "broker": {"url": broker.url},
-                        "data": {"client_index": index},
-                        "state_dir": f"state-{index}",
-                    }
-                )
-            )
-            device = open_device(load_device_config(config))
-            threads.append(threading.Thread(target=lambda d=device: _run(d.run, stop, errors)))
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + WAIT_S
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        stop.set()
-        assert not errors, errors
-        assert aggregator.finished
+        fleet_file = write_fleet(tmp_path, fleet)
+        clients = range(fleet.protocol.num_clients)
+        run_to_end(aggregator, [device_yaml(tmp_path, fleet_file, i, broker.url) for i in clients])
 
         metrics = scrape(metrics_port)
         state = AggregatorState(state_path, fleet.name)
@@ -169,13 +130,6 @@ def test_metrics_and_page_of_a_real_fleet_match_the_state(
         )
     aggregator.session.close()
     aggregator.state.close()
-
-
-def _run(target: object, stop: threading.Event, errors: list[BaseException]) -> None:
-    try:
-        target(stop)  # type: ignore[operator]
-    except BaseException as error:  # surfaced by the test
-        errors.append(error)
 
 
 def _chromium() -> str | None:
