@@ -144,3 +144,29 @@ class ClockProbe(Message):
     probe_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     aggregator_unix: float | None = None
     """None in a probe; the aggregator's time.time() in its answer."""
+
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+PEM_LIMIT = 16_384
+
+
+class EnrolmentRequest(Message):
+    """A device's request to join (retained on `enrol/<id>/request`): its certificate signing
+    request, made on the device, whose private key never leaves it."""
+
+    kind: Literal["enrol_request"] = "enrol_request"
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    csr_pem: str = Field(max_length=PEM_LIMIT)
+    profile: str | None = Field(default=None, max_length=256)
+
+
+class EnrolmentReply(Message):
+    """The operator's answer (retained on `enrol/<id>/reply`): the signed certificate and what
+    the device needs to join (fleet YAML, the model-signing public key, the broker to use)."""
+
+    kind: Literal["enrol_reply"] = "enrol_reply"
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    certificate_pem: str = Field(max_length=PEM_LIMIT)
+    fleet_yaml: str = Field(max_length=1_000_000)
+    fleet_public_key_pem: str | None = Field(default=None, max_length=PEM_LIMIT)
+    broker_url: str = Field(max_length=1024)
