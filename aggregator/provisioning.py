@@ -130,6 +130,14 @@ def _pem_key(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
     )
 
 
+def _subject_name(host: str) -> x509.GeneralName:
+    """An IP address entry for an address, a DNS entry for a name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 def _certificate(
     subject: str,
     key: CertificatePublicKeyTypes,
@@ -137,6 +145,7 @@ def _certificate(
     issuer_key: ec.EllipticCurvePrivateKey,
     *,
     server: bool = False,
+    server_hosts: Sequence[str] = (),
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
@@ -154,7 +163,7 @@ def _certificate(
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if server:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        names = [_subject_name(host) for host in ("localhost", "127.0.0.1", *server_hosts)]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
@@ -226,9 +235,12 @@ def _client(
     ca_key: ec.EllipticCurvePrivateKey,
     *,
     server: bool = False,
+    server_hosts: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    certificate = _certificate(name, key.public_key(), ca, ca_key, server=server)
+    certificate = _certificate(
+        name, key.public_key(), ca, ca_key, server=server, server_hosts=server_hosts
+    )
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     write_private(key_path, _pem_key(key))
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
@@ -242,6 +254,7 @@ def provision(
     port: int = 8883,
     max_payload_bytes: int = BrokerConfig().max_payload_bytes,
     enrol_port: int | None = None,
+    broker_hosts: Sequence[str] = (),
 ) -> ProvisionedFleet:
     """Write (or extend: an existing CA is reused) the fleet's credentials under `directory`.
 
@@ -252,6 +265,9 @@ def provision(
     password and ACL files (see `aggregator.dynsec`): an `operator` identity changes them on
     the running broker, and a second TLS listener on `enrol_port` (server certificate only)
     takes enrolment requests authenticated by one-time tokens.
+
+    The broker's certificate names localhost, 127.0.0.1 and `broker_hosts` (the names or
+    addresses devices connect to: TLS checks them).
     """
     for device in device_ids:
         if (
@@ -261,7 +277,9 @@ def provision(
             raise ConfigError(f"device id {device!r}: use letters, digits, '-' and '_' only")
     directory.mkdir(parents=True, exist_ok=True)
     ca, ca_key = _load_or_create_ca(directory)
-    broker_cert, broker_key = _client(directory, "broker", ca, ca_key, server=True)
+    broker_cert, broker_key = _client(
+        directory, "broker", ca, ca_key, server=True, server_hosts=broker_hosts
+    )
     clients: dict[str, Credentials] = {}
     identities = [AGGREGATOR, *([OPERATOR] if enrol_port is not None else []), *device_ids]
     for name in identities:

@@ -56,6 +56,7 @@ def provision(
         port=port,
         max_payload_bytes=fleet.service.broker.max_payload_bytes,
         enrol_port=enrol_port,
+        broker_hosts=[broker_host],
     )
     fleet_file, configs = written.write_configs(fleet, f"mqtts://{broker_host}:{port}", profile)
     table = Table(title=f"fleet {fleet.name}: credentials in {written.directory}")
