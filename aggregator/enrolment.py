@@ -104,36 +104,49 @@ def invite(control: DynamicSecurity, fleet: str, device_id: str) -> str:
     return token
 
 
-def read_requests(
-    session: MqttSession, fleet: str, device_id: str = "+", wait_s: float = RETAINED_WAIT_S
-) -> dict[str, EnrolmentRequest | str]:
-    """Retained requests by device id (a string says why one is unusable)."""
-    found: dict[str, EnrolmentRequest | str] = {}
+def retained(
+    session: MqttSession,
+    fleet: str,
+    leaf: str,
+    device_id: str = "+",
+    wait_s: float = RETAINED_WAIT_S,
+) -> dict[str, bytes]:
+    """The retained `enrol/<id>/<leaf>` messages by device id (for one id: returns as soon as
+    it arrived)."""
+    found: dict[str, bytes] = {}
     arrived = threading.Event()
-    topic = enrolment_topic(fleet, device_id, "request")
+    topic = enrolment_topic(fleet, device_id, leaf)
 
-    def on_request(topic: str, message: bytes) -> None:
-        sender = topic.split("/")[-2]
-        if not message:
-            return
-        try:
-            request = EnrolmentRequest.model_validate_json(message)
-        except ValidationError as error:
-            found[sender] = f"malformed request ({error.error_count()} errors)"
-        else:
-            found[sender] = (
-                request
-                if request.device_id == sender
-                else f"request names {request.device_id!r} on {sender!r}'s topic"
-            )
-        arrived.set()
+    def on_message(topic: str, message: bytes) -> None:
+        if message:
+            found[topic.split("/")[-2]] = message
+            arrived.set()
 
-    session.subscribe(topic, on_request, raw=True)
+    session.subscribe(topic, on_message, raw=True)
     if device_id == "+":
         time.sleep(wait_s)
     else:
         arrived.wait(wait_s * 2)
     session.unsubscribe(topic)
+    return found
+
+
+def read_requests(
+    session: MqttSession, fleet: str, device_id: str = "+"
+) -> dict[str, EnrolmentRequest | str]:
+    """Pending requests by device id (a string says why one is unusable)."""
+    found: dict[str, EnrolmentRequest | str] = {}
+    for sender, message in retained(session, fleet, "request", device_id).items():
+        try:
+            request = EnrolmentRequest.model_validate_json(message)
+        except ValidationError as error:
+            found[sender] = f"malformed request ({error.error_count()} errors)"
+            continue
+        found[sender] = (
+            request
+            if request.device_id == sender
+            else f"request names {request.device_id!r} on {sender!r}'s topic"
+        )
     return found
 
 
@@ -230,9 +243,9 @@ def _device_fleet_yaml(authority: FleetAuthority) -> str:
 def _forget_enrolment(
     session: MqttSession, control: DynamicSecurity, fleet: str, device_id: str
 ) -> None:
-    """Spend the token (delete its client) and clear the retained request and reply."""
+    """Spend the token (delete its client) and clear the retained request, reply and ack."""
     control.revoke(enrolment_username(device_id))
-    for leaf in ("request", "reply"):
+    for leaf in ("request", "reply", "ack"):
         session.clear_retained(enrolment_topic(fleet, device_id, leaf))
 
 
@@ -256,6 +269,11 @@ class DeviceEntry:
 def fleet_devices(session: MqttSession, control: DynamicSecurity, fleet: str) -> list[DeviceEntry]:
     """Every device the broker knows, and every enrolment in progress."""
     clients = set(control.clients())
+    for device_id in retained(session, fleet, "ack"):
+        # collected after its approval had stopped waiting: spend the token now
+        if device_id in clients:
+            _forget_enrolment(session, control, fleet, device_id)
+            clients.discard(enrolment_username(device_id))
     requests = read_requests(session, fleet)
     entries = [
         DeviceEntry(name, "approved", "certificate identity with the device ACL")

@@ -147,6 +147,7 @@ def _latest_round(state: AggregatorState) -> float:
 def serve_metrics(state: AggregatorState, port: int, host: str) -> Iterator[AggregatorMetrics]:
     """Count the aggregator's events and expose them on http://host:port/metrics meanwhile."""
     metrics = AggregatorMetrics(state)
+    level = events_log.level
     if events_log.getEffectiveLevel() > logging.INFO:
         events_log.setLevel(logging.INFO)  # events are INFO: counted even when logs are quieter
     events_log.addHandler(metrics)
@@ -158,6 +159,7 @@ def serve_metrics(state: AggregatorState, port: int, host: str) -> Iterator[Aggr
         yield metrics
     finally:
         events_log.removeHandler(metrics)
+        events_log.setLevel(level)
         server.shutdown()
         server.server_close()
         thread.join(5)

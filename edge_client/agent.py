@@ -399,7 +399,7 @@ class EdgeDevice:
             rss_mb=round(process_rss_mb(), 1),
             disk_free_mb=round(free_disk_mb(self.config.state_dir), 1),
             last_round_unix=self._last_round_unix,
-            source_state=source_state(len(self.learner.local_rows().names)),
+            source_state=source_state(len(self.learner.state.held)),
         )
         try:
             self.session.publish_raw(

@@ -174,7 +174,8 @@ def enrol(
             raise ProtocolError(f"the reply is for {reply.device_id!r}")
         certificate = check_certificate(reply.certificate_pem, settings.ca_file, device_id, key)
         config = _write_credentials(settings, reply, certificate)
-        session.publish_raw(topic(settings.fleet, device_id, "ack"), b"ok")
+        # Retained: an operator no longer waiting still sees it (`devices list` spends the token).
+        session.publish_raw(topic(settings.fleet, device_id, "ack"), b"ok", retain=True)
     finally:
         session.close()
     return config

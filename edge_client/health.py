@@ -27,6 +27,6 @@ def process_rss_mb() -> float:
 
 
 def source_state(rows_held: int) -> str:
-    """`ok` while the source has given the device samples for its current task, `empty`
-    before any arrive."""
+    """`ok` while the source holds samples of the device's current task for it, `empty`
+    before any arrived."""
     return "ok" if rows_held > 0 else "empty"

@@ -228,3 +228,27 @@ def test_cli_provisions_for_enrolment_and_lists_an_invited_device(
     assert done.exit_code == 0 and "cam-9" in done.output and "invited" in done.output
     done = runner.invoke(app, ["devices", "approve", "cam-9", "--credentials", folder])
     assert done.exit_code == 2 and "no enrolment request from cam-9" in done.output
+
+
+def test_a_device_that_collects_after_the_approval_stopped_waiting(
+    live_fleet: LiveFleet, tmp_path: Path
+) -> None:
+    fleet_name = live_fleet.authority.fleet.name
+    session, control = connect(live_fleet.authority)
+    try:
+        token = invite(control, fleet_name, DEVICE)
+        with pytest.raises(ConfigError, match="no approval within"):
+            enrol(live_fleet.settings(token, tmp_path / "d"), 1.0, lambda _: None)  # gives up
+        approval = approve(session, control, live_fleet.authority, DEVICE, ack_wait_s=0.5)
+        assert not approval.collected
+        config = enrol(live_fleet.settings(token, tmp_path / "d"), 10.0, lambda _: None)
+        assert load_device_config(config).device_id == DEVICE
+        # The operator's next look spends the token.
+        assert [(e.device_id, e.state) for e in fleet_devices(session, control, fleet_name)] == [
+            (DEVICE, "approved")
+        ]
+        assert f"enrol-{DEVICE}" not in control.clients()
+        with pytest.raises(ConfigError, match="enrolment refused"):
+            enrol(live_fleet.settings(token, tmp_path / "e"), 2.0, lambda _: None)
+    finally:
+        session.close()

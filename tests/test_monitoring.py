@@ -19,10 +19,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 from fleet_helpers import device_yaml, run_to_end, small_fleet, write_fleet
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,7 +30,7 @@ from aggregator.service import ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
 from aggregator.status_page import serve_status_page
 from fedfmx.simulation import load_fleet_dataset, task_evaluator
-from transport import MosquittoBroker, MqttSession, SessionSettings, find_mosquitto, free_port
+from transport import MosquittoBroker, MqttSession, SessionSettings, free_port
 
 DOCS = Path(__file__).parent.parent / "docs"
 
@@ -57,14 +55,6 @@ def get(url: str) -> tuple[int, str]:
         return error.code, ""
 
 
-@pytest.fixture
-def broker() -> Iterator[MosquittoBroker]:
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto not installed: run `sudo apt-get install -y mosquitto`")
-    with MosquittoBroker() as running:
-        yield running
-
-
 def test_rejection_reasons_fall_into_bounded_buckets() -> None:
     assert rejection_bucket("update norm 3.1e+04 exceeds the bound 12") == "norm_bound"
     assert rejection_bucket("rate limit: over 20 messages/s (burst 40)") == "rate_limit"
@@ -76,8 +66,9 @@ def test_rejection_reasons_fall_into_bounded_buckets() -> None:
 
 
 def test_metrics_and_page_of_a_real_fleet_match_the_state(
-    broker: MosquittoBroker, tmp_path: Path
+    mosquitto_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
+    broker = mosquitto_broker
     fleet = small_fleet(broker.url)
     state_path = tmp_path / "aggregator.sqlite"
     hooks = ServiceHooks(evaluate=task_evaluator(fleet, load_fleet_dataset(fleet)))
@@ -163,8 +154,9 @@ def _check_in_chromium(url: str, device_ids: list[str], tmp_path: Path) -> None:
 
 
 def test_serve_notifies_systemd_and_serves_metrics_and_page(
-    broker: MosquittoBroker, tmp_path: Path
+    mosquitto_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
+    broker = mosquitto_broker
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text(yaml.safe_dump(small_fleet(broker.url).model_dump(mode="json")))
     notify = tmp_path / "notify"

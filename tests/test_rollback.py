@@ -4,7 +4,6 @@ devices of a real fleet (Mosquitto, signed models) start their next round from i
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +20,7 @@ from fedfmx.codec import MAX_MODEL_BYTES, decode_model, encode_model
 from fedfmx.config import load_fleet
 from fedfmx.errors import ConfigError
 from fedfmx_cli.main import app
-from transport import MosquittoBroker, find_mosquitto
-
-
-@pytest.fixture
-def broker() -> Iterator[MosquittoBroker]:
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto not installed: run `sudo apt-get install -y mosquitto`")
-    with MosquittoBroker() as running:
-        yield running
+from transport import MosquittoBroker
 
 
 def _weights(state: AggregatorState, version: int) -> dict[str, np.ndarray]:
@@ -41,8 +32,9 @@ def _weights(state: AggregatorState, version: int) -> dict[str, np.ndarray]:
 
 
 def test_rollback_republishes_an_old_version_signed_and_devices_train_from_it(
-    broker: MosquittoBroker, tmp_path: Path
+    mosquitto_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
+    broker = mosquitto_broker
     private, public = signing_key_files(tmp_path)
     fleet = small_fleet(broker.url, tasks=3, signing_key=str(private))
     fleet_file = write_fleet(tmp_path, fleet)
