@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fleet_helpers import device_yaml, small_fleet, write_fleet
 
 from fedfmx_cli.systemd import SystemdNotifier
+from transport import MosquittoBroker
 
 
 @pytest.fixture
@@ -75,3 +80,34 @@ def test_a_watchdog_meant_for_another_process_is_not_fed() -> None:
         {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}
     )
     assert notifier.watchdog_interval_s is None
+
+
+def test_join_notifies_ready_and_feeds_the_watchdog_from_its_loop(
+    mosquitto_broker: MosquittoBroker, notify_socket: tuple[socket.socket, str], tmp_path: Path
+) -> None:
+    """A real `fedfmx-edge join` waiting for rounds (no aggregator): READY=1 once connected,
+    WATCHDOG=1 while its loop turns, STOPPING=1 on SIGTERM."""
+    sock, path = notify_socket
+    sock.settimeout(60)
+    fleet_file = write_fleet(tmp_path, small_fleet(mosquitto_broker.url))
+    config = device_yaml(tmp_path, fleet_file, 0, mosquitto_broker.url)
+    environment = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedfmx_cli", "join", "--config", str(config)],
+        env=environment,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sock.recv(4096) == b"READY=1"
+        assert sock.recv(4096) == b"WATCHDOG=1"
+        assert sock.recv(4096) == b"WATCHDOG=1"
+        process.send_signal(signal.SIGTERM)
+        while (message := sock.recv(4096)) == b"WATCHDOG=1":
+            pass
+        assert message == b"STOPPING=1"
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in (process.stderr.read() if process.stderr else "")
