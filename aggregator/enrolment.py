@@ -59,20 +59,18 @@ class FleetAuthority:
 
     directory: Path
     fleet: FleetConfig
-    fleet_file: Path
     ca: x509.Certificate
     ca_key: ec.EllipticCurvePrivateKey
 
     @classmethod
     def load(cls, directory: Path) -> FleetAuthority:
-        fleet_file = directory / "fleet.yaml"
         ca, ca_key = load_ca(directory)
         for name in (f"{OPERATOR}.crt", f"{OPERATOR}.key"):
             if not (directory / name).is_file():
                 raise ConfigError(
                     f"{directory}: no {name}; provision with --enrol-port for live enrolment"
                 )
-        return cls(directory, load_fleet(fleet_file), fleet_file, ca, ca_key)
+        return cls(directory, load_fleet(directory / "fleet.yaml"), ca, ca_key)
 
     @property
     def broker_url(self) -> str:
@@ -80,7 +78,7 @@ class FleetAuthority:
         return self.fleet.service.broker.url
 
     def session(self, url: str | None = None) -> MqttSession:
-        """A connected operator session (certificate CN `operator`)."""
+        """An operator session (certificate CN `operator`), not connected yet (`connect`)."""
         settings = SessionSettings(
             url=url or self.broker_url,
             client_id=f"{OPERATOR}-{secrets.token_hex(4)}",
