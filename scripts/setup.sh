@@ -66,7 +66,8 @@ else
        "(on a Pi or Jetson that is the CUDA build: check with scripts/check_device_wheels.py)" >&2
   "${pip[@]}" "$torch_pin"
 fi
-"${pip[@]}" .
+# Editable: the device profiles (device_configs/) are read from the checkout, not packaged.
+"${pip[@]}" -e .
 "$venv/bin/python" -c "import torch; print('setup: torch', torch.__version__, \
 'CUDA build' if torch.version.cuda else 'CPU build')"
 echo "setup: done; run $venv/bin/fedfmx-edge doctor --config device.yaml"
