@@ -172,7 +172,6 @@ def check_broker_and_clock(config: DeviceConfig, fleet_name: str) -> list[Findin
             answers.append((answer, time.time()))
             arrived.set()
 
-    session.subscribe(topic, on_clock, raw=True)
     try:
         started = time.monotonic()
         try:
@@ -187,6 +186,18 @@ def check_broker_and_clock(config: DeviceConfig, fleet_name: str) -> list[Findin
                 f"connected in {time.monotonic() - started:.2f} s",
             )
         ]
+        try:
+            session.subscribe(topic, on_clock, raw=True)
+        except FedFMXError:
+            return [
+                *found,
+                Finding(
+                    "clock",
+                    "warn",
+                    f"the broker refuses this device {topic} (an ACL from before `doctor`: "
+                    "provision again); skew not measured",
+                ),
+            ]
         sent = time.time()
         session.publish_raw(topic, probe.model_dump_json().encode())
         if not arrived.wait(CLOCK_WAIT_S):
@@ -195,8 +206,9 @@ def check_broker_and_clock(config: DeviceConfig, fleet_name: str) -> list[Findin
                 Finding(
                     "clock",
                     "warn",
-                    f"no aggregator answered within {CLOCK_WAIT_S:g} s (is `serve` running?); "
-                    "skew not measured",
+                    f"no aggregator answered within {CLOCK_WAIT_S:g} s (is `serve` running? "
+                    f"may this device read {topic}? an ACL from before `doctor` needs "
+                    "provisioning again); skew not measured",
                 ),
             ]
         answer, received = answers[0]

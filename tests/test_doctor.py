@@ -72,7 +72,9 @@ def test_doctor_without_an_aggregator_warns_about_the_clock_only(
     provisioned: tuple[ProvisionedFleet, MosquittoBroker],
 ) -> None:
     credentials, broker = provisioned
-    findings = _by_check(diagnose(_device_yaml(credentials, f"mqtts://{broker.host}:{broker.port}")))
+    findings = _by_check(
+        diagnose(_device_yaml(credentials, f"mqtts://{broker.host}:{broker.port}"))
+    )
     assert findings["broker"].verdict == "ok"
     assert findings["clock"].verdict == "warn"
     assert "serve" in findings["clock"].detail
@@ -113,3 +115,30 @@ def test_clock_answer_echoes_a_probe_and_ignores_answers_and_junk() -> None:
     assert ClockProbe.model_validate_json(answer).aggregator_unix == 1234.5
     assert clock_answer(answer, now=1.0) is None  # our own answer, heard back
     assert clock_answer(b"\xff\x00", now=1.0) is None
+
+
+def test_doctor_on_a_broker_whose_acl_predates_the_clock_topic_says_so(
+    tmp_path: Path,
+) -> None:
+    """The aggregator answers, but without the clock line in the ACL the answer never
+    reaches the device: the clock check says where to look."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed: run `sudo apt-get install -y mosquitto`")
+    credentials = provision(load_fleet(FLEET_FILE).name, ["device-000"], tmp_path / "fleet")
+    acl = credentials.acl_file.read_text().splitlines()
+    kept = [line for line in acl if not line.endswith("/clock")]
+    credentials.acl_file.write_text("\n".join(kept) + "\n")
+    extra = credentials.broker_settings()
+    with MosquittoBroker(allow_anonymous=False, extra_config=extra) as broker:
+        config = _device_yaml(credentials, f"mqtts://{broker.host}:{broker.port}")
+        fleet = load_fleet(credentials.directory / "fleet.yaml")
+        aggregator = open_aggregator(fleet, tmp_path / "aggregator.sqlite", ServiceHooks())
+        aggregator.start()
+        try:
+            findings = _by_check(diagnose(config))
+        finally:
+            aggregator.session.close()
+            aggregator.state.close()
+    assert findings["broker"].verdict == "ok"
+    assert findings["clock"].verdict == "warn"
+    assert "may this device read" in findings["clock"].detail
