@@ -18,7 +18,7 @@ from rich.table import Table
 
 from aggregator.events import configure_logging
 from fedfmx.compat import StrEnum
-from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.config import FleetConfig, load_fleet, validate_document
 from fedfmx.errors import ConfigError
 from fedfmx_cli import deploy, enrolment, operations, provisioning, services
 from fedfmx_cli.console import console, one_line_errors
@@ -50,7 +50,8 @@ def _apply_overrides(
         update["seed"] = seed
     if data_path is not None:
         update["data"] = fleet.data.model_copy(update={"path": data_path})
-    return FleetConfig.model_validate(fleet.model_copy(update=update).model_dump())
+    document = fleet.model_copy(update=update).model_dump()
+    return validate_document(FleetConfig, document, "command line")
 
 
 def _print_summary(result: SimulationResult) -> None:
@@ -121,6 +122,7 @@ def simulate(
     from fedfmx.simulation import load_fleet_dataset, run_simulation
     from fedfmx_cli.fleet_simulation import MqttRun, run_over_mqtt
 
+    services.interrupt_on_sigterm()  # stopped, it stops every process it started
     fleet = _apply_overrides(load_fleet(fleet_file), method, seed, data_path)
     dataset = load_fleet_dataset(fleet)
     total = fleet.protocol.num_rounds

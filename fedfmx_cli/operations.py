@@ -50,14 +50,13 @@ def rollback(
     if not path.is_file():
         raise ConfigError(f"{path}: no aggregator state here (has `serve` run for this fleet?)")
     with exclusive_state(path, "rolling back"):
-        store = AggregatorState(path, fleet.name)
+        store = AggregatorState(path, fleet.name, create=False)
         try:
-            done = roll_back(store, to)
+            done = roll_back(store, fleet, to)
         finally:
             store.close()
     typer.echo(f"version {done.new_version} now holds the weights of version {done.restored}")
-    if done.abandoned_round is not None:
-        typer.echo(f"round {done.abandoned_round + 1} was open: closed without merging")
+    typer.echo(f"round {done.spent_round + 1} closed without training (a rollback spends one)")
     typer.echo("start the aggregator again: it publishes the new version, signed")
 
 

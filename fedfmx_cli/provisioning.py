@@ -22,12 +22,17 @@ def provision(
         Path | None, typer.Option("--fleet", help="Fleet YAML; default: the demo fleet.")
     ] = None,
     devices: Annotated[
-        int | None, typer.Option(help="Provision device-000 … device-(N-1).")
+        int | None,
+        typer.Option(
+            min=0, max=100_000, help="Provision device-000 … device-(N-1) (0: with --enrol-port)."
+        ),
     ] = None,
     device: Annotated[
         list[str] | None, typer.Option(help="Provision this device id (repeat).")
     ] = None,
-    port: Annotated[int, typer.Option(help="TLS listener port in mosquitto.conf.")] = 8883,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="TLS listener port in mosquitto.conf.")
+    ] = 8883,
     broker_host: Annotated[
         str, typer.Option(help="Host name devices and aggregator connect to.")
     ] = "localhost",
@@ -37,6 +42,8 @@ def provision(
     enrol_port: Annotated[
         int | None,
         typer.Option(
+            min=1,
+            max=65535,
             help="Live enrolment: rights in Mosquitto's dynamic-security plugin, an operator "
             "identity, and a TLS enrolment listener on this port (--devices 0 is allowed)."
         ),
