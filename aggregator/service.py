@@ -29,7 +29,7 @@ from aggregator.rate_limit import RateLimiter
 from aggregator.state import AggregatorState, Evaluation, RoundTotals, StoredModel
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig
-from fedfmx.errors import ProtocolError
+from fedfmx.errors import FedFMXError, ProtocolError
 from fedfmx.federation import GlobalModel, RoundKeeper
 from fedfmx.messages import DeviceStatus, Hello, UpdateReceipt
 from fedfmx.signing import chunk_payload, load_signing_key, sign_announcement, sign_manifest
@@ -400,8 +400,11 @@ class Aggregator:
     def _registration_refusal(self, device_id: str) -> str | None:
         """Why a hello from `device_id` may not register it (None: it may).
 
-        A provisioned fleet lists its devices; an open one takes any id while the registry
-        has room, first making room by expiring devices silent for `device_expiry_s`.
+        A provisioned fleet lists its devices. An open one takes any id while the registry has
+        room; when it is full, devices silent for `device_expiry_s` expire, or else the
+        least recently heard device that never answered a round makes room: a flood of hellos
+        from made-up ids can hold the registry only until genuine devices say hello (they do
+        at every round they are not in), and a device that takes part is never evicted.
         """
         service = self.fleet.service
         if service.allowed_devices is not None and device_id not in service.allowed_devices:
@@ -414,7 +417,11 @@ class Aggregator:
             log_event("devices_expired", logging.WARNING, count=len(expired), first=expired[0])
         if self.state.device_count() < capacity:
             return None
-        return f"registry full ({capacity} devices, none silent for {service.device_expiry_s:g} s)"
+        evicted = self.state.evict_newcomer()
+        if evicted is not None:
+            log_event("device_evicted", logging.WARNING, device=evicted, for_device=device_id)
+            return None
+        return f"registry full ({capacity} devices, all of them taking part)"
 
     def _on_status(self, topic: str, message: bytes) -> None:
         sender = self._sender(topic)
@@ -492,7 +499,10 @@ class Aggregator:
         )
         inbox = client_topic(self.fleet.name, device_id, TopicKind.INBOX)
         # Not waiting for the PUBACK: a lost receipt only makes the device send again.
-        self.session.publish(inbox, receipt.model_dump_json().encode(), wait=False)
+        try:
+            self.session.publish(inbox, receipt.model_dump_json().encode(), wait=False)
+        except FedFMXError as error:
+            log_event("receipt_not_sent", logging.WARNING, device=device_id, reason=str(error))
 
     def _reject(self, round_index: int | None, device_id: str, reason: str) -> None:
         self.state.record_rejection(round_index, device_id, reason)

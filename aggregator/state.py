@@ -426,6 +426,19 @@ class AggregatorState:
     def is_registered(self, device_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)))
 
+    def evict_newcomer(self) -> str | None:
+        """Forget the device heard from least recently among those that never answered a
+        round (a device that takes part is never evicted); its id, or None if there is none."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT device_id FROM devices WHERE device_id NOT IN "
+                "(SELECT device_id FROM updates UNION SELECT device_id FROM skips) "
+                "ORDER BY last_seen LIMIT 1"
+            ).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM devices WHERE device_id = ?", (row[0],))
+        return None if row is None else str(row[0])
+
     def expire_devices(self, unseen_since: float) -> list[str]:
         """Forget devices not heard from since `unseen_since` (they register again with their
         next hello); their ids, in order."""

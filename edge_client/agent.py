@@ -71,6 +71,9 @@ MODEL_FETCH_S = 60.0
 """How long to wait for a model version's retained chunks before giving the round up."""
 STOP_POLL_S = 0.25
 """Longest a wait goes without looking at the stop event."""
+HELLO_REPEAT_S = 30.0
+"""A device with no new round announcement for this long says hello again (retained), so an
+aggregator that lost or refused its registration learns of it."""
 STATUS_TIMEOUT_S = 3.0
 """A status is informational: the device never waits long for its PUBACK."""
 
@@ -129,6 +132,7 @@ class EdgeDevice:
         """The last state published: said again after a reconnect, over a Last Will."""
         self.training = False
         """Inside a round's local training, which a stop signal may abandon."""
+        self._hello_at = time.monotonic()
 
     def _saved_model(self) -> GlobalVersion | None:
         payload = self.snapshot.model_payload
@@ -163,6 +167,8 @@ class EdgeDevice:
                 announcement = self._next_announcement(stop)
                 if announcement is not None:
                     self._take_part(announcement, stop)
+                elif time.monotonic() - self._hello_at > HELLO_REPEAT_S:
+                    self._say_hello()  # no round for us for a while: are we registered?
         finally:
             self._publish_status("offline")
             self.session.close()
@@ -225,6 +231,9 @@ class EdgeDevice:
         if progress.last_round is not None and announcement.round <= progress.last_round:
             return  # answered before a restart
         if self.device_id not in announcement.participants:
+            # Said again: an aggregator that lost its state, or refused us while its registry
+            # was full, registers us from it for the next round.
+            self._say_hello()
             self._publish_status("waiting")
             return
         model = self._model_for(announcement, stop)
@@ -445,10 +454,17 @@ class EdgeDevice:
     def _say_hello(self) -> None:
         """Retained, so an aggregator that starts (or restarts afresh) later still hears it."""
         hello = self._hello()
-        self.session.publish(
-            self._topic(TopicKind.HELLO), hello.model_dump_json().encode(), retain=True
-        )
+        try:
+            self.session.publish(
+                self._topic(TopicKind.HELLO),
+                hello.model_dump_json().encode(),
+                retain=True,
+                timeout_s=STATUS_TIMEOUT_S,
+            )
+        except (TimeoutError, FedFMXError) as error:
+            log.warning("hello not acknowledged yet (paho re-sends it): %s", error)
         self._last_hello = hello
+        self._hello_at = time.monotonic()
 
     def _hello(self) -> Hello:
         counts = Counter(str(name) for name in self.learner.local_rows().names)

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from export.checkpoint import InputSpec
+from export.errors import MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, refuse_oversize
 from fedfmx.datasets import read_idx
 from fedfmx.errors import DataError
 
@@ -39,8 +40,11 @@ def _load_png_dir(
     mode = "L" if spec.channels == 1 else "RGB"
     arrays = []
     for file in files:
+        refuse_oversize(file, MAX_IMAGE_FILE_BYTES, "an image")
         try:
-            with Image.open(file) as image:
+            with Image.open(file) as image:  # reads the header only
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{file}: {image.width}x{image.height} pixels, too large")
                 size = (spec.width, spec.height)
                 pixels = image.convert(mode).resize(size, Image.Resampling.BILINEAR)
                 arrays.append(np.asarray(pixels, dtype=np.float32) / PNG_PIXEL_MAX)

@@ -183,9 +183,15 @@ def _last_line(path: Path) -> str:
 class _DeviceWatch:
     """Stops the run when a device process fails, naming it and its last log line."""
 
-    def __init__(self, processes: dict[str, subprocess.Popen[bytes]], logs: Path) -> None:
+    def __init__(
+        self,
+        processes: dict[str, subprocess.Popen[bytes]],
+        logs: Path,
+        interrupted: threading.Event,
+    ) -> None:
         self.processes = processes
         self.logs = logs
+        self.interrupted = interrupted
         self.stop = threading.Event()
         self.failure: str | None = None
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -193,6 +199,10 @@ class _DeviceWatch:
 
     def _watch(self) -> None:
         while not self.stop.wait(0.5):
+            if self.interrupted.is_set():
+                self.failure = "stopped by a signal"
+                self.stop.set()
+                return
             for name, process in self.processes.items():
                 code = process.poll()
                 if code not in (None, 0):
@@ -262,8 +272,13 @@ def run_over_mqtt(
     dataset: ImageDataset,
     run: MqttRun,
     on_round: Callable[[RoundLog], None] | None = None,
+    interrupted: threading.Event | None = None,
 ) -> SimulationResult:
-    """Run every task and round of `fleet` through a broker, with one process per device."""
+    """Run every task and round of `fleet` through a broker, with one process per device.
+
+    Setting `interrupted` (SIGTERM, say) stops the run: every process it started is stopped.
+    """
+    interrupted = interrupted or threading.Event()
     started = time.perf_counter()
     # absolute: the YAMLs written below hold paths that are read relative to their own folder
     workdir = (run.workdir or Path(tempfile.mkdtemp(prefix="fedfmx-simulate-"))).resolve()
@@ -289,7 +304,8 @@ def run_over_mqtt(
             aggregator = open_aggregator(fleet, workdir / "aggregator.sqlite", hooks)
             try:
                 aggregator.start()
-                watch = _DeviceWatch({c.stem: _spawn(c, logs) for c in configs}, logs)
+                devices = {c.stem: _spawn(c, logs) for c in configs}
+                watch = _DeviceWatch(devices, logs, interrupted)
                 completed = False
                 try:
                     completed = aggregator.run(watch.stop)

@@ -122,7 +122,6 @@ def simulate(
     from fedfmx.simulation import load_fleet_dataset, run_simulation
     from fedfmx_cli.fleet_simulation import MqttRun, run_over_mqtt
 
-    services.interrupt_on_sigterm()  # stopped, it stops every process it started
     fleet = _apply_overrides(load_fleet(fleet_file), method, seed, data_path)
     dataset = load_fleet_dataset(fleet)
     total = fleet.protocol.num_rounds
@@ -145,8 +144,10 @@ def simulate(
 
         if transport is Transport.mqtt and fleet.method != "joint":
             configure_logging(as_json=False, level=logging.WARNING)
+            # stopped by a signal, it stops every process it started
+            interrupted = services.stop_on_signals()
             result = run_over_mqtt(
-                fleet, dataset, MqttRun(broker, broker_url, workdir, secure), on_round
+                fleet, dataset, MqttRun(broker, broker_url, workdir, secure), on_round, interrupted
             )
         else:
             result = run_simulation(fleet, dataset, on_round)

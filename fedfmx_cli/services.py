@@ -56,15 +56,6 @@ class Stopped(Exception):
     """A stop signal interrupted a long step (its work is abandoned, its state unsaved)."""
 
 
-def interrupt_on_sigterm() -> None:
-    """SIGTERM as Ctrl-C for a foreground command, so its clean-up runs (children stopped)."""
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
 def _with_broker_url(fleet: FleetConfig, url: str | None) -> FleetConfig:
     if url is None:
         return fleet
