@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -83,3 +86,13 @@ def run_to_end(
         raise errors[0]
     assert not any(t.is_alive() for t in threads), "the fleet did not stop in time"
     assert stopped_early or aggregator.finished, "the fleet did not finish in time"
+
+
+def stop_and_expect_stopping(process: subprocess.Popen[str], notify: socket.socket) -> None:
+    """SIGTERM a `Type=notify` service: it says STOPPING=1 (after any last WATCHDOG=1) and
+    exits 0."""
+    process.send_signal(signal.SIGTERM)
+    while (message := notify.recv(4096)) == b"WATCHDOG=1":
+        pass
+    assert message == b"STOPPING=1"
+    assert process.wait(30) == 0

@@ -44,20 +44,27 @@ def _by_check(findings: list[Finding]) -> dict[str, Finding]:
     return {finding.check: finding for finding in findings}
 
 
+def _diagnose_with_aggregator(
+    credentials: ProvisionedFleet, config: Path, tmp_path: Path
+) -> dict[str, Finding]:
+    """The doctor's findings while the fleet's aggregator runs (it answers the clock)."""
+    fleet = load_fleet(credentials.directory / "fleet.yaml")
+    aggregator = open_aggregator(fleet, tmp_path / "aggregator.sqlite", ServiceHooks())
+    aggregator.start()
+    try:
+        return _by_check(diagnose(config))
+    finally:
+        aggregator.session.close()
+        aggregator.state.close()
+
+
 def test_doctor_passes_on_a_provisioned_device_and_measures_the_aggregators_clock(
     provisioned: tuple[ProvisionedFleet, MosquittoBroker], tmp_path: Path
 ) -> None:
     credentials, broker = provisioned
     url = f"mqtts://{broker.host}:{broker.port}"
     config = _device_yaml(credentials, url)
-    fleet = load_fleet(credentials.directory / "fleet.yaml")
-    aggregator = open_aggregator(fleet, tmp_path / "aggregator.sqlite", ServiceHooks())
-    aggregator.start()
-    try:
-        findings = _by_check(diagnose(config))
-    finally:
-        aggregator.session.close()
-        aggregator.state.close()
+    findings = _diagnose_with_aggregator(credentials, config, tmp_path)
     assert findings["broker"].verdict == "ok", findings["broker"]
     assert "mutual TLS" in findings["broker"].detail
     assert findings["clock"].verdict == "ok", findings["clock"]
@@ -131,14 +138,7 @@ def test_doctor_on_a_broker_whose_acl_predates_the_clock_topic_says_so(
     extra = credentials.broker_settings()
     with MosquittoBroker(allow_anonymous=False, extra_config=extra) as broker:
         config = _device_yaml(credentials, f"mqtts://{broker.host}:{broker.port}")
-        fleet = load_fleet(credentials.directory / "fleet.yaml")
-        aggregator = open_aggregator(fleet, tmp_path / "aggregator.sqlite", ServiceHooks())
-        aggregator.start()
-        try:
-            findings = _by_check(diagnose(config))
-        finally:
-            aggregator.session.close()
-            aggregator.state.close()
+        findings = _diagnose_with_aggregator(credentials, config, tmp_path)
     assert findings["broker"].verdict == "ok"
     assert findings["clock"].verdict == "warn"
     assert "may this device read" in findings["clock"].detail

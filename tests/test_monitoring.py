@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,13 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from fleet_helpers import device_yaml, run_to_end, small_fleet, write_fleet
+from fleet_helpers import (
+    device_yaml,
+    run_to_end,
+    small_fleet,
+    stop_and_expect_stopping,
+    write_fleet,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.monitoring import rejection_bucket, serve_metrics
@@ -182,11 +187,7 @@ def test_serve_notifies_systemd_and_serves_metrics_and_page(
         assert metrics["fedfmx_round"] == -1
         code, page = get(f"http://127.0.0.1:{page_port}/")
         assert code == 200 and "no device has said hello" in page
-        process.send_signal(signal.SIGTERM)
-        while (message := listener.recv(4096)) == b"WATCHDOG=1":
-            pass
-        assert message == b"STOPPING=1"
-        assert process.wait(30) == 0
+        stop_and_expect_stopping(process, listener)
     finally:
         if process.poll() is None:
             process.kill()

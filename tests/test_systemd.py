@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet_helpers import device_yaml, small_fleet, write_fleet
+from fleet_helpers import device_yaml, small_fleet, stop_and_expect_stopping, write_fleet
 
 from fedfmx_cli.systemd import SystemdNotifier
 from transport import MosquittoBroker
@@ -102,11 +101,7 @@ def test_join_notifies_ready_and_feeds_the_watchdog_from_its_loop(
         assert sock.recv(4096) == b"READY=1"
         assert sock.recv(4096) == b"WATCHDOG=1"
         assert sock.recv(4096) == b"WATCHDOG=1"
-        process.send_signal(signal.SIGTERM)
-        while (message := sock.recv(4096)) == b"WATCHDOG=1":
-            pass
-        assert message == b"STOPPING=1"
-        assert process.wait(30) == 0
+        stop_and_expect_stopping(process, sock)
     finally:
         if process.poll() is None:
             process.kill()
