@@ -13,7 +13,7 @@ import base64
 import datetime
 import hashlib
 import ipaddress
-import os
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +24,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from aggregator import dynsec
+from aggregator.dynsec import OPERATOR
 from edge_client.config import DeviceConfig, PartitionSource, save_device_config
+from edge_client.enrolment import write_private
 from fedfmx.config import BrokerConfig, FleetConfig
 from fedfmx.errors import ConfigError
 
@@ -58,15 +62,27 @@ class ProvisionedFleet:
     signing_key: Path
     verify_key: Path
     clients: dict[str, Credentials]
+    dynamic_security: Path | None = None
+    """The dynamic-security plugin's JSON (None: static password and ACL files)."""
 
-    def broker_settings(self) -> list[str]:
+    def broker_settings(self, enrol_listener: str | None = None) -> list[str]:
         """mosquitto.conf minus listener and persistence: TLS, ACL and authentication lines
-        to put under a listener of one's own (tests and `simulate --secure` do)."""
-        return [
-            line
-            for line in self.mosquitto_conf.read_text().splitlines()
-            if not line.startswith(("listener", "persistence", "allow_anonymous"))
-        ]
+        to put under a listener of one's own (tests and `simulate --secure` do). With
+        dynamic security, `enrol_listener` ("port host") replaces the enrolment listener's
+        line (without it, that listener's block is left out)."""
+        lines: list[str] = []
+        listeners = 0
+        for line in self.mosquitto_conf.read_text().splitlines():
+            if line.startswith("listener"):
+                listeners += 1
+                if listeners == 2 and enrol_listener is not None:
+                    lines.append(f"listener {enrol_listener}")
+                continue
+            if listeners >= 2 and enrol_listener is None:
+                continue
+            if not line.startswith(("persistence", "allow_anonymous")):
+                lines.append(line)
+        return lines
 
     def broker_section(self, name: str, url: str) -> BrokerConfig:
         """The `broker:` section for client `name`: mutual TLS with its certificate."""
@@ -89,7 +105,7 @@ class ProvisionedFleet:
         fleet = fleet.model_copy(update={"service": service})
         fleet_file = self.directory / "fleet.yaml"
         fleet_file.write_text(yaml.safe_dump(fleet.model_dump(mode="json"), sort_keys=False))
-        devices = [name for name in self.clients if name != AGGREGATOR]
+        devices = [name for name in self.clients if name not in (AGGREGATOR, OPERATOR)]
         configs = [
             save_device_config(
                 DeviceConfig(
@@ -108,35 +124,36 @@ class ProvisionedFleet:
         return fleet_file, configs
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create with 0600 from the start (never world-readable, not even for a moment)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
-
-
 def _pem_key(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
+def _subject_name(host: str) -> x509.GeneralName:
+    """An IP address entry for an address, a DNS entry for a name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 def _certificate(
     subject: str,
-    key: ec.EllipticCurvePrivateKey,
+    key: CertificatePublicKeyTypes,
     issuer: x509.Certificate | None,
     issuer_key: ec.EllipticCurvePrivateKey,
     *,
     server: bool = False,
+    server_hosts: Sequence[str] = (),
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(issuer.subject if issuer else name)
-        .public_key(key.public_key())
+        .public_key(key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + VALIDITY)
@@ -146,7 +163,7 @@ def _certificate(
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if server:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        names = [_subject_name(host) for host in ("localhost", "127.0.0.1", *server_hosts)]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
@@ -169,21 +186,44 @@ def acl_lines(fleet: str) -> list[str]:
         "",
         f"pattern write {prefix}/clients/%u/#",
         f"pattern read {prefix}/clients/%u/inbox",
+        f"pattern read {prefix}/clients/%u/clock",
         f"pattern read {prefix}/round",
         f"pattern read {prefix}/model/#",
     ]
 
 
-def _load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The fleet CA that `provision` wrote in `directory` (certificate, private key)."""
     cert_path, key_path = directory / "ca.crt", directory / "ca.key"
-    if cert_path.exists() and key_path.exists():
+    try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(f"{key_path}: not an EC private key")
-        return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"{directory}: no fleet CA here ({error.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"{directory}: ca.crt or ca.key is not valid PEM") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{key_path}: not an EC private key")
+    return certificate, key
+
+
+def issue_client_certificate(
+    subject: str,
+    public_key: CertificatePublicKeyTypes,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+) -> x509.Certificate:
+    """A client certificate (CN = `subject`, the MQTT username) for a key made elsewhere."""
+    return _certificate(subject, public_key, ca, ca_key)
+
+
+def _load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    if (directory / "ca.crt").exists() and (directory / "ca.key").exists():
+        return load_ca(directory)
+    cert_path, key_path = directory / "ca.crt", directory / "ca.key"
     key = ec.generate_private_key(ec.SECP256R1())
-    certificate = _certificate("fedfmx fleet CA", key, None, key)
-    _write_private(key_path, _pem_key(key))
+    certificate = _certificate("fedfmx fleet CA", key.public_key(), None, key)
+    write_private(key_path, _pem_key(key))
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return certificate, key
 
@@ -195,11 +235,14 @@ def _client(
     ca_key: ec.EllipticCurvePrivateKey,
     *,
     server: bool = False,
+    server_hosts: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    certificate = _certificate(name, key, ca, ca_key, server=server)
+    certificate = _certificate(
+        name, key.public_key(), ca, ca_key, server=server, server_hosts=server_hosts
+    )
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    _write_private(key_path, _pem_key(key))
+    write_private(key_path, _pem_key(key))
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
@@ -210,20 +253,36 @@ def provision(
     directory: Path,
     port: int = 8883,
     max_payload_bytes: int = BrokerConfig().max_payload_bytes,
+    enrol_port: int | None = None,
+    broker_hosts: Sequence[str] = (),
 ) -> ProvisionedFleet:
     """Write (or extend: an existing CA is reused) the fleet's credentials under `directory`.
 
     The broker refuses (and disconnects) any client sending a packet larger than the fleet's
     chunk size allows, so an oversized flood never reaches the aggregator.
+
+    With `enrol_port`, rights live in Mosquitto's dynamic-security plugin instead of the
+    password and ACL files (see `aggregator.dynsec`): an `operator` identity changes them on
+    the running broker, and a second TLS listener on `enrol_port` (server certificate only)
+    takes enrolment requests authenticated by one-time tokens.
+
+    The broker's certificate names localhost, 127.0.0.1 and `broker_hosts` (the names or
+    addresses devices connect to: TLS checks them).
     """
     for device in device_ids:
-        if device == AGGREGATOR or not device.replace("-", "").replace("_", "").isalnum():
+        if (
+            device in (AGGREGATOR, OPERATOR)
+            or not device.replace("-", "").replace("_", "").isalnum()
+        ):
             raise ConfigError(f"device id {device!r}: use letters, digits, '-' and '_' only")
     directory.mkdir(parents=True, exist_ok=True)
     ca, ca_key = _load_or_create_ca(directory)
-    broker_cert, broker_key = _client(directory, "broker", ca, ca_key, server=True)
+    broker_cert, broker_key = _client(
+        directory, "broker", ca, ca_key, server=True, server_hosts=broker_hosts
+    )
     clients: dict[str, Credentials] = {}
-    for name in [AGGREGATOR, *device_ids]:
+    identities = [AGGREGATOR, *([OPERATOR] if enrol_port is not None else []), *device_ids]
+    for name in identities:
         cert, key = _client(directory, name, ca, ca_key)
         clients[name] = Credentials(name, cert, key, secrets.token_urlsafe(18))
     password_file = directory / "passwords"
@@ -231,28 +290,37 @@ def provision(
     entries = kept + [
         f"{name}:{mosquitto_password_hash(c.password)}" for name, c in clients.items()
     ]
-    _write_private(password_file, ("\n".join(entries) + "\n").encode())
+    write_private(password_file, ("\n".join(entries) + "\n").encode())
     for name, credentials in clients.items():
-        _write_private(directory / f"{name}.password", credentials.password.encode())
+        write_private(directory / f"{name}.password", credentials.password.encode())
     acl_file = directory / "acl"
     acl_file.write_text("\n".join(acl_lines(fleet)) + "\n")
     signing_key, verify_key = signing_key_files(directory)
     conf = directory / "mosquitto.conf"
+    tls = [f"cafile {directory / 'ca.crt'}", f"certfile {broker_cert}", f"keyfile {broker_key}"]
+    if enrol_port is None:
+        dynamic_security = None
+        security = [f"acl_file {acl_file}"]
+        enrolment: list[str] = []
+    else:
+        dynamic_security = write_dynamic_security(directory, fleet, device_ids)
+        plugin = dynsec.plugin_path() or Path(dynsec.PLUGIN_PATHS[0])
+        security = [f"plugin {plugin}", f"plugin_opt_config_file {dynamic_security}"]
+        enrolment = [f"listener {enrol_port}", *tls]
     conf.write_text(
         "\n".join(
             [
                 "per_listener_settings false",
                 "allow_anonymous false",
-                f"acl_file {acl_file}",
+                *security,
                 f"max_packet_size {max_payload_bytes + PACKET_HEADROOM}",
                 "persistence true",
                 f"persistence_location {directory}/",
                 f"listener {port}",
-                f"cafile {directory / 'ca.crt'}",
-                f"certfile {broker_cert}",
-                f"keyfile {broker_key}",
+                *tls,
                 "require_certificate true",
                 "use_identity_as_username true",
+                *enrolment,
             ]
         )
         + "\n"
@@ -268,7 +336,30 @@ def provision(
         signing_key,
         verify_key,
         clients,
+        dynamic_security,
     )
+
+
+def write_dynamic_security(directory: Path, fleet: str, device_ids: Sequence[str]) -> Path:
+    """The plugin's JSON with the aggregator, the operator and `device_ids`; an existing file
+    (the broker's live state: it rewrites the file on every change) only gains the missing
+    identities. Written with the broker stopped: a running one would overwrite it."""
+    path = directory / "dynamic-security.json"
+    identities = {
+        AGGREGATOR: dynsec.aggregator_acls(fleet),
+        OPERATOR: dynsec.operator_acls(fleet),
+        **{device: dynsec.device_acls(fleet, device) for device in device_ids},
+    }
+    fresh = dynsec.initial_config(fleet, identities)
+    if path.exists():
+        current = json.loads(path.read_text())
+        known = {client["username"] for client in current.get("clients", [])}
+        current["clients"] += [c for c in fresh["clients"] if c["username"] not in known]
+        roles = {role["rolename"] for role in current.get("roles", [])}
+        current["roles"] += [r for r in fresh["roles"] if r["rolename"] not in roles]
+        fresh = current
+    write_private(path, json.dumps(fresh, indent=1).encode())
+    return path
 
 
 def _existing_passwords(path: Path, replaced: set[str]) -> list[str]:
@@ -286,7 +377,7 @@ def signing_key_files(directory: Path) -> tuple[Path, Path]:
     private, public = directory / "aggregator-signing.key", directory / "aggregator-signing.pub"
     if not private.exists():
         key = Ed25519PrivateKey.generate()
-        _write_private(private, _pem_key(key))
+        write_private(private, _pem_key(key))
         public.write_bytes(
             key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
+from aggregator.clock import clock_answer
 from aggregator.crash_points import crash_point
 from aggregator.events import log_event
 from aggregator.rate_limit import RateLimiter
@@ -126,6 +127,7 @@ class Aggregator:
         self.session.subscribe(clients_filter(fleet, TopicKind.HELLO), self._on_hello)
         self.session.subscribe(clients_filter(fleet, TopicKind.STATUS), self._on_status, raw=True)
         self.session.subscribe(clients_filter(fleet, TopicKind.UPDATE), self._on_update)
+        self.session.subscribe(clients_filter(fleet, TopicKind.CLOCK), self._on_clock, raw=True)
         # Retained messages only the aggregator writes: restored when anyone overwrites them.
         for topic_filter in (round_topic(fleet), *model_filters(fleet)):
             self.session.guard_retained(topic_filter)
@@ -143,9 +145,14 @@ class Aggregator:
             state=str(self.state.path),
         )
 
-    def run(self, stop: threading.Event | None = None) -> bool:
-        """Drive rounds until the fleet's schedule is done (True) or `stop` is set (False)."""
+    def run(
+        self, stop: threading.Event | None = None, heartbeat: Callable[[], None] | None = None
+    ) -> bool:
+        """Drive rounds until the fleet's schedule is done (True) or `stop` is set (False);
+        `heartbeat` is called every tick (systemd's watchdog)."""
         while not self._finished.is_set():
+            if heartbeat is not None:
+                heartbeat()
             if stop is not None and stop.wait(TICK_S):
                 return False
             if stop is None:
@@ -260,7 +267,9 @@ class Aggregator:
         assert self.keeper.current is not None
         announcement = self.keeper.current.announcement
         before = self.keeper.model.version
+        merge_started = time.perf_counter()
         model = self.keeper.close_round()
+        merge_duration_s = time.perf_counter() - merge_started
         crash_point("round_merged")
         stored = None
         if model.version != before:
@@ -280,6 +289,8 @@ class Aggregator:
             participants=totals.participants,
             uplink_bytes=totals.uplink_bytes,
             model_version=model.version,
+            merge_duration_s=round(merge_duration_s, 4),
+            round_duration_s=round((totals.closed or totals.opened) - totals.opened, 3),
         )
         self._announce()  # closed: devices stop re-sending for it
         self._evaluate_missed_task()
@@ -440,6 +451,13 @@ class Aggregator:
             ):
                 self.state.record_skip(status.round, sender)
                 log_event("device_skipped", device=sender, round=status.round)
+
+    def _on_clock(self, topic: str, message: bytes) -> None:
+        """Answer `doctor`'s clock probe on the same topic (see aggregator.clock)."""
+        answer = clock_answer(message, time.time())
+        sender = self._sender(topic)
+        if answer is not None and sender is not None and self._admitted(sender):
+            self.session.publish_raw(topic, answer)
 
     def _on_update(self, topic: str, payload: bytes) -> None:
         sender = self._sender(topic)

@@ -221,16 +221,37 @@ class AggregatorState:
             "SELECT version, payload, class_names, expert_usage, published_chunks FROM models "
             "WHERE payload IS NOT NULL ORDER BY version DESC LIMIT 1"
         )
-        if not rows:
-            return None
-        version, payload, names, usage, chunks = rows[0]
-        return StoredModel(
-            int(version),
-            bytes(payload),
-            json.loads(str(names)),
-            json.loads(str(usage)),
-            None if chunks is None else int(chunks),
+        return _stored_model(rows[0]) if rows else None
+
+    def model(self, version: int) -> StoredModel | None:
+        """One stored version; None when unknown or its payload was dropped (only the newest
+        `KEEP_MODEL_PAYLOADS` keep theirs)."""
+        rows = self._read(
+            "SELECT version, payload, class_names, expert_usage, published_chunks FROM models "
+            "WHERE version = ? AND payload IS NOT NULL",
+            (version,),
         )
+        return _stored_model(rows[0]) if rows else None
+
+    def roll_back(self, model: StoredModel, spent: RoundAnnouncement) -> None:
+        """Store `model` as the newest version, made by round `spent.round`, in one
+        transaction: the open round is closed unmerged (its updates were trained from the
+        version being replaced, and are deleted, so no receipt of them is ever re-sent), or,
+        with none open, `spent` is recorded as a round closed with no participants."""
+        now = time.time()
+        with self._transaction() as db:
+            sql, args = _insert_model(model)
+            db.execute(sql, args)
+            db.execute(
+                "INSERT OR IGNORE INTO rounds (round, announcement, opened) VALUES (?, ?, ?)",
+                (spent.round, spent.model_dump_json(), now),
+            )
+            db.execute(
+                "UPDATE rounds SET closed = ?, merged_version = ? WHERE round = ?",
+                (now, model.version, spent.round),
+            )
+            db.execute("DELETE FROM updates WHERE round = ?", (spent.round,))
+            db.execute("DELETE FROM skips WHERE round = ?", (spent.round,))
 
     def published_chunks(self, version: int) -> int | None:
         rows = self._read("SELECT published_chunks FROM models WHERE version = ?", (version,))
@@ -520,6 +541,17 @@ class AggregatorState:
                 )
             )
         return totals
+
+
+def _stored_model(row: tuple[Any, ...]) -> StoredModel:
+    version, payload, names, usage, chunks = row
+    return StoredModel(
+        int(version),
+        bytes(payload),
+        json.loads(str(names)),
+        json.loads(str(usage)),
+        None if chunks is None else int(chunks),
+    )
 
 
 def _insert_model(model: StoredModel) -> tuple[str, tuple[object, ...]]:

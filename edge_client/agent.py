@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from edge_client.config import DeviceConfig
+from edge_client.health import free_disk_mb, process_rss_mb, source_state
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
 from fedfmx.aggregation import Arrays
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
@@ -125,6 +126,7 @@ class EdgeDevice:
         self._manifests: dict[int, bytes] = {}
         self._peak_rss_mb: float | None = None
         self._round_time_s: float | None = None
+        self._last_round_unix: float | None = None
         self._last_hello: Hello | None = None
         self._activity: DeviceActivity = "online"
         """The last state published: said again after a reconnect, over a Last Will."""
@@ -144,8 +146,9 @@ class EdgeDevice:
 
     # -- the main loop ----------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
-        """Take part in rounds until the schedule is done (or `stop`), then go offline.
+    def run(self, stop: threading.Event, heartbeat: Callable[[], None] | None = None) -> None:
+        """Take part in rounds until the schedule is done (or `stop`), then go offline;
+        `heartbeat` is called every turn of the loop (systemd's watchdog).
 
         Every wait below is bounded and watches `stop`, so SIGTERM ends the device within a
         second or so whatever it waits for (a round being trained is abandoned: the saved
@@ -159,6 +162,8 @@ class EdgeDevice:
         self._say_hello()
         try:
             while not stop.is_set() and not self._done():
+                if heartbeat is not None:
+                    heartbeat()
                 announcement = self._next_announcement(stop)
                 if announcement is not None:
                     self._take_part(announcement, stop)
@@ -243,6 +248,7 @@ class EdgeDevice:
         finally:
             self.training = False
         self._round_time_s = time.perf_counter() - started
+        self._last_round_unix = time.time()
         self._peak_rss_mb = rss.peak_mb
         if rss.peak_mb > self.profile.train_memory_mb:
             log.warning(
@@ -482,6 +488,10 @@ class EdgeDevice:
             peak_rss_mb=self._peak_rss_mb,
             round_time_s=self._round_time_s,
             profile=self.profile.name,
+            rss_mb=round(process_rss_mb(), 1),
+            disk_free_mb=round(free_disk_mb(self.config.state_dir), 1),
+            last_round_unix=self._last_round_unix,
+            source_state=source_state(len(self.learner.state.held)),
         )
         try:
             self.session.publish_raw(

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from fedfmx.compat import StrEnum
 
 
 class ExportFormat(StrEnum):

@@ -136,3 +136,48 @@ class DeviceStatus(Message):
     """Peak resident memory of the last local round (DESIGN §8: the profile's budget)."""
     round_time_s: float | None = None
     profile: Name | None = None
+    rss_mb: float | None = None
+    """Resident memory of the device process when the status was sent (health)."""
+    disk_free_mb: float | None = None
+    """Free space under the device's state_dir."""
+    last_round_unix: float | None = None
+    """When the device last finished a round (its clock)."""
+    source_state: str | None = Field(default=None, max_length=64)
+    """The data source's state: `ok`, `exhausted` (stream fully met) or an error word."""
+
+
+class ClockProbe(Message):
+    """`doctor`'s clock echo on `clients/<id>/clock`: the device sends a probe, the aggregator
+    answers with the same `probe_id` and its clock. With `t0`/`t1` the device's send and
+    receive times, skew = aggregator_unix - (t0 + t1) / 2, within ±(t1 - t0) / 2 (NTP's rule)."""
+
+    kind: Literal["clock"] = "clock"
+    probe_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    aggregator_unix: float | None = None
+    """None in a probe; the aggregator's time.time() in its answer."""
+
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+PEM_LIMIT = 16_384
+
+
+class EnrolmentRequest(Message):
+    """A device's request to join (retained on `enrol/<id>/request`): its certificate signing
+    request, made on the device, whose private key never leaves it."""
+
+    kind: Literal["enrol_request"] = "enrol_request"
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    csr_pem: str = Field(max_length=PEM_LIMIT)
+    profile: str | None = Field(default=None, max_length=256)
+
+
+class EnrolmentReply(Message):
+    """The operator's answer (retained on `enrol/<id>/reply`): the signed certificate and what
+    the device needs to join (fleet YAML, the model-signing public key, the broker to use)."""
+
+    kind: Literal["enrol_reply"] = "enrol_reply"
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    certificate_pem: str = Field(max_length=PEM_LIMIT)
+    fleet_yaml: str = Field(max_length=1_000_000)
+    fleet_public_key_pem: str | None = Field(default=None, max_length=PEM_LIMIT)
+    broker_url: str = Field(max_length=1024)

@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 from dataclasses import replace
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -18,9 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aggregator.events import configure_logging
+from fedfmx.compat import StrEnum
 from fedfmx.config import FleetConfig, load_fleet, validate_document
 from fedfmx.errors import ConfigError
-from fedfmx_cli import deploy, provisioning, services
+from fedfmx_cli import deploy, enrolment, operations, provisioning, services
 from fedfmx_cli.console import console, one_line_errors
 from transport.brokers import BrokerChoice
 
@@ -169,6 +169,8 @@ def simulate(
 deploy.register(app)
 provisioning.register(app)
 services.register(app)
+operations.register(app)
+enrolment.register(app)
 
 bench = typer.Typer(no_args_is_help=True, help="Reproducible benchmarks (JSON + PNG).")
 app.add_typer(bench, name="bench")

@@ -22,7 +22,10 @@ def provision(
         Path | None, typer.Option("--fleet", help="Fleet YAML; default: the demo fleet.")
     ] = None,
     devices: Annotated[
-        int | None, typer.Option(min=1, max=100_000, help="Provision device-000 … device-(N-1).")
+        int | None,
+        typer.Option(
+            min=0, max=100_000, help="Provision device-000 … device-(N-1) (0: with --enrol-port)."
+        ),
     ] = None,
     device: Annotated[
         list[str] | None, typer.Option(help="Provision this device id (repeat).")
@@ -36,14 +39,31 @@ def provision(
     profile: Annotated[str, typer.Option(help="Device profile in the device YAMLs.")] = (
         "raspberry-pi-4"
     ),
+    enrol_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Live enrolment: rights in Mosquitto's dynamic-security plugin, an operator "
+            "identity, and a TLS enrolment listener on this port (--devices 0 is allowed)."
+        ),
+    ] = None,
 ) -> None:
     """Write a fleet CA, broker and device certificates, passwords, ACL and mosquitto.conf."""
     if (devices is None) == (not device):
         raise ConfigError("give either --devices N or one or more --device ID")
+    if devices == 0 and enrol_port is None:
+        raise ConfigError("--devices 0 needs --enrol-port (devices then enrol themselves)")
     ids = list(device or []) or [f"device-{index:03d}" for index in range(devices or 0)]
     fleet = load_fleet(fleet_file)
     written = write_credentials(
-        fleet.name, ids, out, port=port, max_payload_bytes=fleet.service.broker.max_payload_bytes
+        fleet.name,
+        ids,
+        out,
+        port=port,
+        max_payload_bytes=fleet.service.broker.max_payload_bytes,
+        enrol_port=enrol_port,
+        broker_hosts=[broker_host],
     )
     fleet_file, configs = written.write_configs(fleet, f"mqtts://{broker_host}:{port}", profile)
     table = Table(title=f"fleet {fleet.name}: credentials in {written.directory}")
@@ -55,7 +75,13 @@ def provision(
     Console().print(table)
     Console().print(f"broker: mosquitto -c {written.mosquitto_conf}")
     Console().print(f"aggregator: fedfmx-edge serve --fleet {fleet_file}")
-    Console().print(f"devices: fedfmx-edge join --config {configs[0]} (one YAML per device)")
+    if configs:
+        Console().print(f"devices: fedfmx-edge join --config {configs[0]} (one YAML per device)")
+    if enrol_port is not None:
+        Console().print(
+            f"enrolment: fedfmx-edge devices invite ID --credentials {written.directory}; "
+            f"devices enrol on mqtts://{broker_host}:{enrol_port}"
+        )
 
 
 def register(app: typer.Typer) -> None:

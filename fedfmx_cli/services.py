@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -17,12 +18,16 @@ from rich.console import Console
 from rich.table import Table
 
 from aggregator.events import configure_logging
-from aggregator.service import ServiceHooks, open_aggregator
+from aggregator.monitoring import serve_metrics
+from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
+from aggregator.state_lock import exclusive_state
+from aggregator.status_page import serve_status_page
 from edge_client.config import load_device_config
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError
 from fedfmx_cli.console import one_line_errors
+from fedfmx_cli.systemd import SystemdNotifier
 
 FleetOption = Annotated[
     Path | None, typer.Option("--fleet", help="Fleet YAML; default: the embedded demo fleet.")
@@ -70,6 +75,15 @@ def serve(
         bool, typer.Option(help="Evaluate on the fleet data set's test split after each task.")
     ] = False,
     json_logs: JsonLogs = False,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Expose Prometheus metrics on this port (/metrics).")
+    ] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="Serve the read-only status page on this port.")
+    ] = None,
+    listen: Annotated[
+        str, typer.Option(help="Address the metrics and the page listen on (0.0.0.0: all).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the fleet's aggregator: rounds, merges and model versions, resumable from its state."""
     configure_logging(json_logs)
@@ -79,14 +93,35 @@ def serve(
         from fedfmx.simulation import load_fleet_dataset, task_evaluator  # torch: only here
 
         hooks = ServiceHooks(evaluate=task_evaluator(fleet, load_fleet_dataset(fleet)))
-    aggregator = open_aggregator(fleet, state or fleet.service.state_file(fleet.name), hooks)
-    stop = stop_on_signals()
+    state_path = state or fleet.service.state_file(fleet.name)
+    with ExitStack() as served:
+        served.enter_context(exclusive_state(state_path, "serving it again"))
+        aggregator = open_aggregator(fleet, state_path, hooks)
+        served.callback(aggregator.state.close)  # last: after the page and metrics stopped
+        stop = stop_on_signals()
+        notifier = SystemdNotifier()
+        if metrics_port is not None:
+            served.enter_context(serve_metrics(aggregator.state, metrics_port, listen))
+        if http_port is not None:
+            page = serve_status_page(
+                aggregator.state, fleet.name, fleet.protocol.num_rounds, http_port, listen
+            )
+            served.enter_context(page)
+        _run_aggregator(aggregator, stop, notifier)
+
+
+def _run_aggregator(
+    aggregator: Aggregator, stop: threading.Event, notifier: SystemdNotifier
+) -> None:
+    """Start, tell systemd, run until done or stopped; always close the MQTT session."""
     try:
         aggregator.start()
-        aggregator.run(stop)
+        version = aggregator.keeper.model.version
+        notifier.ready(f"fleet {aggregator.fleet.name}, model version {version}")
+        aggregator.run(stop, notifier.heartbeat)
     finally:
+        notifier.stopping()
         aggregator.session.close()
-        aggregator.state.close()
 
 
 @one_line_errors
@@ -99,10 +134,14 @@ def join(
 
     configure_logging(json_logs)
     device = open_device(load_device_config(config))
+    notifier = SystemdNotifier()
     try:
-        device.run(stop_on_signals(abandon=lambda: device.training))
+        # READY=1 on the loop's first turn
+        device.run(stop_on_signals(abandon=lambda: device.training), notifier.heartbeat)
     except Stopped as signal_name:
         Console(stderr=True).print(f"stopped by {signal_name} during local training")
+    finally:
+        notifier.stopping()
 
 
 def _ago(seconds: float) -> str:

@@ -69,6 +69,10 @@ FILE_COMMANDS: list[tuple[str, str]] = [
     ("predict --model", "predict --model {f} --input {f}"),
     ("predict --profile", "predict --model {f} --input {f} --profile {f}"),
     ("bench fcil --fleet", "bench fcil --fleet {f} --out {tmp}/b"),
+    ("doctor --config", "doctor --config {f}"),
+    ("rollback --fleet", "rollback --to 0 --fleet {f}"),
+    ("rollback --state", "rollback --to 0 --state {f}"),
+    ("devices list --credentials", "devices list --credentials {f}"),
 ]
 """Each command line with `{f}` where the bad file goes."""
 

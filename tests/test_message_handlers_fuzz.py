@@ -203,6 +203,7 @@ def aggregator(tmp_path: Path) -> Iterator[Aggregator]:
         (TopicKind.HELLO, service._on_hello, False),
         (TopicKind.STATUS, service._on_status, True),
         (TopicKind.UPDATE, service._on_update, False),
+        (TopicKind.CLOCK, service._on_clock, True),
     ):
         session.subscribe(clients_filter(fleet.name, kind), handler, raw=raw)
     announcement = service.keeper.open_round(0, ["device-000"], time.time() + 60)
@@ -245,7 +246,7 @@ def _assert_nothing_counted(aggregator: Aggregator) -> None:
 def test_the_aggregator_survives_arbitrary_bytes_on_every_topic(
     aggregator: Aggregator, payload: bytes, framed: bool, sender: str
 ) -> None:
-    for kind in (TopicKind.HELLO, TopicKind.STATUS, TopicKind.UPDATE):
+    for kind in (TopicKind.HELLO, TopicKind.STATUS, TopicKind.UPDATE, TopicKind.CLOCK):
         try:
             deliver(aggregator.session, _client_topic("ci-digits", sender, kind), payload, framed)
         except DeliveryDeferred:  # pragma: no cover - the session absorbs it

@@ -144,3 +144,11 @@ def test_provision_command(tmp_path: Path) -> None:
         app, ["provision", "--devices", "2", "--device", "x", "--out", str(tmp_path)]
     )
     assert both.exit_code == 2 and "either --devices N" in both.output
+
+
+def test_the_broker_certificate_names_the_hosts_devices_connect_to(tmp_path: Path) -> None:
+    fleet = provision("city", ["cam-1"], tmp_path, broker_hosts=["broker.example.org", "10.0.0.5"])
+    cert = x509.load_pem_x509_certificate(fleet.broker_cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost", "broker.example.org"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.0.0.5"]

@@ -19,11 +19,11 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from fedfmx.compat import Self, StrEnum
 from fedfmx.errors import FedFMXError
 
 log = logging.getLogger(__name__)

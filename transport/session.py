@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -38,6 +38,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedfmx.compat import Self
 from fedfmx.config import BrokerConfig
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
 from transport.chunks import (

@@ -7,6 +7,7 @@
     fedfmx/v1/<fleet>/clients/<id>/status            retained raw status; Last Will = offline
     fedfmx/v1/<fleet>/clients/<id>/update            chunked update stream (not retained)
     fedfmx/v1/<fleet>/clients/<id>/inbox             direct messages to one device
+    fedfmx/v1/<fleet>/clients/<id>/clock             `doctor`'s clock probe and its answer
 
 A topic retains only its last message, so a retained body spreads its chunks over one topic
 each (`model/<v>/body/<i>`, see `MqttSession.publish_retained_chunks`): a device that joins
@@ -18,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 
+from fedfmx.compat import StrEnum
 from fedfmx.errors import ProtocolError
 
 PREFIX = "fedfmx/v1"
@@ -37,9 +38,12 @@ class TopicKind(StrEnum):
     STATUS = "status"
     UPDATE = "update"
     INBOX = "inbox"
+    CLOCK = "clock"
 
 
-CLIENT_KINDS = frozenset({TopicKind.HELLO, TopicKind.STATUS, TopicKind.UPDATE, TopicKind.INBOX})
+CLIENT_KINDS = frozenset(
+    {TopicKind.HELLO, TopicKind.STATUS, TopicKind.UPDATE, TopicKind.INBOX, TopicKind.CLOCK}
+)
 
 
 @dataclass(frozen=True)
