@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from edge_client.config import DeviceConfig
+from edge_client.device_data import open_device_data
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
 from fedfmx.aggregation import Arrays
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
@@ -39,8 +40,6 @@ from fedfmx.messages import (
 )
 from fedfmx.profiles import DeviceProfile, PeakRss, apply_profile, load_profile, training_device
 from fedfmx.signing import assemble_verified, chunk_payload, load_verify_key, verify_manifest
-from fedfmx.simulation import load_fleet_dataset, make_plan
-from fedfmx.stream import OwnRowsStream
 from transport import (
     LastWill,
     MqttSession,
@@ -54,6 +53,7 @@ from transport import (
 )
 
 if TYPE_CHECKING:
+    from edge_client.feed import StreamFeed
     from edge_client.inference import DeviceModelServer
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,13 @@ class EdgeDevice:
         session: MqttSession,
         public_key: Ed25519PublicKey | None,
         inference: DeviceModelServer | None = None,
+        feed: StreamFeed | None = None,
     ) -> None:
         self.config = config
         self.inference = inference
+        self.feed = feed
+        """The device's own sources (folder, camera) filling its sample store; None for a
+        fleet partition."""
         self.fleet = fleet
         self.profile = profile
         self.learner = learner
@@ -134,6 +138,8 @@ class EdgeDevice:
         self.session.connect()
         self._publish_status("online")
         self._say_hello()
+        if self.feed is not None:
+            self._start_feed(self.feed)
         try:
             while not stop.is_set() and not self._done():
                 announcement = self._next_announcement(stop)
@@ -141,6 +147,8 @@ class EdgeDevice:
                     self._take_part(announcement, stop)
             self._publish_status("offline")
         finally:
+            if self.feed is not None:
+                self.feed.close()
             self.session.close()
 
     def _done(self) -> bool:
@@ -224,7 +232,22 @@ class EdgeDevice:
         if self.inference is None:
             return
         rows = self.learner.local_rows()
-        self.inference.refresh(model.header, model.weights, rows.x, rows.names)
+        images, names = rows.x, rows.names
+        if not len(images) and self.feed is not None:  # no labels yet: check on what it sees
+            images = self.feed.recent_frames()
+            names = np.full(len(images), "", dtype=np.str_)
+        served = self.inference.refresh(model.header, model.weights, images, names)
+        if served is not None and self.feed is not None and self.feed.predictor is not None:
+            self.feed.predictor.serve(self.inference.served(), rows.x, rows.names.astype(np.str_))
+
+    def _start_feed(self, feed: StreamFeed) -> None:
+        """Start the sources; predictions also go out on the device's own topic when asked."""
+        if feed.predictor is not None:
+            topic = self._topic(TopicKind.PREDICTIONS)
+            feed.predictor.publish = lambda line: self.session.publish_raw(
+                topic, line, timeout_s=2.0
+            )
+        feed.start()
 
     def _deliver_pending(self, round_index: int, stop: threading.Event) -> None:
         """Send the pending update until its receipt comes back or the round moves on."""
@@ -390,12 +413,25 @@ class EdgeDevice:
             round_time_s=self._round_time_s,
             profile=self.profile.name,
         )
+        if self.feed is not None:
+            status = status.model_copy(update=self._feed_status(self.feed))
         try:
             self.session.publish_raw(
                 self._topic(TopicKind.STATUS), status.model_dump_json().encode(), retain=True
             )
         except (TimeoutError, FedFMXError) as error:
             log.warning("status %s not delivered: %s", state, error)
+
+    @staticmethod
+    def _feed_status(feed: StreamFeed) -> dict[str, object]:
+        status = feed.status()
+        return {
+            "store_samples": status.store.samples,
+            "store_bytes": status.store.bytes + status.store.ledger_bytes,
+            "sources": [f"{h.kind}: {h.state} ({h.detail})" for h in status.sources],
+            "predictions": status.predicted,
+            "to_label": status.queued_to_label,
+        }
 
 
 def open_device(config: DeviceConfig) -> EdgeDevice:
@@ -404,36 +440,22 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
     fleet = apply_profile(load_fleet(config.fleet_file), profile)
     training_device(profile)  # says clearly (or refuses) when the profile's GPU is missing
     torch.set_num_threads(fleet.training.threads)
-    if config.data.path is not None:
-        fleet = fleet.model_copy(
-            update={"data": fleet.data.model_copy(update={"path": config.data.path})}
-        )
-    dataset = load_fleet_dataset(fleet)
-    plan = make_plan(fleet, dataset)
-    index = config.data.client_index
-    if index >= fleet.protocol.num_clients:
-        raise ConfigError(
-            f"data.client_index {index} outside the fleet's {fleet.protocol.num_clients} clients"
-        )
-    stream = OwnRowsStream(plan.stream(index, fleet.seed))
+    seed = fleet.seed * 1000 + getattr(config.data, "client_index", 0)
+    data = open_device_data(config, fleet, seed)
     inference = None
-    if config.serve_predictions:
+    if config.serves:
         # The export stack (onnx, onnxruntime: ~50 MB resident) loads only on serving devices.
         from edge_client.inference import DeviceModelServer
         from export.checkpoint import InputSpec
 
-        spec = InputSpec.of_dataset(dataset)
+        spec = InputSpec.of_fleet(fleet)
         inference = DeviceModelServer(config.state_dir / "serving", fleet, profile, spec)
-    own_x = dataset.train_x[stream.rows].copy()
-    own_names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
-    del dataset  # a device keeps its own rows only
     learner = DeviceLearner(
         config.device_id,
         fleet,
-        own_x,
-        own_names,
-        stream,
-        seed=fleet.seed * 1000 + index,
+        data.samples,
+        data.stream,
+        seed=seed,
         cache_dir=config.state_dir / "features",  # pretrained trunk features survive restarts
     )
     offline = DeviceStatus(device_id=config.device_id, state="offline", profile=profile.name)
@@ -443,4 +465,4 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
     )
     session = MqttSession(session_settings(config.broker, config.device_id, will))
     public_key = load_verify_key(config.fleet_public_key)
-    return EdgeDevice(config, fleet, profile, learner, session, public_key, inference)
+    return EdgeDevice(config, fleet, profile, learner, session, public_key, inference, data.feed)

@@ -125,3 +125,13 @@ class DeviceStatus(Message):
     """Peak resident memory of the last local round (DESIGN §8: the profile's budget)."""
     round_time_s: float | None = None
     profile: str | None = None
+    store_samples: int | None = Field(default=None, ge=0)
+    """Samples in the device's own sample store (folder and camera sources)."""
+    store_bytes: int | None = Field(default=None, ge=0)
+    """Disk the sample store uses: sample files and ledger."""
+    sources: list[str] | None = None
+    """One line per source: kind, state and detail (`camera: reconnecting (...)`)."""
+    predictions: int | None = Field(default=None, ge=0)
+    """Frames classified since the device started."""
+    to_label: int | None = Field(default=None, ge=0)
+    """Frames waiting in the to-label queue."""

@@ -36,9 +36,13 @@ class TopicKind(StrEnum):
     STATUS = "status"
     UPDATE = "update"
     INBOX = "inbox"
+    PREDICTIONS = "predictions"
+    """A device's live predictions on its own stream (JSON lines; no service reads them)."""
 
 
-CLIENT_KINDS = frozenset({TopicKind.HELLO, TopicKind.STATUS, TopicKind.UPDATE, TopicKind.INBOX})
+CLIENT_KINDS = frozenset(
+    {TopicKind.HELLO, TopicKind.STATUS, TopicKind.UPDATE, TopicKind.INBOX, TopicKind.PREDICTIONS}
+)
 
 
 @dataclass(frozen=True)
