@@ -12,8 +12,9 @@ Bounds, applied as samples arrive:
   offered: the m-th one, 0-based, enters a full class with probability cap/(m+1), replacing a
   uniformly drawn stored one), so a class met for months keeps a uniform sample of it all;
 - a retention window (`retention_days`): older samples are deleted;
-- a disk budget (`max_bytes`): the oldest already-trained samples of the largest class go
-  first; a sample that still cannot fit is refused (logged), never half-stored.
+- a disk budget (`max_bytes`): already-trained samples make room, older batches and the
+  largest class's oldest first; a sample that still cannot fit (the store is full of samples
+  no round has trained on yet) is refused (logged), never half-stored.
 
 Rounds read the store through `StoreStream` (`edge_client.store_stream`): each round trains
 on the samples that arrived since the previous one (a new batch), plus the learner's memory.
@@ -274,8 +275,9 @@ class SampleStore:
     def _make_room(self, size: int, replace: int | None) -> list[int] | None:
         """Ids to delete so that `size` more bytes fit (beyond `replace`); None: impossible.
 
-        Only samples of closed batches (trained already, and not in the newest batch) may
-        make room; among those, the largest class's oldest first.
+        Only samples a round has trained on may make room: first those of older batches (the
+        learner keeps its own memory of them), the largest class's oldest first, then those
+        of the newest batch. Samples no round has seen yet are never evicted for newer ones.
         """
         chosen = [] if replace is None else [replace]
         used = self.usage().bytes - sum(self._sizes(chosen))
@@ -285,8 +287,8 @@ class SampleStore:
         rows = self._db.execute(
             "SELECT s.id, s.bytes FROM samples s JOIN "
             "(SELECT class, COUNT(*) AS n FROM samples GROUP BY class) c ON s.class = c.class "
-            "WHERE s.batch IS NOT NULL AND s.batch < ? ORDER BY c.n DESC, s.arrived",
-            (newest if newest is not None else 0,),
+            "WHERE s.batch IS NOT NULL ORDER BY s.batch = ?, c.n DESC, s.arrived, s.id",
+            (newest,),
         ).fetchall()
         for sample_id, nbytes in rows:
             if sample_id in chosen:
