@@ -26,6 +26,8 @@ from edge_client.stream_config import CameraSourceConfig
 log = logging.getLogger(__name__)
 
 _KILL_GRACE_S = 1.0
+STARTUP_GRACE_S = 5.0
+"""Beyond `open_timeout_s`, time a new reader gets to start (spawn, import OpenCV, probe)."""
 
 
 class CameraSource:
@@ -46,6 +48,7 @@ class CameraSource:
         self._detail = f"opening {config.url}"
         self._samples = 0
         self._restarts = 0
+        self._opened = False
 
     def start(self) -> None:
         self._thread.start()
@@ -113,7 +116,7 @@ class CameraSource:
 
     def _set(self, state: SourceState, detail: str) -> None:
         if (state, detail) != (self._state, self._detail):
-            level = logging.INFO if state == "running" else logging.WARNING
+            level = logging.INFO if state in ("running", "starting") else logging.WARNING
             log.log(level, "camera %s: %s", state, detail)
         self._state, self._detail = state, detail
 
@@ -145,6 +148,7 @@ class CameraSource:
         except queue.Empty:
             return None
         if kind == "opened":
+            self._opened = True
             self._set(self._state if self._state == "running" else "starting", detail)
             return None
         if kind == "ended":
@@ -155,7 +159,7 @@ class CameraSource:
     def _watch(self) -> tuple[str, bool]:
         """Follow one reader process: why it is over, and whether it gave any frame."""
         last_frame = time.monotonic()
-        got_frame = False
+        got_frame = self._opened = False
         while not self._stop.is_set():
             over = self._event(0.05)
             if over is not None:
@@ -176,6 +180,9 @@ class CameraSource:
             if process is not None and not process.is_alive():
                 over = self._event(0.5)  # its last word may still be in the pipe
                 return over or f"reader exited (code {process.exitcode})", got_frame
-            if time.monotonic() - last_frame > self.config.stall_s:
-                return f"no frame for {self.config.stall_s:.1f} s: reader killed", got_frame
+            c = self.config
+            limit = c.stall_s if self._opened else c.open_timeout_s + STARTUP_GRACE_S
+            if time.monotonic() - last_frame > limit:
+                what = "no frame" if self._opened else "not opened"
+                return f"{what} for {limit:.1f} s: reader killed", got_frame
         return "stopped", got_frame
