@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +21,22 @@ import yaml
 from stream_images import digit_pixels, write_digits
 
 from aggregator.provisioning import signing_key_files
-from aggregator.service import ServiceHooks, open_aggregator
+from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState, RoundTotals
-from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.config import BrokerConfig, FleetConfig, load_fleet
 from fedfmx.metrics import predict
 from fedfmx.model import build_model, load_numpy_state
 from fedfmx.preprocessing import fleet_image_input, model_input
-from transport import MosquittoBroker
+from fedfmx_cli.stream_demo import write_video
+from transport import MosquittoBroker, MqttSession, TopicKind, client_topic, session_settings
 
 FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"
 WAIT_S = 180.0
 
 
-def stream_fleet(url: str, private_key: Path) -> FleetConfig:
+def stream_fleet(url: str, private_key: Path, clients: int = 2, rounds: int = 4) -> FleetConfig:
     document = load_fleet(FLEETS / "ci-digits.yaml").model_dump(mode="json")
-    document["protocol"].update(num_tasks=2, num_clients=2, rounds_per_task=4, max_lag=0)
+    document["protocol"].update(num_tasks=2, num_clients=clients, rounds_per_task=rounds, max_lag=0)
     document["training"].update(local_epochs=3)
     document["classes"] = {"min_samples": 3}
     document["service"] = {
@@ -61,6 +63,40 @@ def device_yaml(tmp: Path, name: str, fleet_file: Path, url: str, public_key: Pa
     return path
 
 
+def run_fleet(
+    tmp_path: Path,
+    fleet: FleetConfig,
+    configs: list[Path],
+    on_round: Callable[[RoundTotals], None] | None = None,
+) -> Aggregator:
+    """The aggregator in a thread, each device a `fedfmx-edge join` process, to the end."""
+    stop = threading.Event()
+    aggregator = open_aggregator(fleet, tmp_path / "agg.sqlite", ServiceHooks(on_round=on_round))
+    aggregator.start()
+    runner = threading.Thread(target=lambda: aggregator.run(stop), daemon=True)
+    runner.start()
+    processes = []
+    for config in configs:
+        log = (tmp_path / f"{config.stem}.log").open("wb")
+        command = [sys.executable, "-m", "fedfmx_cli", "join", "--config", str(config)]
+        processes.append(
+            subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        )
+    try:
+        for config, process in zip(configs, processes, strict=True):
+            assert process.wait(timeout=WAIT_S) == 0, (tmp_path / f"{config.stem}.log").read_text()
+        runner.join(WAIT_S)
+        assert aggregator.finished
+    finally:
+        stop.set()
+        for process in processes:
+            process.kill()
+        aggregator.session.close()
+    return aggregator
+
+
 def test_two_folder_devices_with_misaligned_new_classes_teach_the_fleet_both(
     mosquitto_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -76,33 +112,11 @@ def test_two_folder_devices_with_misaligned_new_classes_teach_the_fleet_both(
             for label in (2, 3):
                 write_digits(tmp_path / "device-b" / "labelled", label, 20)
 
-    stop = threading.Event()
-    aggregator = open_aggregator(fleet, tmp_path / "agg.sqlite", ServiceHooks(on_round=feed_b))
-    aggregator.start()
-    runner = threading.Thread(target=lambda: aggregator.run(stop), daemon=True)
-    runner.start()
-    processes = []
-    for name in ("device-a", "device-b"):
-        config = device_yaml(tmp_path, name, fleet_file, mosquitto_broker.url, public)
-        log = (tmp_path / f"{name}.log").open("wb")
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "fedfmx_cli", "join", "--config", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        )
-    try:
-        for process in processes:
-            assert process.wait(timeout=WAIT_S) == 0, (tmp_path / "device-a.log").read_text()
-        runner.join(WAIT_S)
-        assert aggregator.finished
-    finally:
-        stop.set()
-        for process in processes:
-            process.kill()
-        aggregator.session.close()
+    configs = [
+        device_yaml(tmp_path, name, fleet_file, mosquitto_broker.url, public)
+        for name in ("device-a", "device-b")
+    ]
+    aggregator = run_fleet(tmp_path, fleet, configs, feed_b)
     model = aggregator.keeper.model
     assert set(model.class_names) == {"0", "1", "2", "3"}
     state = AggregatorState(tmp_path / "agg.sqlite", fleet.name)
@@ -131,3 +145,65 @@ def test_two_folder_devices_with_misaligned_new_classes_teach_the_fleet_both(
     assert accuracy > 0.35
     assert (per_class["0"] + per_class["1"]) / 2 > 0.25
     assert (per_class["2"] + per_class["3"]) / 2 > 0.25
+
+
+def test_join_on_a_video_file_publishes_int8_predictions_and_fills_the_to_label_queue(
+    mosquitto_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A camera device (a video file of real digits, 7s among them, which it never learns)
+    with a labels folder of 0, 1 and 2: it learns, serves int8, and classifies every frame."""
+    private, public = signing_key_files(tmp_path)
+    fleet = stream_fleet(mosquitto_broker.url, private, clients=1, rounds=2)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(fleet.model_dump(mode="json")))
+    for label in (0, 1, 2):
+        write_digits(tmp_path / "cam" / "labelled", label, 20)
+    clip = [p for c in (0, 1, 2, 7) for p in digit_pixels(c, 5, start=100)]
+    write_video(tmp_path / "cam" / "street.avi", clip, fps=10.0)
+    config = tmp_path / "cam.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "device_id": "cam",
+                "fleet_file": str(fleet_file),
+                "broker": {"url": mosquitto_broker.url},
+                "profile": "raspberry-pi-4",
+                "data": {
+                    "source": "camera",
+                    "url": "cam/street.avi",
+                    "loop_file": True,
+                    "sample_fps": 10.0,
+                    "labels_folder": {"path": "cam/labelled", "settle_s": 0.2},
+                },
+                "state_dir": "cam/state",
+                "fleet_public_key": str(public),
+                "predictions": {"mqtt": True, "to_label_max": 5},
+            }
+        )
+    )
+    heard: list[bytes] = []
+    listener = MqttSession(session_settings(BrokerConfig(url=mosquitto_broker.url), "listener"))
+    listener.subscribe(
+        client_topic(fleet.name, "cam", TopicKind.PREDICTIONS),
+        lambda _, m: heard.append(m),
+        raw=True,
+    )
+    listener.connect()
+    try:
+        run_fleet(tmp_path, fleet, [config])
+    finally:
+        listener.close()
+    lines = (tmp_path / "cam" / "state" / "predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    served = [r for r in records if r["model_version"] is not None]
+    assert served, "no frame was classified by a served model"
+    assert {r["class"] for r in served} <= {"0", "1", "2"}
+    assert all(0 < r["probability"] <= 1 and r["latency_s"] >= 0 for r in served)
+    assert heard and {json.loads(m)["origin"] for m in heard} <= {r["origin"] for r in records}
+    queued = list((tmp_path / "cam" / "state" / "to_label").glob("*.png"))
+    assert 1 <= len(queued) <= 5
+    serving = list((tmp_path / "cam" / "state" / "serving").glob("*.onnx"))
+    assert len(serving) == 1
+    from export.inference import read_onnx_metadata
+
+    assert read_onnx_metadata(serving[0]).precision == "int8-dynamic"
