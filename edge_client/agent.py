@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
-from edge_client.config import DeviceConfig
+from edge_client.config import DeviceConfig, PartitionSource
 from edge_client.device_data import open_device_data
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
 from fedfmx.aggregation import Arrays
@@ -135,11 +136,11 @@ class EdgeDevice:
         self.session.subscribe(round_topic(self.fleet.name), self._on_round)
         self.session.subscribe(self._topic(TopicKind.INBOX), self._on_inbox)
         self.session.on_reconnect(lambda: self._publish_status(self._activity))
+        if self.feed is not None:
+            self._start_feed(self.feed)  # before hello: it names the classes already held
         self.session.connect()
         self._publish_status("online")
         self._say_hello()
-        if self.feed is not None:
-            self._start_feed(self.feed)
         try:
             while not stop.is_set() and not self._done():
                 announcement = self._next_announcement(stop)
@@ -434,13 +435,22 @@ class EdgeDevice:
         }
 
 
+def device_number(config: DeviceConfig) -> int:
+    """What tells this device's random draws from its peers': its partition index, or (own
+    sources) a number read from its id, stable across restarts."""
+    source = config.data
+    if isinstance(source, PartitionSource):
+        return source.client_index
+    return zlib.crc32(config.device_id.encode()) % 1000
+
+
 def open_device(config: DeviceConfig) -> EdgeDevice:
     """Build a device from its YAML: fleet, profile limits, its data partition, saved state."""
     profile = load_profile(config.profile)
     fleet = apply_profile(load_fleet(config.fleet_file), profile)
     training_device(profile)  # says clearly (or refuses) when the profile's GPU is missing
     torch.set_num_threads(fleet.training.threads)
-    seed = fleet.seed * 1000 + getattr(config.data, "client_index", 0)
+    seed = fleet.seed * 1000 + device_number(config)
     data = open_device_data(config, fleet, seed)
     inference = None
     if config.serves:

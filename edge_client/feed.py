@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2
 """Longest wait on one source before the next is polled."""
 EXPIRE_EVERY_S = 60.0
+CATCH_UP_S = 10.0
+"""At start, how long the device may spend taking in what its sources already hold."""
+CATCH_UP_POLL_S = 1.0
 RECENT_FRAMES = 64
 
 
@@ -62,8 +65,15 @@ class StreamFeed:
         self._thread = threading.Thread(target=self._run, name="feed", daemon=True)
 
     def start(self) -> None:
+        """Start the sources, take what they already hold (a folder's files: for at most
+        `CATCH_UP_S`), then keep following them on the feed thread."""
         for source in self.sources:
             source.start()
+        give_up = time.monotonic() + CATCH_UP_S
+        for source in self.sources:
+            while time.monotonic() < give_up and (batch := source.poll(CATCH_UP_POLL_S)):
+                for sample in batch:
+                    self._handle_logged(sample)
         self._thread.start()
 
     def close(self) -> None:
@@ -80,15 +90,18 @@ class StreamFeed:
         while not self._stop.is_set():
             for source in self.sources:
                 for sample in source.poll(POLL_S / len(self.sources)):
-                    try:
-                        self._handle(sample)
-                    except (FedFMXError, OSError, sqlite3.Error) as error:
-                        log.warning("feed: %s not handled: %s", sample.origin, error)
+                    self._handle_logged(sample)
             if time.monotonic() >= next_expiry:
                 next_expiry = time.monotonic() + EXPIRE_EVERY_S
                 expired = self.store.expire()
                 if expired:
                     log.info("sample store: %d samples past the retention window deleted", expired)
+
+    def _handle_logged(self, sample: Sample) -> None:
+        try:
+            self._handle(sample)
+        except (FedFMXError, OSError, sqlite3.Error) as error:
+            log.warning("feed: %s not handled: %s", sample.origin, error)
 
     def _handle(self, sample: Sample) -> None:
         if sample.label is not None:

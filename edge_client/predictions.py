@@ -117,6 +117,7 @@ class StreamPredictor:
             self._out = path.open("a", encoding="utf-8")
         self.predicted = 0
         self.unsure = 0
+        self.unpublished = 0
         self.latencies_s: list[float] = []
         """The latest latencies (at most 1,000), for the benchmark and the status."""
 
@@ -207,4 +208,6 @@ class StreamPredictor:
             try:
                 self.publish(line.encode())
             except (TimeoutError, OSError, ValueError, FedFMXError) as error:
-                log.warning("prediction not published: %s", error)
+                self.unpublished += 1
+                if self.unpublished % 100 == 1:  # a broker outage is one line, not one a frame
+                    log.warning("%d predictions not published: %s", self.unpublished, error)

@@ -16,8 +16,9 @@ Bounds, applied as samples arrive:
   largest class's oldest first; a sample that still cannot fit (the store is full of samples
   no round has trained on yet) is refused (logged), never half-stored.
 
-Rounds read the store through `StoreStream` (`edge_client.store_stream`): each round trains
-on the samples that arrived since the previous one (a new batch), plus the learner's memory.
+Rounds read the store through `StoreStream` (`edge_client.store_stream`): samples join the
+current batch (the learner's task) until a class the device never met arrives and opens the
+next one; each round trains on the current batch plus the learner's memory of earlier ones.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ CREATE INDEX IF NOT EXISTS samples_batch ON samples (batch);
 CREATE TABLE IF NOT EXISTS offered (class TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seen (sha256 TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, batch INTEGER);
+CREATE TABLE IF NOT EXISTS met (class TEXT PRIMARY KEY, batch INTEGER NOT NULL);
 """
 
 
@@ -338,11 +340,13 @@ class SampleStore:
 
     @_locked
     def batch_of_round(self, round_index: int) -> int | None:
-        """The batch round `round_index` trains on, fixed the first time it is asked.
+        """The batch (the learner's task) round `round_index` trains on, fixed once asked.
 
-        New samples (of classes that reached the fleet's `min_samples`) become the next batch;
-        a round with nothing new keeps the previous batch. Recorded, so a device restarted in
-        the middle of a round trains on the same batch again.
+        Samples that arrived since the last round join the newest batch, unless they bring a
+        class this device never met: then they open the next batch, so the learner closes
+        the previous one (its exemplars and Fisher) exactly as at a task boundary. Only classes
+        holding the fleet's `min_samples` take part. Recorded, so a device restarted in the
+        middle of a round trains on the same batch again.
         """
         row = self._db.execute("SELECT batch FROM rounds WHERE round = ?", (round_index,))
         found = row.fetchone()
@@ -356,22 +360,31 @@ class SampleStore:
                 (self.classes.min_samples,),
             )
         ]
-        with self._transaction() as db:
-            marks = ",".join("?" * len(ready))
-            pending = (
-                db.execute(
-                    f"SELECT COUNT(*) FROM samples WHERE batch IS NULL AND class IN ({marks})",
+        marks = ",".join("?" * len(ready))
+        arrived = (
+            [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT DISTINCT class FROM samples WHERE batch IS NULL AND class IN ({marks})",
                     ready,
-                ).fetchone()[0]
-                if ready
-                else 0
-            )
-            batch = newest
-            if pending:
-                batch = 0 if newest is None else newest + 1
+                )
+            ]
+            if ready
+            else []
+        )
+        met = {r[0] for r in self._db.execute("SELECT class FROM met")}
+        batch = newest
+        if arrived and (newest is None or not set(arrived) <= met):
+            batch = 0 if newest is None else newest + 1
+        with self._transaction() as db:
+            if arrived:
                 db.execute(
                     f"UPDATE samples SET batch = ? WHERE batch IS NULL AND class IN ({marks})",
                     [batch, *ready],
+                )
+                db.executemany(
+                    "INSERT OR IGNORE INTO met (class, batch) VALUES (?, ?)",
+                    [(name, batch) for name in arrived],
                 )
             db.execute("INSERT INTO rounds (round, batch) VALUES (?, ?)", (round_index, batch))
         return batch

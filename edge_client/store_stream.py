@@ -2,9 +2,13 @@
 
 `DeviceLearner` asks a `DeviceStream` where it stands and which samples it holds, and a
 `SampleTable` for their images; `StoreStream` answers both from the device's `SampleStore`.
-A batch is a "task" in the learner's terms: when a round brings a new batch, the learner
-closes the previous one (its Fisher, its exemplars: the learner's memory) and trains on the
-new arrivals plus that memory, exactly as it does when a fleet partition moves to a new task.
+A batch is a "task" in the learner's terms: it grows with every sample that arrives until a
+class the device never met opens the next one; then the learner closes the previous batch
+(its Fisher, its exemplars: the learner's memory) and trains on the new batch plus that
+memory, exactly as it does when a fleet partition moves to a new task.
+
+(Measured on `stream-coil20`: a batch per round, closed every round, forgot far more: 35.8%
+final accuracy against 67.7% for the same images as a partition; see benchmarks/README.md.)
 """
 
 from __future__ import annotations

@@ -65,6 +65,10 @@ class DataConfig(Section):
     validation_fraction: float | None = Field(default=None, gt=0, lt=1)
     """For tuning: hold out this fraction of each class's training images and evaluate on them
     instead of the test set, which is then never read."""
+    simulated_source: Literal["fleet_partition", "folder"] = "fleet_partition"
+    """How `fedfmx-edge simulate` over MQTT hands devices their data: the plan's partition
+    in memory, or one watched folder per device that a feeder fills with the same images,
+    round by round (each device meets new classes at its own time)."""
     image: ImageInputConfig | None = None
     """The input spec devices with their own sources (folder, camera) preprocess to; None: the
     data set's own image shape."""

@@ -27,9 +27,10 @@ from aggregator.provisioning import ProvisionedFleet, provision, signing_key_fil
 from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import RoundTotals
 from edge_client.config import DeviceConfig, PartitionSource, save_device_config
+from edge_client.stream_config import FolderSourceConfig
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.datasets import ImageDataset
-from fedfmx.errors import FedFMXError
+from fedfmx.errors import ConfigError, FedFMXError
 from fedfmx.profiles import load_profile
 from fedfmx.simulation import (
     RoundLog,
@@ -38,11 +39,16 @@ from fedfmx.simulation import (
     make_plan,
     task_evaluator,
 )
+from fedfmx_cli.stream_demo import FolderFeeder
 from transport import EmbeddedBroker, MosquittoBroker
 from transport.brokers import BrokerChoice
 from transport.session import ProtocolChoice
 
 DEVICE_EXIT_S = 60.0
+FOLDER_SETTLE_S = 0.3
+FEED_GRACE_S = 1.5
+"""After the feeder copies a round's images, the next round waits this long, so that devices
+read them in time (a watched folder reads a file once it has settled)."""
 
 
 @dataclass(frozen=True)
@@ -135,15 +141,28 @@ def _prepare(
                 fleet_file=fleet_file,
                 broker=broker,
                 profile=profile,
-                data=PartitionSource(client_index=index),
+                data=_device_source(fleet, workdir, index),
                 state_dir=workdir / "devices" / device_id(index),
                 fleet_public_key=public_key,
+                serve_predictions=False,  # folder devices see no unlabelled frames
             ),
             workdir / f"{device_id(index)}.yaml",
         )
         for index in range(fleet.protocol.num_clients)
     ]
     return fleet, configs
+
+
+def _device_folder(workdir: Path, index: int) -> Path:
+    return workdir / "devices" / device_id(index) / "labelled"
+
+
+def _device_source(
+    fleet: FleetConfig, workdir: Path, index: int
+) -> PartitionSource | FolderSourceConfig:
+    if fleet.data.simulated_source == "folder":
+        return FolderSourceConfig(path=_device_folder(workdir, index), settle_s=FOLDER_SETTLE_S)
+    return PartitionSource(client_index=index)
 
 
 def _spawn(config: Path, logs: Path) -> subprocess.Popen[bytes]:
@@ -246,6 +265,8 @@ def run_over_mqtt(
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     credentials = None
+    if run.secure and fleet.data.simulated_source == "folder":
+        raise ConfigError("--secure runs partition fleets only; drop it for a folder fleet")
     if run.secure:
         ids = [device_id(index) for index in range(fleet.protocol.num_clients)]
         credentials = provision(
@@ -257,10 +278,19 @@ def run_over_mqtt(
     try:
         with _broker(run, credentials) as (url, protocol):
             fleet, configs = _prepare(fleet, url, protocol, workdir, credentials)
-            hooks = ServiceHooks(
-                evaluate=task_evaluator(fleet, dataset),
-                on_round=None if on_round is None else lambda t: on_round(round_log(t)),
-            )
+            feeder = None
+            if fleet.data.simulated_source == "folder":
+                folders = [_device_folder(workdir, k) for k in range(len(configs))]
+                feeder = FolderFeeder(fleet, dataset, folders)
+                feeder.deliver(0)
+
+            def closed(totals: RoundTotals) -> None:
+                if feeder is not None and feeder.deliver(totals.round + 1):
+                    time.sleep(FEED_GRACE_S)
+                if on_round is not None:
+                    on_round(round_log(totals))
+
+            hooks = ServiceHooks(evaluate=task_evaluator(fleet, dataset), on_round=closed)
             aggregator = open_aggregator(fleet, workdir / "aggregator.sqlite", hooks)
             try:
                 aggregator.start()

@@ -1,5 +1,7 @@
 """A watched folder: one sub-folder per class name, a person labels by moving files into it.
 
+A class name with slashes (`coil20/obj07`) is a nested folder.
+
 `watchdog`'s observer (inotify on Linux; its polling observer where inotify is refused) only
 marks paths as candidates; `poll` reads a candidate once its size and mtime have held still
 for `settle_s`, so a copy in progress is never read half-written. Anything that is not a
@@ -31,6 +33,9 @@ from fedfmx.preprocessing import decode_image
 log = logging.getLogger(__name__)
 
 REJECTED = ".rejected"
+MAX_CLASS_DEPTH = 3
+"""A class folder may be nested (`coil20/obj07` is the class of `<root>/coil20/obj07/x.png`),
+at most this deep."""
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
 """Names that copy tools use while a file is being written: not samples (yet)."""
 
@@ -124,7 +129,7 @@ class FolderSource:
         except ValueError:
             return False
         parts = relative.parts
-        return len(parts) == 2 and all(_is_candidate_name(part) for part in parts)
+        return 2 <= len(parts) <= MAX_CLASS_DEPTH + 1 and all(map(_is_candidate_name, parts))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -147,13 +152,25 @@ class FolderSource:
         with self._lock:
             self._rescan_due = False
         self._next_rescan = time.monotonic() + self.config.rescan_s
-        try:
-            entries = list(os.scandir(self.root))
-        except OSError as error:
-            self._state, self._detail = "failed", f"cannot read {self.root}: {error}"
+        if not self.root.is_dir():
+            self._state, self._detail = "failed", f"{self.root} is not a readable folder"
             log.warning("folder source: %s", self._detail)
             return
-        classes = {e.name for e in entries if e.is_dir() and _is_candidate_name(e.name)}
+        files: dict[str, list[os.DirEntry[str]]] = {}
+        for directory, subdirectories, _ in os.walk(self.root):
+            depth = len(Path(directory).relative_to(self.root).parts)
+            subdirectories[:] = [
+                d for d in subdirectories if _is_candidate_name(d) and depth < MAX_CLASS_DEPTH
+            ]
+            if depth == 0:
+                continue
+            try:
+                entries = [e for e in os.scandir(directory) if e.is_file()]
+            except OSError:
+                continue  # removed while we looked: the next rescan logs it
+            if entries or not subdirectories:
+                files[self.class_of(Path(directory) / "x")] = entries
+        classes = set(files)
         for gone in sorted(self._classes - classes):
             log.warning(
                 "folder %s: class folder %r is gone (renamed or removed); the samples it gave "
@@ -162,24 +179,24 @@ class FolderSource:
                 gone,
                 gone,
             )
-            self._known = {p: v for p, v in self._known.items() if p.parent.name != gone}
+            self._known = {p: v for p, v in self._known.items() if self.class_of(p) != gone}
         for new in sorted(classes - self._classes):
             if self._classes:
                 log.info("folder %s: new class folder %r", self.root, new)
         self._classes = classes
         now = time.monotonic()
         with self._lock:
-            for name in classes:
-                try:
-                    files = list(os.scandir(self.root / name))
-                except OSError:
-                    continue  # removed while we looked: the next rescan logs it
-                for entry in files:
+            for entries in files.values():
+                for entry in entries:
                     path = Path(entry.path)
-                    if entry.is_file() and _is_candidate_name(entry.name):
+                    if _is_candidate_name(entry.name):
                         stat = entry.stat()
                         if self._known.get(path) != (stat.st_size, stat.st_mtime_ns):
                             self._pending.setdefault(path, (-1, -1, now))
+
+    def class_of(self, path: Path) -> str:
+        """A file's class: its folder below the root (`obj07`, or nested: `coil20/obj07`)."""
+        return path.parent.relative_to(self.root).as_posix()
 
     def _settled(self) -> list[Path]:
         """Candidates whose size and mtime held still for `settle_s` (others stay pending)."""
@@ -216,12 +233,12 @@ class FolderSource:
             return None
         self._known[path] = (stat.st_size, stat.st_mtime_ns)
         self._samples += 1
-        return Sample(pixels, path.parent.name, str(path), time.time(), data)
+        return Sample(pixels, self.class_of(path), str(path), time.time(), data)
 
     def _reject(self, path: Path, problem: str) -> None:
         """One log line, and the file moved aside so that it is not read again."""
         self._rejected += 1
-        aside = self.root / REJECTED / f"{path.parent.name}__{path.name}"
+        aside = self.root / REJECTED / f"{self.class_of(path).replace('/', '__')}__{path.name}"
         try:
             aside.parent.mkdir(exist_ok=True)
             if aside.exists():
