@@ -365,7 +365,8 @@ class SampleStore:
             [
                 r[0]
                 for r in self._db.execute(
-                    f"SELECT DISTINCT class FROM samples WHERE batch IS NULL AND class IN ({marks})",
+                    "SELECT DISTINCT class FROM samples "
+                    f"WHERE batch IS NULL AND class IN ({marks})",
                     ready,
                 )
             ]

@@ -29,7 +29,7 @@ def write_video(path: Path, images: list[np.ndarray], fps: float = 10.0) -> Path
         raise DataError("no images to write into a video")
     height, width = images[0].shape[:2]
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (width, height))
     if not writer.isOpened():
         raise DataError(f"{path}: OpenCV cannot write an MJPEG video here")
     try:
