@@ -20,7 +20,7 @@ from rich.table import Table
 from aggregator.events import configure_logging
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError
-from fedfmx_cli import deploy, provisioning, services
+from fedfmx_cli import deploy, provisioning, services, stream_commands
 from fedfmx_cli.console import console, one_line_errors
 from transport.brokers import BrokerChoice
 
@@ -166,6 +166,7 @@ def simulate(
 deploy.register(app)
 provisioning.register(app)
 services.register(app)
+stream_commands.register(app)
 
 bench = typer.Typer(no_args_is_help=True, help="Reproducible benchmarks (JSON + PNG).")
 app.add_typer(bench, name="bench")
