@@ -46,6 +46,9 @@ from fedfmx.preprocessing import decode_image, fit_pixels, normalise
 
 log = logging.getLogger(__name__)
 
+WAL_LIMIT_BYTES = 1 << 20
+"""The ledger's write-ahead log is cut back to this after each checkpoint (disk stays bounded)."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
     id INTEGER PRIMARY KEY,
@@ -118,6 +121,7 @@ class SampleStore:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         self._db.executescript(_SCHEMA)
         self._rng = np.random.default_rng([seed, self._total_offered()])
         self._refused: set[str] = set()
@@ -328,6 +332,7 @@ class SampleStore:
             ids = [r[0] for r in db.execute("SELECT id FROM samples WHERE arrived < ?", (cutoff,))]
             removed = self._delete_rows(db, ids)
         self._unlink(removed)
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL's pages back into the file
         return len(ids)
 
     # -- batches (what each round trains on) ------------------------------------------------

@@ -109,6 +109,9 @@ class ModelConfig(Section):
     backbone: Literal["cnn", "efficientnet_lite0"] = "cnn"
     """`cnn`: the small CNN trained from scratch. `efficientnet_lite0`: a frozen ImageNet trunk
     (from its PyPI package, no network) whose pooled features feed a trained projection."""
+    trunk_input_size: int = Field(default=64, ge=32, le=320)
+    """Side the pretrained trunk resizes its input to: 64 for 28-32 px data sets, 128-224 for
+    camera crops (`data.image` with 3 channels); its features are cached under this size."""
     backbone_channels: list[int] = Field(default=[16, 32, 64], min_length=1)
     """Widths of the `cnn` backbone's conv blocks (unused by a pretrained backbone)."""
     feature_dim: int = Field(default=128, gt=0)
@@ -293,6 +296,20 @@ class FleetConfig(Section):
             experts = self.model.num_experts
             return self.fedfmx.model_copy(update={"k_min": experts, "k_max": experts})
         return self.fedfmx
+
+    @model_validator(mode="after")
+    def _colour_needs_the_trunk(self) -> FleetConfig:
+        image = self.data.image
+        if (
+            image is not None
+            and image.channels == 3
+            and self.model.backbone != "efficientnet_lite0"
+        ):
+            raise ValueError(
+                "data.image.channels 3 (RGB) needs model.backbone efficientnet_lite0; "
+                "the cnn backbone reads grey images"
+            )
+        return self
 
     @model_validator(mode="after")
     def _experts_fit(self) -> FleetConfig:

@@ -27,7 +27,7 @@ from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
 from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
 from fedfmx.methods import LocalContext, LocalOutcome, make_method
 from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
-from fedfmx.pretrained import BACKBONE_ID, TRUNK_FEATURES, PretrainedBackbone
+from fedfmx.pretrained import TRUNK_FEATURES, PretrainedBackbone, backbone_id
 from fedfmx.stream import DeviceStream, SampleTable
 from fedfmx.training import LocalData, gather_rows
 
@@ -95,7 +95,8 @@ class DeviceLearner:
         if cache_dir is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="fedfmx-features-")
             cache_dir = Path(self._scratch.name)
-        return FeatureCache(cache_dir, BACKBONE_ID, budget_mb * 2**20)
+        trunk = backbone_id(self.fleet.model.trunk_input_size)
+        return FeatureCache(cache_dir, trunk, budget_mb * 2**20)
 
     def _model_input(self, network: FedFMXModel, images: np.ndarray) -> torch.Tensor:
         """What the network is fed: the images, or their trunk features from the cache."""

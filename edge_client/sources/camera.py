@@ -144,7 +144,9 @@ class CameraSource:
     def _event(self, timeout_s: float) -> str | None:
         """Handle one event from the reader; returns why it is over, if it is."""
         try:
-            kind, detail = self._events.get(timeout=timeout_s)
+            kind, detail = (
+                self._events.get(timeout=timeout_s) if timeout_s else self._events.get_nowait()
+            )
         except queue.Empty:
             return None
         if kind == "opened":
@@ -161,12 +163,12 @@ class CameraSource:
         last_frame = time.monotonic()
         got_frame = self._opened = False
         while not self._stop.is_set():
-            over = self._event(0.05)
+            over = self._event(0)
             if over is not None:
                 return over, got_frame
             try:
+                frame = self._frames.get(timeout=0.05)  # wakes as soon as a frame is there
                 while True:
-                    frame = self._frames.get_nowait()
                     with self._changed:
                         self._latest = frame
                         self._changed.notify_all()
@@ -174,6 +176,7 @@ class CameraSource:
                     if not got_frame:
                         got_frame = True
                         self._set("running", f"frames from {self.config.url}")
+                    frame = self._frames.get_nowait()
             except queue.Empty:
                 pass
             process = self._process
