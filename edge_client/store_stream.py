@@ -5,10 +5,8 @@
 A batch is a "task" in the learner's terms: it grows with every sample that arrives until a
 class the device never met opens the next one; then the learner closes the previous batch
 (its Fisher, its exemplars: the learner's memory) and trains on the new batch plus that
-memory, exactly as it does when a fleet partition moves to a new task.
-
-(Measured on `stream-coil20`: a batch per round, closed every round, forgot far more: 35.8%
-final accuracy against 67.7% for the same images as a partition; see benchmarks/README.md.)
+memory, exactly as it does when a fleet partition moves to a new task.It is the partition's semantics (a task's rows accumulate until the next task), which is why
+it was chosen; decisions §11 has what it measured.
 """
 
 from __future__ import annotations
