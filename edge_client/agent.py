@@ -233,13 +233,12 @@ class EdgeDevice:
         if self.inference is None:
             return
         rows = self.learner.local_rows()
-        images, names = rows.x, rows.names
-        if not len(images) and self.feed is not None:  # no labels yet: check on what it sees
-            images = self.feed.recent_frames()
-            names = np.full(len(images), "", dtype=np.str_)
+        images, names = rows.x, rows.names.astype(np.str_)
+        if self.feed is not None and (images.ndim != 4 or not len(images)):
+            images, names = self.feed.recent_images()  # features only, or no labels yet
         served = self.inference.refresh(model.header, model.weights, images, names)
         if served is not None and self.feed is not None and self.feed.predictor is not None:
-            self.feed.predictor.serve(self.inference.served(), rows.x, rows.names.astype(np.str_))
+            self.feed.predictor.serve(self.inference.served(), images, names)
 
     def _start_feed(self, feed: StreamFeed) -> None:
         """Start the sources; predictions also go out on the device's own topic when asked."""

@@ -18,6 +18,7 @@ from edge_client.sources.partition import open_partition
 from edge_client.store_stream import StoreStream
 from edge_client.stream_config import CameraSourceConfig, FolderSourceConfig
 from fedfmx.config import FleetConfig
+from fedfmx.feature_cache import FeatureFn, trunk_feature_fn
 from fedfmx.preprocessing import fleet_image_input
 from fedfmx.stream import DeviceStream, SampleTable
 
@@ -43,13 +44,24 @@ def _sources(source: FolderSourceConfig | CameraSourceConfig) -> list[SampleSour
     return sources
 
 
+def _trunk(config: DeviceConfig, fleet: FleetConfig) -> FeatureFn | None:
+    """The frozen trunk, for a store that keeps features only (pretrained backbone, no raw)."""
+    if config.store.keep_raw_images or fleet.model.backbone != "efficientnet_lite0":
+        return None
+    from fedfmx.pretrained import PretrainedBackbone
+
+    return trunk_feature_fn(PretrainedBackbone(1, fleet.model.trunk_input_size))
+
+
 def open_device_data(config: DeviceConfig, fleet: FleetConfig, seed: int) -> DeviceData:
     source = config.data
     if isinstance(source, PartitionSource):
         samples, stream = open_partition(source, fleet)
         return DeviceData(samples, stream, None)
     spec = fleet_image_input(fleet)
-    store = SampleStore(config.state_dir / "store", config.store, spec, fleet.classes, seed)
+    store = SampleStore(
+        config.state_dir / "store", config.store, spec, fleet.classes, seed, _trunk(config, fleet)
+    )
     predictor = None
     if config.serves:
         predictor = StreamPredictor(config.device_id, spec, config.predictions, config.state_dir)

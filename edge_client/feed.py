@@ -3,8 +3,9 @@
 One thread polls every source in turn (each poll waits a bounded time, so a dead camera never
 holds up the folder beside it): labelled samples go into the `SampleStore`, where the next
 round finds them; unlabelled frames go to the `StreamPredictor`. A small ring of recent
-preprocessed frames stays in memory only, for the export's parity check and int8 calibration
-on a device that has no labelled samples yet (frames are never written for this).
+preprocessed images stays in memory only, for the export's parity check and int8 calibration
+where the store holds no images (nothing labelled yet, or trunk features only); they are never
+written for this.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class StreamFeed:
         self.spec = spec
         self.predictor = predictor
         self.recent: deque[np.ndarray] = deque(maxlen=RECENT_FRAMES)
+        self.recent_labelled: deque[tuple[np.ndarray, str]] = deque(maxlen=RECENT_FRAMES)
         self.stored = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="feed", daemon=True)
@@ -104,18 +106,27 @@ class StreamFeed:
             log.warning("feed: %s not handled: %s", sample.origin, error)
 
     def _handle(self, sample: Sample) -> None:
+        x = model_input(sample.pixels, self.spec)
         if sample.label is not None:
             self.stored += self.store.add(sample)
+            self.recent_labelled.append((x, sample.label))
             return
-        self.recent.append(model_input(sample.pixels, self.spec))
+        self.recent.append(x)
         if self.predictor is not None:
             self.predictor.classify(sample)
 
-    def recent_frames(self) -> np.ndarray:
-        """The latest unlabelled frames, preprocessed (float32 [n, C, H, W])."""
-        frames = list(self.recent)
+    def recent_images(self) -> tuple[np.ndarray, np.ndarray]:
+        """The latest preprocessed images (float32 [n, C, H, W]) and their class names: the
+        labelled ones if any came, else unlabelled frames (names ""). For the export's parity
+        check and calibration when the store holds no images (features only, or nothing yet)."""
         shape = (self.spec.channels, self.spec.height, self.spec.width)
-        return np.stack(frames) if frames else np.zeros((0, *shape), np.float32)
+        if self.recent_labelled:
+            images, names = zip(*self.recent_labelled, strict=True)
+            return np.stack(images), np.array(names, dtype=np.str_)
+        frames = list(self.recent)
+        if not frames:
+            return np.zeros((0, *shape), np.float32), np.zeros(0, dtype=np.str_)
+        return np.stack(frames), np.full(len(frames), "", dtype=np.str_)
 
     def status(self) -> FeedStatus:
         predictor = self.predictor

@@ -1,9 +1,10 @@
 """A device's bounded sample store: an SQLite ledger beside one file per sample, crash-safe.
 
 Layout under `root`: `ledger.sqlite` (WAL, `synchronous=FULL`) and `samples/<aa>/<sha256>.<ext>`
-(`.jpg`/`.png`: the file as it came, with `keep_raw_images`; `.npy`: the preprocessed uint8
-model input, without). A sample's file is written to a temporary name, fsync'ed and renamed
-*before* its ledger row commits, and removed only *after* its row is deleted; so after a power
+(`.jpg`/`.png`: the file as it came, with `keep_raw_images`; `.npy` without it: the
+preprocessed uint8 model input, or, for a frozen pretrained trunk, its float32 features).
+A sample's file is written to a temporary name, fsync'ed and renamed *before* its ledger row
+commits, and removed only *after* its row is deleted; so after a power
 cut at any point, `open` finds at worst a file without a row (an orphan, deleted) or a stale
 temporary file (deleted), never a row without its file.
 
@@ -42,7 +43,9 @@ from edge_client.sources.base import Sample
 from edge_client.stream_config import StoreConfig
 from fedfmx.config import ClassPolicyConfig, ImageInputConfig
 from fedfmx.errors import DataError
+from fedfmx.feature_cache import FeatureFn
 from fedfmx.preprocessing import decode_image, fit_pixels, normalise
+from fedfmx.pretrained import TRUNK_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +111,12 @@ class SampleStore:
         spec: ImageInputConfig,
         classes: ClassPolicyConfig,
         seed: int = 0,
+        features: FeatureFn | None = None,
     ) -> None:
         self.root = root
+        self.features = None if config.keep_raw_images else features
+        """With `keep_raw_images: false` and a frozen pretrained trunk: the trunk's features
+        are stored instead of the input (5 KB a sample, whatever the camera size)."""
         self.config = config
         self.spec = spec
         self.classes = classes
@@ -230,8 +237,11 @@ class SampleStore:
             out = io.BytesIO()
             Image.fromarray(sample.pixels).save(out, format="PNG")
             return out.getvalue(), ".png"
+        kept = fit_pixels(sample.pixels, self.spec)
+        if self.features is not None:  # a frozen trunk: its features are all the learner needs
+            kept = self.features(normalise(kept)[None])[0].astype(np.float32)
         out = io.BytesIO()
-        np.save(out, fit_pixels(sample.pixels, self.spec), allow_pickle=False)
+        np.save(out, kept, allow_pickle=False)
         return out.getvalue(), ".npy"
 
     @staticmethod
@@ -404,8 +414,9 @@ class SampleStore:
 
     @_locked
     def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Model inputs (float32 `[n, C, H, W]`) and class names of the ids still stored."""
-        shape = (self.spec.channels, self.spec.height, self.spec.width)
+        """Model inputs (float32 `[n, C, H, W]`, or trunk features `[n, 1280]`) and class names
+        of the ids still stored."""
+        shape = self.row_shape
         images, names = [], []
         for sample_id in ids.tolist():
             row = self._db.execute(
@@ -425,12 +436,19 @@ class SampleStore:
     def _load(self, path: Path) -> np.ndarray:
         data = path.read_bytes()
         if path.suffix == ".npy":
-            fitted = np.load(io.BytesIO(data), allow_pickle=False)
-            expected = (self.spec.channels, self.spec.height, self.spec.width)
-            if fitted.shape != expected or fitted.dtype != np.uint8:
-                raise DataError(f"stored input {fitted.shape} {fitted.dtype}, expected {expected}")
-            return normalise(fitted)
+            kept = np.load(io.BytesIO(data), allow_pickle=False)
+            dtype = np.float32 if self.features is not None else np.uint8
+            if kept.shape != self.row_shape or kept.dtype != dtype:
+                raise DataError(f"stored {kept.shape} {kept.dtype}, expected {self.row_shape}")
+            return kept if self.features is not None else normalise(kept)
         return normalise(fit_pixels(decode_image(data), self.spec))
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One row of `rows`: the model input `(C, H, W)`, or `(1280,)` trunk features."""
+        if self.features is not None:
+            return (TRUNK_FEATURES,)
+        return (self.spec.channels, self.spec.height, self.spec.width)
 
     @_locked
     def usage(self) -> StoreUsage:

@@ -5,8 +5,9 @@
 A batch is a "task" in the learner's terms: it grows with every sample that arrives until a
 class the device never met opens the next one; then the learner closes the previous batch
 (its Fisher, its exemplars: the learner's memory) and trains on the new batch plus that
-memory, exactly as it does when a fleet partition moves to a new task.It is the partition's semantics (a task's rows accumulate until the next task), which is why
-it was chosen; decisions §11 has what it measured.
+memory, exactly as it does when a fleet partition moves to a new task. These are the
+partition's semantics (a task's rows accumulate until the next task), which is why they were
+chosen; decisions §11 has what they measured.
 """
 
 from __future__ import annotations

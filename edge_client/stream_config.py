@@ -71,8 +71,8 @@ class StoreConfig(Section):
     retention_days: float | None = Field(default=30.0, gt=0)
     """Samples older than this are deleted; None keeps them until the caps push them out."""
     keep_raw_images: bool = True
-    """False keeps only what the learner needs (the preprocessed model input, uint8), never
-    the camera frame or the file itself."""
+    """False keeps only what the learner needs, never the camera frame or the file itself:
+    the preprocessed uint8 model input, or with a frozen pretrained trunk its features."""
 
 
 class PredictionsConfig(Section):

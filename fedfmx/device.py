@@ -99,7 +99,10 @@ class DeviceLearner:
         return FeatureCache(cache_dir, trunk, budget_mb * 2**20)
 
     def _model_input(self, network: FedFMXModel, images: np.ndarray) -> torch.Tensor:
-        """What the network is fed: the images, or their trunk features from the cache."""
+        """What the network is fed: the images, or their trunk features from the cache (rows
+        that already are trunk features, from a features-only sample store, pass as they are)."""
+        if images.ndim == 2:
+            return torch.from_numpy(images)
         if self.feature_cache is None or not isinstance(network.backbone, PretrainedBackbone):
             return torch.from_numpy(images)
         if len(images) == 0:

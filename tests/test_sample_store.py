@@ -168,3 +168,37 @@ def test_a_learner_trains_on_new_arrivals_plus_its_memory(tmp_path: Path) -> Non
         keeper.close_round()
     assert heads == [["0"], ["0", "1"]]
     assert keeper.model.class_names == ["0", "1"]
+
+
+def test_a_pretrained_device_without_raw_images_keeps_and_trains_on_trunk_features(
+    tmp_path: Path,
+) -> None:
+    from fedfmx.feature_cache import trunk_feature_fn
+    from fedfmx.pretrained import TRUNK_FEATURES, PretrainedBackbone
+
+    base = load_fleet(FLEET)
+    fleet = base.model_copy(
+        update={"model": base.model.model_copy(update={"backbone": "efficientnet_lite0"})}
+    )
+    trunk = trunk_feature_fn(PretrainedBackbone(1))
+    store = SampleStore(
+        tmp_path, StoreConfig(keep_raw_images=False), SPEC, ClassPolicyConfig(), 1, trunk
+    )
+    batch = samples(6, 4) + samples(8, 4)
+    for s in batch:
+        assert store.add(s)
+    files = sorted((tmp_path / "samples").rglob("*.*"))
+    assert len(files) == 8 and {f.suffix for f in files} == {".npy"}  # no image kept at all
+    stream = StoreStream(store)
+    x, names = stream.rows(stream.available(0))
+    assert x.shape == (8, TRUNK_FEATURES) and x.dtype == np.float32
+    expected = trunk(np.stack([model_input(s.pixels, SPEC) for s in batch]))
+    np.testing.assert_allclose(x, expected, atol=1e-4)  # one at a time vs a batch: rounding
+    learner = DeviceLearner("d0", fleet, stream, stream, seed=0, cache_dir=tmp_path / "cache")
+    keeper = RoundKeeper(fleet, initial_model(fleet))
+    announcement = keeper.open_round(0, ["d0"], 0.0)
+    payload = learner.handle_round(announcement, keeper.model_header(), keeper.model.weights)
+    assert payload is not None
+    header = keeper.accept(payload)
+    assert header is not None and header.head_classes == ["6", "8"]
+    assert learner.feature_cache is not None and len(learner.feature_cache) == 0  # never needed
