@@ -192,6 +192,7 @@ def test_a_pretrained_device_without_raw_images_keeps_and_trains_on_trunk_featur
     stream = StoreStream(store)
     x, names = stream.rows(stream.available(0))
     assert x.shape == (8, TRUNK_FEATURES) and x.dtype == np.float32
+    assert names.tolist() == ["6"] * 4 + ["8"] * 4
     expected = trunk(np.stack([model_input(s.pixels, SPEC) for s in batch]))
     np.testing.assert_allclose(x, expected, atol=1e-4)  # one at a time vs a batch: rounding
     learner = DeviceLearner("d0", fleet, stream, stream, seed=0, cache_dir=tmp_path / "cache")
