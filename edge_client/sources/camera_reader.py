@@ -65,6 +65,10 @@ def read_opencv(
     """
     import cv2
 
+    is_device = "://" in url or url.isdigit() or url.startswith("/dev/")
+    if not is_device and not Path(url).is_file():
+        events.put(("failed", f"{url}: no such video file"))
+        return
     capture = _open_capture(url, open_timeout_s, read_timeout_s)
     if not capture.isOpened():  # type: ignore[attr-defined]
         events.put(("failed", f"could not open {url} within {open_timeout_s:.1f} s"))

@@ -80,7 +80,13 @@ class FolderSource:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DataError(
+                f"{self.root}: cannot be the folder source ({error.strerror}); "
+                "give a folder (it is created if missing)"
+            ) from None
         handler = _Marker(self)
         try:
             observer: BaseObserver = Observer()
