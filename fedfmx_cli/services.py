@@ -88,6 +88,13 @@ def join(
     device.run(stop_on_signals())
 
 
+def _store(samples: int | None, size: int | None) -> str:
+    """A device's own sample store (folder and camera sources); `-` for a partition."""
+    if samples is None or size is None:
+        return "-"
+    return f"{samples} / {size / 2**20:.1f} MB"
+
+
 def _ago(seconds: float) -> str:
     return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
 
@@ -113,7 +120,8 @@ def status(
     out = Console()
     now = time.time()
     table = Table(title=f"fleet {fleet.name}: devices")
-    for column in ("device", "state", "last seen", "classes", "updates", "peak RSS", "profile"):
+    columns = ("device", "state", "last seen", "classes", "updates", "peak RSS", "store", "profile")
+    for column in columns:
         table.add_column(column)
     for row in devices:
         rss = row.status.peak_rss_mb
@@ -124,6 +132,7 @@ def status(
             str(len(row.classes_met)),
             str(row.updates_accepted),
             "-" if rss is None else f"{rss:.0f} MB",
+            _store(row.status.store_samples, row.status.store_bytes),
             row.profile,
         )
     out.print(table)

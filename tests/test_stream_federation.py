@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 from stream_images import digit_pixels, write_digits
+from typer.testing import CliRunner
 
 from aggregator.provisioning import signing_key_files
 from aggregator.service import Aggregator, ServiceHooks, open_aggregator
@@ -27,6 +28,7 @@ from fedfmx.config import BrokerConfig, FleetConfig, load_fleet
 from fedfmx.metrics import predict
 from fedfmx.model import build_model, load_numpy_state
 from fedfmx.preprocessing import fleet_image_input, model_input
+from fedfmx_cli.main import app
 from fedfmx_cli.stream_demo import write_video
 from transport import MosquittoBroker, MqttSession, TopicKind, client_topic, session_settings
 
@@ -129,6 +131,10 @@ def test_two_folder_devices_with_misaligned_new_classes_teach_the_fleet_both(
         assert status.sources and status.sources[0].startswith("folder: running")
     finally:
         state.close()
+    shown = CliRunner().invoke(
+        app, ["status", "--fleet", str(fleet_file), "--state", str(tmp_path / "agg.sqlite")]
+    )
+    assert shown.exit_code == 0 and "40 / " in shown.output  # the store, as the operator sees it
     network = build_model(fleet.model, fleet.routing, len(model.class_names), fleet.seed)
     load_numpy_state(network, model.weights)
     held_out = {c: digit_pixels(c, 20, start=60) for c in range(4)}  # never in any folder
