@@ -71,15 +71,16 @@ class DeviceConfig(Section):
     predictions: PredictionsConfig = PredictionsConfig()
     """Where predictions on unlabelled frames go, and the to-label queue."""
 
-    @property
-    def serves(self) -> bool:
-        if self.serve_predictions is not None:
-            return self.serve_predictions
-        return self.data.source != "fleet_partition"
-
     exit_after_last_round: bool = True
     """Stop once the fleet's last scheduled round is answered (simulations); False keeps the
     device waiting for more rounds."""
+
+    @property
+    def serves(self) -> bool:
+        """`serve_predictions`, or its default: on for a device's own sources."""
+        if self.serve_predictions is not None:
+            return self.serve_predictions
+        return self.data.source != "fleet_partition"
 
 
 def _resolve(path: Path | None, base: Path) -> Path | None:
