@@ -11,6 +11,7 @@ row in the state file.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,19 +41,33 @@ class Verdict:
 
 
 class RateLimiter:
-    """One token bucket per device id; not thread-safe (the aggregator calls it under a lock)."""
+    """One token bucket per device id; not thread-safe (the aggregator calls it under a lock).
+
+    At most `max_tracked` buckets are kept, the least recently used dropped first, so a flood
+    of ever-new ids (a broker without ACLs) cannot grow the aggregator's memory.
+    """
 
     def __init__(
-        self, config: RateLimitConfig, clock: Callable[[], float] = time.monotonic
+        self,
+        config: RateLimitConfig,
+        clock: Callable[[], float] = time.monotonic,
+        max_tracked: int = 10_000,
     ) -> None:
         self.config = config
         self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
+        self._max_tracked = max_tracked
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
     def admit(self, device_id: str) -> Verdict:
         """Take a token from `device_id`'s bucket if it has one."""
         now = self._clock()
-        bucket = self._buckets.setdefault(device_id, _Bucket(float(self.config.burst), now))
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            bucket = self._buckets[device_id] = _Bucket(float(self.config.burst), now)
+            if len(self._buckets) > self._max_tracked:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(device_id)
         bucket.refill(now, self.config)
         ended = 0
         if bucket.dropped and bucket.tokens >= self.config.burst:

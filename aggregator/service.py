@@ -28,17 +28,20 @@ from aggregator.rate_limit import RateLimiter
 from aggregator.state import AggregatorState, Evaluation, RoundTotals, StoredModel
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig
-from fedfmx.errors import ProtocolError
+from fedfmx.errors import FedFMXError, ProtocolError
 from fedfmx.federation import GlobalModel, RoundKeeper
 from fedfmx.messages import DeviceStatus, Hello, UpdateReceipt
-from fedfmx.signing import chunk_payload, load_signing_key, sign_manifest
+from fedfmx.signing import chunk_payload, load_signing_key, sign_announcement, sign_manifest
 from transport import (
+    DeliveryDeferred,
     MqttSession,
     TopicKind,
     client_topic,
     clients_filter,
     model_body_topic,
+    model_filters,
     model_manifest_topic,
+    mqtt_client_id,
     parse_topic,
     round_topic,
     session_settings,
@@ -123,14 +126,16 @@ class Aggregator:
         self.session.subscribe(clients_filter(fleet, TopicKind.HELLO), self._on_hello)
         self.session.subscribe(clients_filter(fleet, TopicKind.STATUS), self._on_status, raw=True)
         self.session.subscribe(clients_filter(fleet, TopicKind.UPDATE), self._on_update)
+        # Retained messages only the aggregator writes: restored when anyone overwrites them.
+        for topic_filter in (round_topic(fleet), *model_filters(fleet)):
+            self.session.guard_retained(topic_filter)
         with self._lock:
             self._resume_open_round()
             self._evaluate_missed_task()
             self.session.connect()
             self._resend_receipts()
             self._publish_model()
-            if self.keeper.current is not None:
-                self._announce()
+            self._announce()
         log_event(
             "aggregator_started",
             fleet=fleet,
@@ -199,13 +204,14 @@ class Aggregator:
         if index >= self.num_rounds:
             self._finished.set()
             return
-        devices = self.state.devices()
-        online = sorted(d.device_id for d in devices if d.status.state != "offline")
         needed = self.fleet.service.min_devices or self.fleet.protocol.num_clients
-        if (index == 0 and len(devices) < needed) or not online:
+        if index == 0 and self.state.device_count() < needed:
+            return
+        participants = self._participants(index, None if last is None else last.opened)
+        if not participants:
             return
         deadline = now + self.fleet.service.round_deadline_s
-        announcement = self.keeper.open_round(index, online, deadline)
+        announcement = self.keeper.open_round(index, participants, deadline)
         self.state.open_round(announcement)
         self._announce()
         log_event(
@@ -213,13 +219,42 @@ class Aggregator:
             round=index,
             task=announcement.task,
             model_version=announcement.model_version,
-            participants=len(online),
+            participants=len(participants),
         )
 
+    def _participants(self, index: int, previous_opened: float | None) -> list[str]:
+        """Registered devices that are online and alive: heard from since the previous round
+        opened, or answered one of the last `dormant_after_rounds` rounds; at most the
+        fleet's device capacity (the most recently seen), so the announcement always fits."""
+        service = self.fleet.service
+        answers = self.state.last_answers()
+        alive = [
+            row
+            for row in self.state.devices()
+            if row.status.state != "offline"
+            and (
+                previous_opened is None
+                or row.last_seen >= previous_opened
+                or answers.get(row.device_id, -1) >= index - service.dormant_after_rounds
+            )
+        ]
+        newest = sorted(alive, key=lambda row: row.last_seen, reverse=True)
+        return sorted(row.device_id for row in newest[: self.fleet.device_capacity])
+
     def _announce(self) -> None:
-        assert self.keeper.current is not None
-        text = self.keeper.current.announcement.model_dump_json().encode()
-        self.session.publish(round_topic(self.fleet.name), text, retain=True)
+        """(Re)publish the open round's signed announcement, or the last one, closed."""
+        current = self.keeper.current
+        if current is not None:
+            announcement = current.announcement
+        else:
+            last = self.state.last_round()
+            if last is None:
+                return
+            announcement = last.announcement.model_copy(update={"closed": True})
+        signed = sign_announcement(self.signing_key, announcement)
+        self.session.publish(
+            round_topic(self.fleet.name), signed.model_dump_json().encode(), retain=True
+        )
 
     def _close(self) -> None:
         assert self.keeper.current is not None
@@ -246,6 +281,7 @@ class Aggregator:
             uplink_bytes=totals.uplink_bytes,
             model_version=model.version,
         )
+        self._announce()  # closed: devices stop re-sending for it
         self._evaluate_missed_task()
         self._publish_model()
         if self.hooks.on_round is not None:
@@ -296,9 +332,13 @@ class Aggregator:
 
     # -- messages from devices --------------------------------------------------------------
 
-    def _sender(self, topic: str) -> str:
-        device_id = parse_topic(topic).device_id
-        assert device_id is not None  # the subscriptions only match per-client topics
+    def _sender(self, topic: str) -> str | None:
+        """The device a per-client topic belongs to; None (logged) for a malformed topic."""
+        try:
+            device_id = parse_topic(topic).device_id
+        except ProtocolError as error:
+            log_event("message_rejected", logging.WARNING, topic=topic[:200], reason=str(error))
+            return None
         return device_id
 
     def _admitted(self, sender: str) -> bool:
@@ -322,8 +362,10 @@ class Aggregator:
 
     def _on_hello(self, topic: str, message: bytes) -> None:
         sender = self._sender(topic)
-        if not self._admitted(sender):
+        if sender is None:
             return
+        if not self._admitted(sender):
+            raise DeliveryDeferred
         try:
             hello = Hello.model_validate_json(message)
         except ValidationError as error:
@@ -331,6 +373,10 @@ class Aggregator:
             return
         if hello.device_id != sender or hello.fleet != self.fleet.name:
             self._reject(None, sender, f"hello for {hello.fleet}/{hello.device_id} on {topic}")
+            return
+        refusal = self._registration_refusal(sender)
+        if refusal is not None:
+            self._reject(None, sender, refusal)
             return
         new = self.state.register(hello)
         log_event(
@@ -340,10 +386,38 @@ class Aggregator:
             classes=len(hello.classes_met),
         )
 
+    def _registration_refusal(self, device_id: str) -> str | None:
+        """Why a hello from `device_id` may not register it (None: it may).
+
+        A provisioned fleet lists its devices. An open one takes any id while the registry has
+        room; when it is full, devices silent for `device_expiry_s` expire, or else the
+        least recently heard device that never answered a round makes room: a flood of hellos
+        from made-up ids can hold the registry only until genuine devices say hello (they do
+        at every round they are not in), and a device that takes part is never evicted.
+        """
+        service = self.fleet.service
+        if service.allowed_devices is not None and device_id not in service.allowed_devices:
+            return "hello from a device id the fleet does not list (service.allowed_devices)"
+        capacity = self.fleet.device_capacity
+        if self.state.is_registered(device_id) or self.state.device_count() < capacity:
+            return None
+        expired = self.state.expire_devices(time.time() - service.device_expiry_s)
+        if expired:
+            log_event("devices_expired", logging.WARNING, count=len(expired), first=expired[0])
+        if self.state.device_count() < capacity:
+            return None
+        evicted = self.state.evict_newcomer()
+        if evicted is not None:
+            log_event("device_evicted", logging.WARNING, device=evicted, for_device=device_id)
+            return None
+        return f"registry full ({capacity} devices, all of them taking part)"
+
     def _on_status(self, topic: str, message: bytes) -> None:
         sender = self._sender(topic)
-        if not self._admitted(sender):
+        if sender is None:
             return
+        if not self._admitted(sender):
+            return  # a raw packet: nothing is remembered, the next status is heard
         try:
             status = DeviceStatus.model_validate_json(message)
         except ValidationError:
@@ -369,8 +443,10 @@ class Aggregator:
 
     def _on_update(self, topic: str, payload: bytes) -> None:
         sender = self._sender(topic)
-        if not self._admitted(sender):
+        if sender is None:
             return
+        if not self._admitted(sender):
+            raise DeliveryDeferred  # not remembered as delivered: its re-send will count
         with self._lock:
             current = self.keeper.current
             round_index = None if current is None else current.announcement.round
@@ -405,7 +481,10 @@ class Aggregator:
         )
         inbox = client_topic(self.fleet.name, device_id, TopicKind.INBOX)
         # Not waiting for the PUBACK: a lost receipt only makes the device send again.
-        self.session.publish(inbox, receipt.model_dump_json().encode(), wait=False)
+        try:
+            self.session.publish(inbox, receipt.model_dump_json().encode(), wait=False)
+        except FedFMXError as error:
+            log_event("receipt_not_sent", logging.WARNING, device=device_id, reason=str(error))
 
     def _reject(self, round_index: int | None, device_id: str, reason: str) -> None:
         self.state.record_rejection(round_index, device_id, reason)
@@ -418,12 +497,10 @@ class Aggregator:
         )
 
 
-def aggregator_client_id(fleet: FleetConfig) -> str:
-    return f"aggregator-{fleet.name}"[:64]
-
-
 def open_aggregator(fleet: FleetConfig, state_path: Path, hooks: ServiceHooks) -> Aggregator:
     """The aggregator of `fleet` on its broker, with its state file and signing key."""
-    session = MqttSession(session_settings(fleet.service.broker, aggregator_client_id(fleet)))
+    session = MqttSession(
+        session_settings(fleet.service.broker, mqtt_client_id(fleet.name, "aggregator"))
+    )
     state = AggregatorState(state_path, fleet.name)
     return Aggregator(fleet, state, session, load_signing_key(fleet.service.signing_key), hooks)

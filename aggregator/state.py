@@ -22,9 +22,11 @@ from typing import Any
 from fedfmx.errors import ConfigError
 from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KEEP_MODEL_PAYLOADS = 3
 """Encoded versions kept: the current one, and the previous ones devices may still train on."""
+KEEP_REJECTIONS = 10_000
+"""Rejections kept (the newest): a flood from ever-new device ids cannot grow the file."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -148,7 +150,8 @@ class Evaluation:
 class AggregatorState:
     """A fleet's aggregator state in one SQLite file; safe to call from several threads."""
 
-    def __init__(self, path: Path, fleet: str) -> None:
+    def __init__(self, path: Path, fleet: str, create: bool = True) -> None:
+        """Open (or, with `create`, start) the state of `fleet` in `path`."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -162,12 +165,14 @@ class AggregatorState:
         except sqlite3.DatabaseError as error:
             raise ConfigError(f"{path}: not a usable aggregator state file ({error})") from None
         self._lock = threading.Lock()
-        self._claim(fleet)
+        self._claim(fleet, create)
 
-    def _claim(self, fleet: str) -> None:
+    def _claim(self, fleet: str, create: bool) -> None:
         """A state file belongs to one fleet and one schema: refuse to mix them up."""
         with self._transaction() as db:
             rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if not rows and not create:
+                raise ConfigError(f"{self.path}: not an aggregator state file (it is empty)")
             if not rows:
                 db.executemany(
                     "INSERT INTO meta VALUES (?, ?)",
@@ -352,8 +357,12 @@ class AggregatorState:
                 (
                     "INSERT INTO rejections (round, device_id, reason, received) "
                     "VALUES (?, ?, ?, ?)",
-                    (round_index, device_id, reason, time.time()),
-                )
+                    (round_index, device_id, reason[:500], time.time()),
+                ),
+                (
+                    "DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?",
+                    (KEEP_REJECTIONS,),
+                ),
             ]
         )
 
@@ -389,6 +398,47 @@ class AggregatorState:
                 ),
             )
         return known is None
+
+    def device_count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM devices")[0][0])
+
+    def is_registered(self, device_id: str) -> bool:
+        return bool(self._read("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)))
+
+    def evict_newcomer(self) -> str | None:
+        """Forget the device heard from least recently among those that never answered a
+        round (a device that takes part is never evicted); its id, or None if there is none."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT device_id FROM devices WHERE device_id NOT IN "
+                "(SELECT device_id FROM updates UNION SELECT device_id FROM skips) "
+                "ORDER BY last_seen LIMIT 1"
+            ).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM devices WHERE device_id = ?", (row[0],))
+        return None if row is None else str(row[0])
+
+    def expire_devices(self, unseen_since: float) -> list[str]:
+        """Forget devices not heard from since `unseen_since` (they register again with their
+        next hello); their ids, in order."""
+        with self._transaction() as db:
+            gone = [
+                str(row[0])
+                for row in db.execute(
+                    "SELECT device_id FROM devices WHERE last_seen < ? ORDER BY device_id",
+                    (unseen_since,),
+                )
+            ]
+            db.execute("DELETE FROM devices WHERE last_seen < ?", (unseen_since,))
+        return gone
+
+    def last_answers(self) -> dict[str, int]:
+        """The last round each device answered (an update or a skip)."""
+        rows = self._read(
+            "SELECT device_id, MAX(round) FROM (SELECT device_id, round FROM updates "
+            "UNION ALL SELECT device_id, round FROM skips) GROUP BY device_id"
+        )
+        return {str(device): int(last) for device, last in rows}
 
     def record_status(self, status: DeviceStatus) -> bool:
         """Store a registered device's latest status; False for a device never registered."""

@@ -154,8 +154,8 @@ def run_devices(
     def on_message(client: mqtt.Client, name: str, message: mqtt.MQTTMessage) -> None:
         if not message.payload:
             return
-        announcement = json.loads(decode_chunk(bytes(message.payload)).body)  # one-chunk message
-        round_index = announcement["round"]
+        signed = json.loads(decode_chunk(bytes(message.payload)).body)  # one-chunk message
+        round_index = signed["announcement"]["round"]
         if round_index in sent_rounds[name] or round_index >= len(payloads[name]):
             return
         sent_rounds[name].add(round_index)
@@ -218,8 +218,8 @@ class Observer:
         if address.kind is TopicKind.UPDATE:
             self.arrivals.append(now)
         elif address.kind is TopicKind.ROUND:
-            announcement = json.loads(decode_chunk(bytes(message.payload)).body)
-            self.opened.setdefault(announcement["round"], now)
+            signed = json.loads(decode_chunk(bytes(message.payload)).body)
+            self.opened.setdefault(signed["announcement"]["round"], now)
         elif address.model_version:  # version v is the merge of round v - 1
             self.merged.setdefault(address.model_version - 1, now)
 

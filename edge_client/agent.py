@@ -15,6 +15,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
 from fedfmx.aggregation import Arrays
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.device import DeviceLearner
+from fedfmx.device import DeviceLearner, validate_announcement
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
 from fedfmx.messages import (
     DeviceActivity,
@@ -40,7 +41,13 @@ from fedfmx.messages import (
     UpdateReceipt,
 )
 from fedfmx.profiles import DeviceProfile, PeakRss, apply_profile, load_profile, training_device
-from fedfmx.signing import assemble_verified, chunk_payload, load_verify_key, verify_manifest
+from fedfmx.signing import (
+    assemble_verified,
+    chunk_payload,
+    load_verify_key,
+    verify_announcement,
+    verify_manifest,
+)
 from transport import (
     LastWill,
     MqttSession,
@@ -48,6 +55,7 @@ from transport import (
     client_topic,
     model_body_filter,
     model_manifest_topic,
+    mqtt_client_id,
     parse_topic,
     round_topic,
     session_settings,
@@ -61,6 +69,13 @@ log = logging.getLogger(__name__)
 
 MODEL_FETCH_S = 60.0
 """How long to wait for a model version's retained chunks before giving the round up."""
+STOP_POLL_S = 0.25
+"""Longest a wait goes without looking at the stop event."""
+HELLO_REPEAT_S = 30.0
+"""A device with no new round announcement for this long says hello again (retained), so an
+aggregator that lost or refused its registration learns of it."""
+STATUS_TIMEOUT_S = 3.0
+"""A status is informational: the device never waits long for its PUBACK."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,9 @@ class EdgeDevice:
         self._last_hello: Hello | None = None
         self._activity: DeviceActivity = "online"
         """The last state published: said again after a reconnect, over a Last Will."""
+        self.training = False
+        """Inside a round's local training, which a stop signal may abandon."""
+        self._hello_at = time.monotonic()
 
     def _saved_model(self) -> GlobalVersion | None:
         payload = self.snapshot.model_payload
@@ -132,7 +150,12 @@ class EdgeDevice:
     # -- the main loop ----------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Take part in rounds until the schedule is done (or `stop`), then go offline."""
+        """Take part in rounds until the schedule is done (or `stop`), then go offline.
+
+        Every wait below is bounded and watches `stop`, so SIGTERM ends the device within a
+        second or so whatever it waits for (a round being trained is abandoned: the saved
+        state is the one before it, and the device trains that round again after a restart).
+        """
         self.session.subscribe(round_topic(self.fleet.name), self._on_round)
         self.session.subscribe(self._topic(TopicKind.INBOX), self._on_inbox)
         self.session.on_reconnect(lambda: self._publish_status(self._activity))
@@ -146,55 +169,75 @@ class EdgeDevice:
                 announcement = self._next_announcement(stop)
                 if announcement is not None:
                     self._take_part(announcement, stop)
-            self._publish_status("offline")
+                elif time.monotonic() - self._hello_at > HELLO_REPEAT_S:
+                    self._say_hello()  # no round for us for a while: are we registered?
         finally:
+            self._publish_status("offline")
             if self.feed is not None:
                 self.feed.close()
             self.session.close()
 
     def _done(self) -> bool:
-        return (
-            self.config.exit_after_last_round
-            and self._handled_round is not None
-            and self._handled_round >= self.last_round_index
-            and self.snapshot.pending_update is None
+        """The schedule is over for this device: its last round is answered, or closed."""
+        if not self.config.exit_after_last_round or self.snapshot.pending_update is not None:
+            return False
+        last = self._announcement
+        closed_last = last is not None and last.closed and last.round >= self.last_round_index
+        answered_last = (
+            self._handled_round is not None and self._handled_round >= self.last_round_index
         )
+        return closed_last or answered_last
+
+    def _wait(self, ready: Callable[[], bool], timeout_s: float, stop: threading.Event) -> bool:
+        """Wait (under `_changed`) until `ready()`, `stop` or the timeout; `ready()` at the end.
+
+        In slices, so a stop set by a signal handler is seen promptly without a notify.
+        """
+        give_up = time.monotonic() + timeout_s
+        with self._changed:
+            while not ready() and not stop.is_set():
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(min(left, STOP_POLL_S))
+            return ready()
 
     def _next_announcement(self, stop: threading.Event) -> RoundAnnouncement | None:
         """The newest announcement not handled yet (bounded wait, so `stop` is noticed)."""
-        with self._changed:
-            self._changed.wait_for(
-                lambda: (
-                    (
-                        self._announcement is not None
-                        and self._announcement.round != self._handled_round
-                    )
-                    or stop.is_set()
-                ),
-                timeout=1.0,
+
+        def fresh() -> bool:
+            return self._announcement is not None and (
+                self._announcement.round != self._handled_round
             )
-            announcement = self._announcement
-        if announcement is None or announcement.round == self._handled_round:
+
+        if not self._wait(fresh, 1.0, stop):
             return None
+        with self._changed:
+            announcement = self._announcement
+        assert announcement is not None
         return announcement
 
     def _take_part(self, announcement: RoundAnnouncement, stop: threading.Event) -> None:
         progress = self.snapshot.progress
         self._handled_round = announcement.round
         if self.snapshot.pending_update is not None:
-            if progress.last_round == announcement.round:
+            if progress.last_round == announcement.round and not announcement.closed:
                 self._deliver_pending(announcement.round, stop)
                 return
             log.warning(
-                "round %s moved on: dropping the update of round %s",
+                "round %s is over: dropping the unacknowledged update of round %s",
                 announcement.round,
                 progress.last_round,
             )
-            self.snapshot.pending_update = None
-            save_snapshot(self.config.state_dir, self.learner, self.snapshot)
+            self._drop_pending()
+        if announcement.closed:
+            return  # nothing to do in a round that is over
         if progress.last_round is not None and announcement.round <= progress.last_round:
             return  # answered before a restart
         if self.device_id not in announcement.participants:
+            # Said again: an aggregator that lost its state, or refused us while its registry
+            # was full, registers us from it for the next round.
+            self._say_hello()
             self._publish_status("waiting")
             return
         model = self._model_for(announcement, stop)
@@ -202,8 +245,12 @@ class EdgeDevice:
             return
         self._publish_status("training")
         started = time.perf_counter()
-        with PeakRss() as rss:
-            update = self.learner.handle_round(announcement, model.header, model.weights)
+        self.training = True
+        try:
+            with PeakRss() as rss:
+                update = self.learner.handle_round(announcement, model.header, model.weights)
+        finally:
+            self.training = False
         self._round_time_s = time.perf_counter() - started
         self._peak_rss_mb = rss.peak_mb
         if rss.peak_mb > self.profile.train_memory_mb:
@@ -250,39 +297,46 @@ class EdgeDevice:
         feed.start()
 
     def _deliver_pending(self, round_index: int, stop: threading.Event) -> None:
-        """Send the pending update until its receipt comes back or the round moves on."""
+        """Send the pending update until its receipt comes back or the round is over (closed,
+        or a newer one announced); a stop leaves it pending in the saved state."""
         payload = self.snapshot.pending_update
         assert payload is not None
         digest = hashlib.sha256(payload).hexdigest()
         message_id = bytes.fromhex(digest)[:16]  # a re-send is the same message to the receiver
         patience = self.fleet.service.receipt_timeout_s
+
+        def answered() -> bool:
+            return digest in self._receipts or self._round_over(round_index)
+
         while not stop.is_set():
-            try:
-                self.session.publish(
-                    self._topic(TopicKind.UPDATE),
-                    payload,
-                    message_id=message_id,
-                    timeout_s=patience,
-                )
-            except TimeoutError as error:
-                log.warning("update of round %s not acknowledged yet: %s", round_index, error)
+            # Not waiting for PUBACKs here: paho re-sends unacknowledged chunks itself, and
+            # the receipt is the answer that counts.
+            self.session.publish(
+                self._topic(TopicKind.UPDATE), payload, message_id=message_id, wait=False
+            )
+            self._wait(answered, patience, stop)
             with self._changed:
-                self._changed.wait_for(
-                    lambda: digest in self._receipts or self._newer_round(round_index), patience
-                )
                 receipt = self._receipts.pop(digest, None)
             if receipt is not None:
                 self._settle(round_index, receipt)
                 return
-            if self._newer_round(round_index):
+            if self._round_over(round_index):
                 log.warning("round %s closed before its receipt came: update dropped", round_index)
-                self.snapshot.pending_update = None
-                save_snapshot(self.config.state_dir, self.learner, self.snapshot)
+                self._drop_pending()
                 return
-            log.info("no receipt for the update of round %s: sending it again", round_index)
+            if not stop.is_set():
+                log.info("no receipt for the update of round %s: sending it again", round_index)
 
-    def _newer_round(self, round_index: int) -> bool:
-        return self._announcement is not None and self._announcement.round > round_index
+    def _round_over(self, round_index: int) -> bool:
+        """A newer round is announced, or this one is announced closed."""
+        current = self._announcement
+        return current is not None and (
+            current.round > round_index or (current.round == round_index and current.closed)
+        )
+
+    def _drop_pending(self) -> None:
+        self.snapshot.pending_update = None
+        save_snapshot(self.config.state_dir, self.learner, self.snapshot)
 
     def _settle(self, round_index: int, receipt: UpdateReceipt) -> None:
         if receipt.accepted:
@@ -300,7 +354,10 @@ class EdgeDevice:
     def _model_for(
         self, announcement: RoundAnnouncement, stop: threading.Event
     ) -> GlobalVersion | None:
-        """The round's starting version: the one held, or fetched and verified (None: refused)."""
+        """The round's starting version: the one held, or fetched and verified (None: none
+        verified in time). A manifest or body that fails verification is dropped and the
+        device keeps waiting: the aggregator restores its retained messages when junk
+        replaces them, and the genuine pair may still come."""
         version = announcement.model_version
         if self.model is not None and self.model.header.version == version:
             return self.model
@@ -310,54 +367,83 @@ class EdgeDevice:
         self.session.subscribe(body_filter, self._on_model_part)
         self.session.subscribe(manifest_topic, self._on_model_part)
         give_up = time.monotonic() + MODEL_FETCH_S
-        with self._changed:
-            self._changed.wait_for(
-                lambda: (
-                    (version in self._bodies and version in self._manifests)
-                    or stop.is_set()
-                    or self._newer_round(announcement.round)
-                ),
-                max(0.0, give_up - time.monotonic()),
+
+        def arrived() -> bool:
+            return (version in self._bodies and version in self._manifests) or self._round_over(
+                announcement.round
             )
-            body = self._bodies.pop(version, None)
-            manifest_text = self._manifests.pop(version, None)
-        self.session.unsubscribe(body_filter)
-        self.session.unsubscribe(manifest_topic)
-        if body is None or manifest_text is None:
+
+        verified = None
+        try:
+            while verified is None and not stop.is_set():
+                left = give_up - time.monotonic()
+                if left <= 0 or not self._wait(arrived, left, stop):
+                    break
+                if self._round_over(announcement.round):
+                    break
+                verified = self._verified_model(version)
+        finally:
+            self.session.unsubscribe(body_filter)
+            self.session.unsubscribe(manifest_topic)
+            with self._changed:
+                self._bodies.pop(version, None)
+                self._manifests.pop(version, None)
+        if verified is None:
             log.warning(
-                "model version %s did not arrive; skipping round %s", version, announcement.round
+                "no verified model version %s arrived; skipping round %s",
+                version,
+                announcement.round,
             )
             return None
+        self.model = verified
+        return verified
+
+    def _verified_model(self, version: int) -> GlobalVersion | None:
+        """The received manifest and body of `version` if they verify (signature, chunk
+        hashes, header, tensor shapes); else the part at fault is dropped (logged) and None."""
+        fleet = self.fleet.name
         running = None if self.model is None else self.model.header.version
+        with self._changed:
+            body, manifest_text = self._bodies[version], self._manifests[version]
         try:
             manifest = verify_manifest(manifest_text, self.public_key, fleet, running)
             if manifest.version != version:
-                raise ProtocolError(f"manifest of version {manifest.version} on version {version}")
+                raise ProtocolError(f"manifest of version {manifest.version} on {version}")
+        except ProtocolError as error:
+            log.warning("refused a manifest of model version %s: %s", version, error)
+            with self._changed:
+                self._manifests.pop(version, None)
+            return None
+        try:
             payload = assemble_verified(manifest, chunk_payload(body, manifest.chunk_bytes))
             header, weights = decode_model(payload, max_bytes=MAX_MODEL_BYTES)
             if header.version != version or header.fleet != fleet:
                 raise ProtocolError(f"model header says {header.fleet} v{header.version}")
+            self.learner.check_model(header, weights)
         except ProtocolError as error:
-            log.warning(
-                "refused model version %s (%s); keeping version %s", version, error, running
-            )
+            log.warning("refused a body of model version %s: %s", version, error)
+            with self._changed:
+                self._bodies.pop(version, None)
             return None
-        self.model = GlobalVersion(header, weights, payload)
-        return self.model
+        return GlobalVersion(header, weights, payload)
 
     # -- messages ----------------------------------------------------------------------------
 
     def _on_round(self, topic: str, message: bytes) -> None:
+        """Take a round announcement only if it is signed by the fleet (when a key is set), fits
+        the plan and the model, and is not older than the one held."""
         try:
-            announcement = RoundAnnouncement.model_validate_json(message)
-        except ValidationError:
-            log.warning("ignored a malformed round announcement on %s", topic)
-            return
-        if announcement.fleet != self.fleet.name:
+            announcement = verify_announcement(message, self.public_key, self.fleet.name)
+            validate_announcement(announcement, self.fleet)
+        except ProtocolError as error:
+            log.warning("ignored a round announcement: %s", error)
             return
         with self._changed:
             current = self._announcement
-            if current is None or announcement.round >= current.round:
+            if current is None or (announcement.round, announcement.closed) >= (
+                current.round,
+                current.closed,
+            ):
                 self._announcement = announcement
             self._changed.notify_all()
 
@@ -385,10 +471,17 @@ class EdgeDevice:
     def _say_hello(self) -> None:
         """Retained, so an aggregator that starts (or restarts afresh) later still hears it."""
         hello = self._hello()
-        self.session.publish(
-            self._topic(TopicKind.HELLO), hello.model_dump_json().encode(), retain=True
-        )
+        try:
+            self.session.publish(
+                self._topic(TopicKind.HELLO),
+                hello.model_dump_json().encode(),
+                retain=True,
+                timeout_s=STATUS_TIMEOUT_S,
+            )
+        except (TimeoutError, FedFMXError) as error:
+            log.warning("hello not acknowledged yet (paho re-sends it): %s", error)
         self._last_hello = hello
+        self._hello_at = time.monotonic()
 
     def _hello(self) -> Hello:
         counts = Counter(str(name) for name in self.learner.local_rows().names)
@@ -417,7 +510,10 @@ class EdgeDevice:
             status = status.model_copy(update=self._feed_status(self.feed))
         try:
             self.session.publish_raw(
-                self._topic(TopicKind.STATUS), status.model_dump_json().encode(), retain=True
+                self._topic(TopicKind.STATUS),
+                status.model_dump_json().encode(),
+                retain=True,
+                timeout_s=STATUS_TIMEOUT_S,
             )
         except (TimeoutError, FedFMXError) as error:
             log.warning("status %s not delivered: %s", state, error)
@@ -472,6 +568,8 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
         topic=client_topic(fleet.name, config.device_id, TopicKind.STATUS),
         payload=offline.model_dump_json().encode(),
     )
-    session = MqttSession(session_settings(config.broker, config.device_id, will))
+    session = MqttSession(
+        session_settings(config.broker, mqtt_client_id(fleet.name, config.device_id), will)
+    )
     public_key = load_verify_key(config.fleet_public_key)
     return EdgeDevice(config, fleet, profile, learner, session, public_key, inference, data.feed)

@@ -7,7 +7,7 @@ class the device never met opens the next one; then the learner closes the previ
 (its Fisher, its exemplars: the learner's memory) and trains on the new batch plus that
 memory, exactly as it does when a fleet partition moves to a new task. These are the
 partition's semantics (a task's rows accumulate until the next task), which is why they were
-chosen; decisions §11 has what they measured.
+chosen; decisions §12 has what they measured.
 """
 
 from __future__ import annotations

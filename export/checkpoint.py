@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from export.errors import first_line
+from export.errors import MAX_MODEL_FILE_BYTES, first_line, refuse_oversize
 from fedfmx.config import FleetConfig, ImageInputConfig
 from fedfmx.datasets import ImageDataset
 from fedfmx.errors import DataError
@@ -131,6 +131,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read and validate a checkpoint; anything wrong is one `DataError` naming the file."""
+    refuse_oversize(path, MAX_MODEL_FILE_BYTES, "a checkpoint")
     try:
         with safe_open(str(path), framework="np") as reader:
             metadata = reader.metadata() or {}

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from fedfmx.errors import FedFMXError
+from pathlib import Path
+
+from fedfmx.errors import DataError, FedFMXError
+
+MAX_MODEL_FILE_BYTES = 2 << 30
+"""Largest checkpoint or ONNX file opened (ONNX's own protobuf limit is 2 GiB)."""
+MAX_IMAGE_FILE_BYTES = 32 << 20
+MAX_IMAGE_PIXELS = 40_000_000
+"""Largest image decoded (a 40-megapixel photo); PIL's own bomb guard is far higher."""
 
 
 class ParityError(FedFMXError):
@@ -13,3 +21,14 @@ def first_line(error: BaseException) -> str:
     """A library error's first line: enough to act on, short enough for a one-line message."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def refuse_oversize(path: Path, limit: int, what: str) -> None:
+    """DataError before a file larger than `limit` bytes is read (a missing one is the
+    caller's to report)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    if size > limit:
+        raise DataError(f"{path}: {size} bytes, over the {limit}-byte limit for {what}")

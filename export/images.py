@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from export.checkpoint import InputSpec
+from export.errors import MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, refuse_oversize
 from fedfmx.datasets import read_idx
 from fedfmx.errors import DataError
 from fedfmx.preprocessing import decode_image, model_input
@@ -38,8 +39,10 @@ def _load_png_dir(
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     arrays = []
     for file in files:
+        refuse_oversize(file, MAX_IMAGE_FILE_BYTES, "an image")
         try:
-            arrays.append(model_input(decode_image(file.read_bytes()), spec.image))
+            pixels = decode_image(file.read_bytes(), MAX_IMAGE_PIXELS)  # header checked first
+            arrays.append(model_input(pixels, spec.image))
         except (DataError, OSError) as error:
             raise DataError(f"{file}: not a readable PNG or JPEG ({error})") from None
     if not arrays:

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from export.errors import first_line
+from export.errors import MAX_MODEL_FILE_BYTES, first_line, refuse_oversize
 from export.formats import InferenceProvider
 from export.metadata import METADATA_KEY, ExportMetadata
 from export.parity import batched_logits
@@ -67,6 +67,7 @@ def open_session(path: Path, providers: list[str], threads: int) -> ort.Inferenc
     """An ORT session on `threads` intra-op threads; a missing or corrupt file is a DataError."""
     if not path.is_file():
         raise DataError(f"{path}: no such model file")
+    refuse_oversize(path, MAX_MODEL_FILE_BYTES, "a model")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -70,13 +70,15 @@ def _frame(magic: bytes, header: BaseModel, body: bytes) -> bytes:
 
 def _rows(x: np.ndarray) -> np.ndarray:
     """View as [rows, columns]: the first dimension is the row, a vector is one row."""
-    return x.reshape(1, -1) if x.ndim <= 1 else x.reshape(x.shape[0], -1)
+    if x.ndim <= 1:
+        return x.reshape(1, x.size)
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per row: `q = round(x/s)`, `s = max|row|/127` (0 for an all-zero row)."""
     rows = _rows(x).astype(np.float32)
-    scale = (np.abs(rows).max(axis=1) / 127.0).astype(np.float32)
+    scale = (np.abs(rows).max(axis=1, initial=0.0) / 127.0).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)[:, None]
     q = np.clip(np.rint(rows / safe), -127, 127).astype(np.int8)
     return q.reshape(x.shape), scale

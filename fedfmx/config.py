@@ -196,13 +196,16 @@ class BrokerConfig(Section):
 class RateLimitConfig(Section):
     """A token bucket per device over its hellos, statuses and updates (DESIGN §6).
 
-    A device sends a handful of messages a round; a flood from one stolen or buggy device is
-    dropped before it is decoded or stored, so it costs the others neither CPU nor state. A
-    dropped update gets no receipt, so an honest device that was throttled simply re-sends.
+    A device sends a handful of messages a round (status, update, status, maybe a hello); a
+    flood from one stolen or buggy device is dropped before it is decoded or stored, so it
+    costs the others neither CPU nor state. A dropped update gets no receipt and is not
+    remembered as delivered, so an honest device that was throttled re-sends it and it counts.
+    The defaults leave an honest device of the fastest shipped fleet (`ci-digits`, rounds of
+    a fraction of a second) several times the rate it needs (`tests/test_mqtt_federation.py`).
     """
 
-    messages_per_s: float = Field(default=2.0, gt=0)
-    burst: int = Field(default=30, ge=1)
+    messages_per_s: float = Field(default=20.0, gt=0)
+    burst: int = Field(default=60, ge=1)
 
 
 class ServiceConfig(Section):
@@ -226,6 +229,19 @@ class ServiceConfig(Section):
     """The aggregator's Ed25519 private key (PEM); None publishes unsigned manifests."""
     rate_limit: RateLimitConfig = RateLimitConfig()
     """How many messages a second the aggregator handles from one device (beyond: dropped)."""
+    allowed_devices: list[str] | None = None
+    """Only these device ids may register (a provisioned fleet); None: an open fleet, where
+    any id may say hello, up to `max_devices`."""
+    max_devices: int | None = Field(default=None, ge=1)
+    """Most devices the registry holds; None: as many as one round announcement can name
+    (it names every participant and must fit one retained chunk: ~1,900 at 128 KiB). A hello
+    from a new id when the registry is full first expires devices silent for
+    `device_expiry_s`, and is refused (logged) if none is."""
+    device_expiry_s: float = Field(default=3600.0, gt=0)
+    dormant_after_rounds: int = Field(default=2, ge=1)
+    """A device that was neither heard from since the previous round opened nor answered any
+    of the last this many rounds is left out of the next one (it returns with its next
+    message): a dead device, or an id that only ever said hello, cannot slow every round."""
 
     def state_file(self, fleet_name: str) -> Path:
         return self.state_path or Path(f"{fleet_name}.aggregator.sqlite")
@@ -297,6 +313,13 @@ class FleetConfig(Section):
             return self.fedfmx.model_copy(update={"k_min": experts, "k_max": experts})
         return self.fedfmx
 
+    @property
+    def device_capacity(self) -> int:
+        """Most devices the aggregator registers: `service.max_devices`, or what fits."""
+        return self.service.max_devices or announcement_capacity(
+            self.service.broker.max_payload_bytes, self.model.num_experts
+        )
+
     @model_validator(mode="after")
     def _colour_needs_the_trunk(self) -> FleetConfig:
         image = self.data.image
@@ -318,6 +341,26 @@ class FleetConfig(Section):
                 f"fedfmx.k_max must be <= model.num_experts ({self.model.num_experts})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _announcement_fits(self) -> FleetConfig:
+        fitting = announcement_capacity(
+            self.service.broker.max_payload_bytes, self.model.num_experts
+        )
+        if fitting < 1 or (self.service.max_devices or 0) > fitting:
+            raise ValueError(
+                f"service.max_devices: a round announcement naming {self.service.max_devices} "
+                f"devices may not fit one {self.service.broker.max_payload_bytes}-byte payload "
+                f"(at most {fitting})"
+            )
+        return self
+
+
+def announcement_capacity(max_payload_bytes: int, num_experts: int) -> int:
+    """Participants a round announcement can always name within one payload: each id takes
+    at most 67 bytes (64 characters, quotes, comma), each expert's usage 26, the rest and the
+    chunk header under 1 KiB."""
+    return (max_payload_bytes - 1024 - 26 * num_experts) // 67
 
 
 Document = TypeVar("Document", bound=BaseModel)
@@ -342,18 +385,41 @@ def validate_document(model: type[Document], raw: object, source: str) -> Docume
         raise ConfigError(f"{source}: {_first_error(error)}") from None
 
 
+MAX_YAML_BYTES = 1 << 20
+"""Largest configuration file read (a fleet YAML is a few KB)."""
+MAX_YAML_ALIASES = 100
+"""YAML aliases allowed in one document: a "billion laughs" file expands exponentially."""
+
+
 def read_yaml(path: Path, what: str) -> object:
-    """Parse a YAML file; a missing file or a syntax error is one ConfigError line."""
+    """Parse a YAML file; anything wrong with it (missing, a directory, empty, too big,
+    binary, not YAML, an alias bomb) is one ConfigError line."""
     try:
-        return yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: over {MAX_YAML_BYTES} bytes, not a {what} file")
+        text = path.read_bytes().decode("utf-8")
+        if text.count("*") and _aliases(text) > MAX_YAML_ALIASES:
+            raise ConfigError(f"{path}: more than {MAX_YAML_ALIASES} YAML aliases")
+        document = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what} file") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a {what} file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8), not a {what} file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if document is None:
+        raise ConfigError(f"{path}: is empty, not a {what} file")
+    return document
+
+
+def _aliases(text: str) -> int:
+    return sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text))
 
 
 def parse_fleet(raw: object, source: str = "fleet") -> FleetConfig:

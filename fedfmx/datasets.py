@@ -76,37 +76,59 @@ def _idx_error(path: Path, problem: str) -> DataError:
     return DataError(f"{path}: {problem}; replace it with an intact copy of the IDX file")
 
 
-def read_idx(path: Path) -> np.ndarray:
+MAX_IDX_BYTES = 1 << 30
+"""Largest IDX body read (Fashion-MNIST's training images are 47 MB): a header claiming more,
+or a gzip bomb, is refused before anything of that size is allocated."""
+
+
+def read_idx(path: Path, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read an IDX file (LeCun's MNIST format), gzip'd or plain, into a native-endian array.
 
     Layout: bytes 0-1 are zero, byte 2 the dtype code, byte 3 the number of dims d, then d
     big-endian uint32 sizes, then prod(sizes) big-endian items. The file must hold exactly
     4 + 4·d + prod(sizes)·itemsize bytes, so a truncated or padded file is caught here rather
     than as a mis-shaped array later. Gzip is recognised by its magic bytes, not the name.
+    The body is read as a stream and only as far as the header says (plus one byte to see
+    that nothing follows), so a small file that would expand to gigabytes costs nothing.
     """
     try:
-        raw = path.read_bytes()
-        if raw[:2] == _GZIP_MAGIC:
-            raw = gzip.decompress(raw)
+        with path.open("rb") as raw_file:
+            compressed = raw_file.read(2) == _GZIP_MAGIC
+        opener = gzip.open if compressed else open
+        with opener(path, "rb") as stream:
+            data, shape, dtype = _read_idx_stream(path, stream, max_bytes)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; pass the directory that holds it") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not an IDX file") from None
     except (OSError, EOFError, zlib.error) as error:
         raise _idx_error(path, f"unreadable or corrupt gzip ({error})") from None
-    if len(raw) < 4 or raw[:2] != b"\x00\x00":
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _read_idx_stream(
+    path: Path, stream: io.BufferedIOBase, max_bytes: int
+) -> tuple[bytes, tuple[int, ...], np.dtype[np.generic]]:
+    head = stream.read(4)
+    if len(head) < 4 or head[:2] != b"\x00\x00":
         raise _idx_error(path, "not an IDX file (bad magic number)")
-    dtype = _IDX_DTYPES.get(raw[2])
+    dtype = _IDX_DTYPES.get(head[2])
     if dtype is None:
-        raise _idx_error(path, f"unknown IDX dtype code 0x{raw[2]:02x}")
-    ndims = raw[3]
-    header_size = 4 + 4 * ndims
-    if len(raw) < header_size:
-        raise _idx_error(path, f"header truncated ({len(raw)} bytes for {ndims} dims)")
-    shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">u4", count=ndims, offset=4))
-    expected = header_size + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise _idx_error(path, f"header says shape {shape} ({expected} bytes), file has {len(raw)}")
-    data = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
-    return data.astype(dtype.newbyteorder("="))
+        raise _idx_error(path, f"unknown IDX dtype code 0x{head[2]:02x}")
+    ndims = head[3]
+    dims = stream.read(4 * ndims)
+    if len(dims) < 4 * ndims:
+        raise _idx_error(path, f"header truncated ({4 + len(dims)} bytes for {ndims} dims)")
+    shape = tuple(int(n) for n in np.frombuffer(dims, dtype=">u4"))
+    body = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if body > max_bytes:
+        raise _idx_error(path, f"header says shape {shape}: {body} bytes, over {max_bytes}")
+    data = stream.read(body + 1)
+    expected = 4 + 4 * ndims + body
+    if len(data) != body:
+        found = f"more than {expected}" if len(data) > body else str(4 + 4 * ndims + len(data))
+        raise _idx_error(path, f"header says shape {shape} ({expected} bytes), file has {found}")
+    return data, shape, dtype
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:

@@ -11,6 +11,7 @@ with images, up to float rounding of the trunk (`tests/test_device_cache.py`).
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS, HEAD_WEIGHT, Arrays
 from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
+from fedfmx.errors import ProtocolError
 from fedfmx.exemplars import ExemplarBuffer
 from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
 from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
@@ -87,6 +89,7 @@ class DeviceLearner:
         self.generator = torch.Generator().manual_seed(seed)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self.feature_cache = self._open_feature_cache(cache_dir)
+        self._shapes: dict[str, tuple[int, ...]] | None = None
 
     def _open_feature_cache(self, cache_dir: Path | None) -> FeatureCache | None:
         budget_mb = self.fleet.training.feature_cache_mb
@@ -109,6 +112,23 @@ class DeviceLearner:
             return torch.empty(0, TRUNK_FEATURES)
         compute = trunk_feature_fn(network.backbone)
         return torch.from_numpy(self.feature_cache.features(images, compute))
+
+    def check_model(self, model: ModelHeader, weights: Arrays) -> None:
+        """ProtocolError unless `weights` are exactly this fleet's model with one head row per
+        class of `model` (checked before a version is loaded, so junk cannot crash a round)."""
+        if len(set(model.class_names)) != len(model.class_names):
+            raise ProtocolError("model class names repeat")
+        if self._shapes is None:
+            reference = build_model(self.fleet.model, self.fleet.routing, 0, self.fleet.seed)
+            self._shapes = {
+                name: tuple(value.shape) for name, value in reference.state_dict().items()
+            }
+        expected = dict(self._shapes)
+        expected[HEAD_WEIGHT] = (len(model.class_names), expected[HEAD_WEIGHT][1])
+        shapes = {name: value.shape for name, value in weights.items()}
+        if shapes != expected:
+            wrong = sorted(set(shapes.items()) ^ set(expected.items()))[:2]
+            raise ProtocolError(f"model tensors do not fit this fleet's model: {wrong}")
 
     def handle_round(
         self, announcement: RoundAnnouncement, model: ModelHeader, weights: Arrays
@@ -243,6 +263,34 @@ class DeviceLearner:
             train_loss=outcome.result.loss,
         )
         return tensors, header
+
+
+def validate_announcement(announcement: RoundAnnouncement, fleet: FleetConfig) -> None:
+    """ProtocolError unless `announcement` fits the fleet's plan and model.
+
+    A well-formed announcement can still be wrong (a stale retained one, a hostile one on a
+    broker without ACLs, a bug): it is refused before it can reach the stream or the model.
+    """
+    protocol = fleet.protocol
+    if announcement.fleet != fleet.name:
+        raise ProtocolError(f"announcement for fleet {announcement.fleet!r}")
+    if announcement.round >= protocol.num_rounds:
+        raise ProtocolError(
+            f"round {announcement.round} outside the plan's 0..{protocol.num_rounds - 1}"
+        )
+    if announcement.task != announcement.round // protocol.rounds_per_task:
+        raise ProtocolError(f"round {announcement.round} is not in task {announcement.task}")
+    if announcement.model_version > announcement.round:
+        raise ProtocolError(
+            f"model version {announcement.model_version} cannot start round {announcement.round}"
+        )
+    usage = announcement.expert_usage
+    if len(usage) != fleet.model.num_experts or not all(math.isfinite(u) and u >= 0 for u in usage):
+        raise ProtocolError(
+            f"expert usage must be {fleet.model.num_experts} finite non-negative values"
+        )
+    if not math.isfinite(announcement.deadline_unix):
+        raise ProtocolError("deadline is not a finite time")
 
 
 def _local_class_names(registry: list[str], *held: np.ndarray) -> list[str]:

@@ -124,7 +124,6 @@ class RoundKeeper:
             participants=participants,
             deadline_unix=deadline_unix,
             expert_usage=self.model.expert_usage,
-            class_names=self.model.class_names,
             train_backbone=train_backbone(self.fleet, task),
         )
         self.resume_round(announcement)

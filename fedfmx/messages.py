@@ -7,7 +7,7 @@ rejected so that a malformed or hostile header fails validation before it touche
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,31 +30,42 @@ class CodecSettings(Message):
     zstd_level: int | None = Field(default=None, ge=1, le=22)
 
 
+Name = Annotated[str, Field(max_length=128)]
+"""A fleet, device, profile or class name: bounded, so a hostile message stays small."""
+MAX_CLASSES = 10_000
+"""Most classes a message may name (the many-class data sets have a few hundred)."""
+
+
 class Hello(Message):
     """A device introduces itself: what it is and which classes it has met."""
 
-    fleet: str
-    device_id: str
-    profile: str
-    classes_met: list[str]
-    sample_counts: dict[str, int]
+    fleet: Name
+    device_id: Name
+    profile: Name
+    classes_met: list[Name] = Field(max_length=MAX_CLASSES)
+    sample_counts: dict[Name, Annotated[int, Field(ge=0)]] = Field(max_length=MAX_CLASSES)
 
 
 class RoundAnnouncement(Message):
-    """The aggregator opens a round: which model to start from and who takes part."""
+    """The aggregator opens a round: which model to start from and who takes part.
 
-    fleet: str
+    It is retained on one topic, so it must fit one chunk: its size is bounded by the fleet's
+    `service.max_devices` (the class registry travels in the model header, which is chunked).
+    """
+
+    fleet: Name
     round: int = Field(ge=0)
     task: int = Field(ge=0)
     model_version: int = Field(ge=0)
-    participants: list[str]
+    participants: list[Name]
     deadline_unix: float
-    expert_usage: list[float]
+    expert_usage: list[float] = Field(max_length=4096)
     """Fleet-wide fraction of routed samples per expert over the last round (RAR's `f_e`)."""
-    class_names: list[str]
-    """The class registry: index = global class id; each round appends its new classes, sorted."""
     train_backbone: bool
     """Whether devices train (and send) the backbone this round."""
+    closed: bool = False
+    """The round is over (re-announced when it closes): a device stops re-sending its update
+    for it, and after the schedule's last round it knows the fleet is done."""
 
 
 class UpdateHeader(Message):
@@ -66,14 +77,14 @@ class UpdateHeader(Message):
     of every expert parameter sent (used by the Fisher-weighted merge).
     """
 
-    fleet: str
-    device_id: str
+    fleet: Name
+    device_id: Name
     round: int = Field(ge=0)
     base_version: int = Field(ge=0)
     num_samples: int = Field(gt=0)
-    expert_ids: list[int]
-    head_classes: list[str]
-    class_counts: list[int]
+    expert_ids: list[int] = Field(max_length=MAX_CLASSES)
+    head_classes: list[Name] = Field(max_length=MAX_CLASSES)
+    class_counts: list[int] = Field(max_length=MAX_CLASSES)
     """Samples per class in `head_classes`, same order: the weights of the per-class head merge."""
     expert_usage: list[float]
     """Samples this device routed to each expert during the round (summed fleet-wide)."""
@@ -115,7 +126,7 @@ DeviceActivity = Literal["online", "waiting", "training", "sent", "skipped", "of
 class DeviceStatus(Message):
     """A device's retained status; its Last Will is the same message with state `offline`."""
 
-    device_id: str
+    device_id: Name
     state: DeviceActivity
     round: int | None = None
     """The last round this device answered (sent an update or had nothing to send)."""
@@ -124,12 +135,12 @@ class DeviceStatus(Message):
     peak_rss_mb: float | None = None
     """Peak resident memory of the last local round (DESIGN §8: the profile's budget)."""
     round_time_s: float | None = None
-    profile: str | None = None
+    profile: Name | None = None
     store_samples: int | None = Field(default=None, ge=0)
     """Samples in the device's own sample store (folder and camera sources)."""
     store_bytes: int | None = Field(default=None, ge=0)
     """Disk the sample store uses: sample files and ledger."""
-    sources: list[str] | None = None
+    sources: list[Annotated[str, Field(max_length=512)]] | None = Field(default=None, max_length=8)
     """One line per source: kind, state and detail (`camera: reconnecting (...)`)."""
     predictions: int | None = Field(default=None, ge=0)
     """Frames classified since the device started."""

@@ -1,8 +1,10 @@
-"""Signed model manifests: a device loads a model only if the fleet's aggregator vouches for it.
+"""Signed messages: a device acts only on what the fleet's aggregator vouches for.
 
-The aggregator signs a manifest (fleet, version, SHA-256 of every chunk of the encoded model)
-with its Ed25519 key; the device checks the signature with the fleet's public key, every chunk
-hash, and that the version is newer than the one it runs (a replayed old manifest is refused).
+The aggregator signs, with its Ed25519 key, each model manifest (fleet, version, SHA-256 of
+every chunk of the encoded model) and each round announcement; the device checks the
+signature with the fleet's public key. For a model it also checks every chunk hash and that
+the version is newer than the one it runs (a replayed old manifest is refused). The signature
+covers the message's canonical JSON (pydantic's, fields in declaration order).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from pydantic import Field, ValidationError
 
 from fedfmx.errors import ConfigError, ProtocolError
-from fedfmx.messages import Message
+from fedfmx.messages import Message, RoundAnnouncement
 
 
 def load_signing_key(path: Path | None) -> Ed25519PrivateKey | None:
@@ -74,6 +76,26 @@ def _digest(chunk: bytes) -> str:
     return hashlib.sha256(chunk).hexdigest()
 
 
+def _signature(key: Ed25519PrivateKey | None, message: Message) -> str:
+    """Base64 Ed25519 signature of `message`'s canonical JSON; empty without a key."""
+    signature = b"" if key is None else key.sign(message.model_dump_json().encode())
+    return base64.b64encode(signature).decode()
+
+
+def _check_signature(
+    public_key: Ed25519PublicKey | None, signature: str, message: Message, what: str
+) -> None:
+    """ProtocolError unless `signature` is the fleet key's over `message` (no key: no check)."""
+    if public_key is None:
+        return
+    try:
+        public_key.verify(
+            base64.b64decode(signature, validate=True), message.model_dump_json().encode()
+        )
+    except (InvalidSignature, ValueError):
+        raise ProtocolError(f"{what} signature does not verify with the fleet key") from None
+
+
 def sign_manifest(
     key: Ed25519PrivateKey | None, fleet: str, version: int, chunks: Sequence[bytes]
 ) -> SignedManifest:
@@ -85,8 +107,7 @@ def sign_manifest(
         chunk_sha256=[_digest(chunk) for chunk in chunks],
         total_bytes=sum(len(chunk) for chunk in chunks),
     )
-    signature = b"" if key is None else key.sign(manifest.model_dump_json().encode())
-    return SignedManifest(manifest=manifest, signature=base64.b64encode(signature).decode())
+    return SignedManifest(manifest=manifest, signature=_signature(key, manifest))
 
 
 def verify_manifest(
@@ -98,14 +119,9 @@ def verify_manifest(
     """
     try:
         signed = SignedManifest.model_validate_json(text)
-        signature = base64.b64decode(signed.signature, validate=True)
-    except (ValidationError, ValueError):
+    except ValidationError:
         raise ProtocolError("manifest is malformed") from None
-    try:
-        if public_key is not None:
-            public_key.verify(signature, signed.manifest.model_dump_json().encode())
-    except InvalidSignature:
-        raise ProtocolError("manifest signature does not verify with the fleet key") from None
+    _check_signature(public_key, signed.signature, signed.manifest, "manifest")
     manifest = signed.manifest
     if manifest.fleet != fleet:
         raise ProtocolError(f"manifest is for fleet {manifest.fleet!r}, not {fleet!r}")
@@ -114,6 +130,40 @@ def verify_manifest(
             f"manifest version {manifest.version} is not newer than the running {running_version}"
         )
     return manifest
+
+
+class SignedAnnouncement(Message):
+    """What the round topic carries: the announcement and the aggregator's signature of it."""
+
+    announcement: RoundAnnouncement
+    signature: str
+    """Base64 Ed25519 signature over the announcement's canonical JSON; empty when the fleet
+    has no signing key."""
+
+
+def sign_announcement(
+    key: Ed25519PrivateKey | None, announcement: RoundAnnouncement
+) -> SignedAnnouncement:
+    return SignedAnnouncement(announcement=announcement, signature=_signature(key, announcement))
+
+
+def verify_announcement(
+    text: bytes, public_key: Ed25519PublicKey | None, fleet: str
+) -> RoundAnnouncement:
+    """Parse and check a signed round announcement; ProtocolError says why it is refused.
+
+    Unsigned rounds could be announced by anyone who can publish on the round topic (a broker
+    without ACLs): a device with the fleet key acts only on the aggregator's own.
+    """
+    try:
+        signed = SignedAnnouncement.model_validate_json(text)
+    except ValidationError as error:
+        count = error.error_count()
+        raise ProtocolError(f"malformed round announcement ({count} errors)") from None
+    _check_signature(public_key, signed.signature, signed.announcement, "round announcement")
+    if signed.announcement.fleet != fleet:
+        raise ProtocolError(f"round announcement for fleet {signed.announcement.fleet!r}")
+    return signed.announcement
 
 
 def assemble_verified(manifest: Manifest, chunks: Sequence[bytes]) -> bytes:

@@ -9,8 +9,12 @@ an operator would see with `fedfmx-edge status`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,7 +48,10 @@ from transport import EmbeddedBroker, MosquittoBroker
 from transport.brokers import BrokerChoice
 from transport.session import ProtocolChoice
 
-DEVICE_EXIT_S = 60.0
+DEVICE_EXIT_S = 30.0
+"""How long devices get to exit by themselves after the last round closed."""
+DEVICE_STOP_S = 10.0
+"""How long devices get to stop after SIGTERM before they are killed."""
 FOLDER_SETTLE_S = 0.3
 FEED_GRACE_S = 1.5
 """After the feeder copies a round's images, the next round waits this long, so that devices
@@ -165,6 +172,17 @@ def _device_source(
     return PartitionSource(client_index=index)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when `simulate` dies, even by SIGKILL,
+    so no device outlives the run that started it."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _spawn(config: Path, logs: Path) -> subprocess.Popen[bytes]:
     with (logs / f"{config.stem}.log").open("wb") as sink:
         return subprocess.Popen(
@@ -172,6 +190,7 @@ def _spawn(config: Path, logs: Path) -> subprocess.Popen[bytes]:
             stdout=sink,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
 
 
@@ -183,9 +202,15 @@ def _last_line(path: Path) -> str:
 class _DeviceWatch:
     """Stops the run when a device process fails, naming it and its last log line."""
 
-    def __init__(self, processes: dict[str, subprocess.Popen[bytes]], logs: Path) -> None:
+    def __init__(
+        self,
+        processes: dict[str, subprocess.Popen[bytes]],
+        logs: Path,
+        interrupted: threading.Event,
+    ) -> None:
         self.processes = processes
         self.logs = logs
+        self.interrupted = interrupted
         self.stop = threading.Event()
         self.failure: str | None = None
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -193,6 +218,10 @@ class _DeviceWatch:
 
     def _watch(self) -> None:
         while not self.stop.wait(0.5):
+            if self.interrupted.is_set():
+                self.failure = "stopped by a signal"
+                self.stop.set()
+                return
             for name, process in self.processes.items():
                 code = process.poll()
                 if code not in (None, 0):
@@ -203,16 +232,21 @@ class _DeviceWatch:
                     self.stop.set()
                     return
 
-    def finish(self) -> None:
-        """Let devices exit by themselves (they stop after the last round), then make them."""
+    def finish(self, completed: bool) -> None:
+        """After a completed run, let devices exit by themselves (they stop once the last
+        round is closed); otherwise, or when they do not, stop them: SIGTERM, then SIGKILL."""
+        if completed:
+            give_up = time.monotonic() + DEVICE_EXIT_S
+            for process in self.processes.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.0, give_up - time.monotonic()))
         for process in self.processes.values():
-            try:
-                process.wait(timeout=DEVICE_EXIT_S)
-            except subprocess.TimeoutExpired:
+            if process.poll() is None:
                 process.terminate()
+        give_up = time.monotonic() + DEVICE_STOP_S
         for process in self.processes.values():
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=max(0.0, give_up - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -257,10 +291,16 @@ def run_over_mqtt(
     dataset: ImageDataset,
     run: MqttRun,
     on_round: Callable[[RoundLog], None] | None = None,
+    interrupted: threading.Event | None = None,
 ) -> SimulationResult:
-    """Run every task and round of `fleet` through a broker, with one process per device."""
+    """Run every task and round of `fleet` through a broker, with one process per device.
+
+    Setting `interrupted` (SIGTERM, say) stops the run: every process it started is stopped.
+    """
+    interrupted = interrupted or threading.Event()
     started = time.perf_counter()
-    workdir = run.workdir or Path(tempfile.mkdtemp(prefix="fedfmx-simulate-"))
+    # absolute: the YAMLs written below hold paths that are read relative to their own folder
+    workdir = (run.workdir or Path(tempfile.mkdtemp(prefix="fedfmx-simulate-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
@@ -294,11 +334,13 @@ def run_over_mqtt(
             aggregator = open_aggregator(fleet, workdir / "aggregator.sqlite", hooks)
             try:
                 aggregator.start()
-                watch = _DeviceWatch({c.stem: _spawn(c, logs) for c in configs}, logs)
+                devices = {c.stem: _spawn(c, logs) for c in configs}
+                watch = _DeviceWatch(devices, logs, interrupted)
+                completed = False
                 try:
                     completed = aggregator.run(watch.stop)
                 finally:
-                    watch.finish()
+                    watch.finish(completed)
                 if not completed:
                     raise FedFMXError(watch.failure or "the simulation was stopped")
                 result = _result(fleet, dataset, aggregator)

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aggregator.events import configure_logging
-from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.config import FleetConfig, load_fleet, validate_document
 from fedfmx.errors import ConfigError
 from fedfmx_cli import deploy, provisioning, services, stream_commands
 from fedfmx_cli.console import console, one_line_errors
@@ -50,7 +50,8 @@ def _apply_overrides(
         update["seed"] = seed
     if data_path is not None:
         update["data"] = fleet.data.model_copy(update={"path": data_path})
-    return FleetConfig.model_validate(fleet.model_copy(update=update).model_dump())
+    document = fleet.model_copy(update=update).model_dump()
+    return validate_document(FleetConfig, document, "command line")
 
 
 def _print_summary(result: SimulationResult) -> None:
@@ -143,8 +144,10 @@ def simulate(
 
         if transport is Transport.mqtt and fleet.method != "joint":
             configure_logging(as_json=False, level=logging.WARNING)
+            # stopped by a signal, it stops every process it started
+            interrupted = services.stop_on_signals()
             result = run_over_mqtt(
-                fleet, dataset, MqttRun(broker, broker_url, workdir, secure), on_round
+                fleet, dataset, MqttRun(broker, broker_url, workdir, secure), on_round, interrupted
             )
         else:
             result = run_simulation(fleet, dataset, on_round)

@@ -22,12 +22,14 @@ def provision(
         Path | None, typer.Option("--fleet", help="Fleet YAML; default: the demo fleet.")
     ] = None,
     devices: Annotated[
-        int | None, typer.Option(help="Provision device-000 … device-(N-1).")
+        int | None, typer.Option(min=1, max=100_000, help="Provision device-000 … device-(N-1).")
     ] = None,
     device: Annotated[
         list[str] | None, typer.Option(help="Provision this device id (repeat).")
     ] = None,
-    port: Annotated[int, typer.Option(help="TLS listener port in mosquitto.conf.")] = 8883,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="TLS listener port in mosquitto.conf.")
+    ] = 8883,
     broker_host: Annotated[
         str, typer.Option(help="Host name devices and aggregator connect to.")
     ] = "localhost",

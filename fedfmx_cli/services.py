@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -29,12 +30,25 @@ FleetOption = Annotated[
 JsonLogs = Annotated[bool, typer.Option("--json-logs", help="One JSON object per log line.")]
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT, so a service finishes its step and exits cleanly."""
+def stop_on_signals(abandon: Callable[[], bool] = lambda: False) -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so a service finishes its step and exits cleanly.
+
+    When `abandon()` says the process is in a step that would take too long to finish (a
+    device's local training), the signal also interrupts that step (`Stopped`)."""
     stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+        if abandon():
+            raise Stopped(signal.Signals(signum).name)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     return stop
+
+
+class Stopped(Exception):
+    """A stop signal interrupted a long step (its work is abandoned, its state unsaved)."""
 
 
 def _with_broker_url(fleet: FleetConfig, url: str | None) -> FleetConfig:
@@ -85,7 +99,10 @@ def join(
 
     configure_logging(json_logs)
     device = open_device(load_device_config(config))
-    device.run(stop_on_signals())
+    try:
+        device.run(stop_on_signals(abandon=lambda: device.training))
+    except Stopped as signal_name:
+        Console(stderr=True).print(f"stopped by {signal_name} during local training")
 
 
 def _store(samples: int | None, size: int | None) -> str:
@@ -111,7 +128,7 @@ def status(
     path = state or fleet.service.state_file(fleet.name)
     if not path.is_file():
         raise ConfigError(f"{path}: no aggregator state here (has `serve` run for this fleet?)")
-    store = AggregatorState(path, fleet.name)
+    store = AggregatorState(path, fleet.name, create=False)
     try:
         devices, rounds, evaluations = store.devices(), store.round_totals(), store.evaluations()
         rejections = store.rejections()

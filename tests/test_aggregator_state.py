@@ -19,7 +19,6 @@ def announcement(round_index: int, version: int, participants: list[str]) -> Rou
         participants=participants,
         deadline_unix=100.0,
         expert_usage=[0.5, 0.5],
-        class_names=[],
         train_backbone=True,
     )
 

@@ -72,7 +72,7 @@ def test_read_idx_converts_big_endian_int32_to_native(tmp_path: Path) -> None:
     ("content", "problem"),
     [
         (idx_bytes(TWO_IMAGES)[:-1], "shape (2, 2, 3) (28 bytes), file has 27"),
-        (idx_bytes(TWO_IMAGES) + b"\x00", "(28 bytes), file has 29"),
+        (idx_bytes(TWO_IMAGES) + b"\x00", "(28 bytes), file has more than 28"),
         (b"\x01\x02" + idx_bytes(TWO_IMAGES)[2:], "bad magic"),
         (bytes([0, 0, 0x07, 1, 0, 0, 0, 1, 9]), "unknown IDX dtype code 0x07"),
         (bytes([0, 0, 0x08, 3, 0, 0, 0, 2]), "header truncated"),
@@ -369,3 +369,27 @@ def test_real_mat_datasets_have_their_published_classes_and_a_test_split_per_cla
     assert example in ds.class_names
     assert len(ds.train_y) + len(ds.test_y) == samples
     assert_every_class_in_both_splits(ds)
+
+
+def test_a_small_gzip_that_expands_past_its_header_is_refused_without_expanding_it(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 9: 64 MiB of zeros behind a valid 2-image header, gzip'd to ~64 KB; the
+    reader stops one byte past what the header announces."""
+    header = idx_bytes(TWO_IMAGES)
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as out:
+        out.write(header)
+        block = bytes(1 << 20)
+        for _ in range(64):
+            out.write(block)
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(DataError, match="file has more than 28"):
+        read_idx(path)
+
+
+def test_a_header_claiming_more_than_the_cap_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "huge-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + np.array([60_000, 4096, 4096], ">u4").tobytes())
+    with pytest.raises(DataError, match="bytes, over"):
+        read_idx(path)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fedfmx_cli.main import app
@@ -19,9 +20,12 @@ def simulate(tmp_path: Path, name: str, *extra: str) -> dict[str, object]:
     return dict(json.loads(results.read_text()))
 
 
-def test_mqtt_run_on_the_embedded_broker_matches_the_in_process_engine(tmp_path: Path) -> None:
-    workdir = tmp_path / "run"
-    over_mqtt = simulate(tmp_path, "mqtt", "--workdir", str(workdir))
+def test_mqtt_run_on_the_embedded_broker_matches_the_in_process_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the README's `--workdir runs/w`: a relative path works
+    workdir = tmp_path / "runs" / "w"
+    over_mqtt = simulate(tmp_path, "mqtt", "--workdir", "runs/w")
     in_process = simulate(tmp_path, "inproc", "--transport", "inproc")
     # Same seed, same streams, same devices: the same updates travel, about as large.
     mqtt_rounds = over_mqtt["rounds"]

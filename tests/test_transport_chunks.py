@@ -150,26 +150,41 @@ def test_oversized_message_is_refused_before_buffering() -> None:
     assert reassembler.partials() == []
 
 
-def test_concurrent_partials_are_bounded() -> None:
-    reassembler = Reassembler(max_messages=2)
+def test_a_full_table_evicts_the_idlest_partial_instead_of_refusing() -> None:
+    now = [0.0]
+    reassembler = Reassembler(max_messages=2, max_per_origin=2, clock=lambda: now[0])
     first = [split_message(_payload(3_000, seed=s), 1_000) for s in range(3)]
-    reassembler.feed(first[0][0])
-    reassembler.feed(first[1][0])
-    with pytest.raises(ProtocolError, match="already in assembly"):
-        reassembler.feed(first[2][0])
-    assert [reassembler.feed(c) for c in first[0][1:]][-1] == _payload(3_000, seed=0)
-    assert reassembler.feed(first[2][0]) is None
+    reassembler.feed(first[0][0], origin="a")
+    now[0] = 1.0
+    reassembler.feed(first[1][0], origin="b")
+    now[0] = 2.0
+    reassembler.feed(first[2][0], origin="c")  # evicts a's partial, the idlest
+    assert len(reassembler.partials()) == 2
+    assert reassembler.missing(decode_chunk(first[0][0]).message_id, "a") is None
+    assert [reassembler.feed(c, origin="c") for c in first[2][1:]][-1] == _payload(3_000, seed=2)
 
 
-def test_one_origin_cannot_take_every_slot() -> None:
-    reassembler = Reassembler(max_messages=8, max_per_origin=2)
-    flood = [split_message(_payload(3_000, seed=s), 1_000) for s in range(3)]
-    reassembler.feed(flood[0][0], origin="hostile")
-    reassembler.feed(flood[1][0], origin="hostile")
-    with pytest.raises(ProtocolError, match="from 'hostile' already in assembly"):
-        reassembler.feed(flood[2][0], origin="hostile")
-    honest = split_message(_payload(2_000, seed=9), 1_000)
-    assert [reassembler.feed(c, origin="honest") for c in honest][-1] == _payload(2_000, seed=9)
+def test_junk_first_chunks_never_lock_a_sender_out() -> None:
+    """Issue 13 item 5: four never-completed first chunks once filled a device's slots for
+    `max_age_s`; now the genuine message takes the idlest slot and completes."""
+    now = [0.0]
+    reassembler = Reassembler(max_messages=64, max_per_origin=4, clock=lambda: now[0])
+    for seed in range(10):
+        now[0] += 1.0
+        reassembler.feed(split_message(_payload(3_000, seed=seed), 1_000)[0], origin="dev")
+    assert len(reassembler.partials()) == 4
+    genuine = split_message(_payload(2_500, seed=99), 1_000)
+    delivered = [reassembler.feed(c, origin="dev") for c in genuine]
+    assert delivered[-1] == _payload(2_500, seed=99)
+
+
+def test_forgotten_message_is_delivered_again() -> None:
+    chunks = split_message(_payload(1_500, seed=3), 1_000)
+    reassembler = Reassembler()
+    assert [reassembler.feed(c) for c in chunks][-1] == _payload(1_500, seed=3)
+    assert [reassembler.feed(c) for c in chunks] == [None, None]  # a duplicate
+    reassembler.forget(decode_chunk(chunks[0]).message_id)
+    assert [reassembler.feed(c) for c in chunks][-1] == _payload(1_500, seed=3)
 
 
 def test_stale_partials_are_evicted_by_idle_time() -> None:

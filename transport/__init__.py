@@ -17,6 +17,7 @@ from transport.chunks import (
 )
 from transport.session import (
     BrokerAddress,
+    DeliveryDeferred,
     Handler,
     LastWill,
     MqttSession,
@@ -34,8 +35,10 @@ from transport.topics import (
     clients_filter,
     model_body_filter,
     model_body_topic,
+    model_filters,
     model_manifest_topic,
     model_manifests_filter,
+    mqtt_client_id,
     parse_topic,
     round_topic,
 )
@@ -44,6 +47,7 @@ __all__ = [
     "CHUNK_HEADER_SIZE",
     "BrokerAddress",
     "Chunk",
+    "DeliveryDeferred",
     "EmbeddedBroker",
     "Handler",
     "LastWill",
@@ -65,8 +69,10 @@ __all__ = [
     "free_port",
     "model_body_filter",
     "model_body_topic",
+    "model_filters",
     "model_manifest_topic",
     "model_manifests_filter",
+    "mqtt_client_id",
     "new_message_id",
     "parse_broker_url",
     "parse_topic",

@@ -166,9 +166,11 @@ class Reassembler:
     """Collects chunks per (origin, message id) and yields each verified message once.
 
     Bounded: at most `max_messages` partial messages, at most `max_per_origin` of them from one
-    origin (so one flooding sender cannot take every slot), each at most `max_message_bytes`;
-    partials idle for `max_age_s` are evicted; the ids of the last `remembered_ids` completed
-    messages are kept so that a late duplicate is ignored rather than delivered twice.
+    origin, each at most `max_message_bytes`; a new message that finds the slots full evicts the
+    idlest partial (of its own origin first), so a flood of first chunks costs the flooder its
+    own slots and never locks out a genuine new message; partials idle for `max_age_s` go too.
+    The ids of the last `remembered_ids` completed messages are kept so that a late duplicate
+    is ignored rather than delivered twice.
     Thread-safe, so another thread can ask what is missing while chunks are fed.
     """
 
@@ -247,25 +249,41 @@ class Reassembler:
             return message
 
     def _start_locked(self, key: tuple[str, bytes], chunk: Chunk, now: float) -> _Partial:
+        """Open a partial for a new message, evicting the idlest partial of its origin (or of
+        everyone) when the slots are full: junk that never completes cannot lock a sender out,
+        and an evicted genuine message is simply re-sent by its sender."""
         if chunk.total_length > self.max_message_bytes:
             raise ProtocolError(
                 f"message {chunk.message_id.hex()} of {chunk.total_length} bytes exceeds the "
                 f"limit of {self.max_message_bytes}"
             )
-        if len(self._partials) >= self.max_messages:
-            raise ProtocolError(
-                f"{len(self._partials)} messages already in assembly; chunk of "
-                f"{chunk.message_id.hex()} refused (the sender can re-send it later)"
-            )
         origin = key[0]
-        if sum(1 for other, _ in self._partials if other == origin) >= self.max_per_origin:
-            raise ProtocolError(
-                f"{self.max_per_origin} messages from {origin!r} already in assembly; chunk of "
-                f"{chunk.message_id.hex()} refused"
-            )
+        same_origin = [k for k in self._partials if k[0] == origin]
+        if len(same_origin) >= self.max_per_origin:
+            self._evict_idlest_locked(same_origin, f"{self.max_per_origin} from {origin!r}")
+        elif len(self._partials) >= self.max_messages:
+            self._evict_idlest_locked(list(self._partials), f"{self.max_messages} in all")
         partial = _Partial(chunk.count, chunk.total_length, chunk.message_sha256, now)
         self._partials[key] = partial
         return partial
+
+    def _evict_idlest_locked(self, keys: list[tuple[str, bytes]], limit: str) -> None:
+        idlest = min(keys, key=lambda k: self._partials[k].last_activity)
+        partial = self._partials.pop(idlest)
+        log.warning(
+            "evicted message %s from %r (%d of %d chunks): partial-message limit (%s) reached",
+            idlest[1].hex(),
+            idlest[0],
+            len(partial.bodies),
+            partial.count,
+            limit,
+        )
+
+    def forget(self, message_id: bytes, origin: str = "") -> None:
+        """Treat a delivered message as never seen, so a re-send of it is delivered again
+        (its receiver could not take it: throttled, say)."""
+        with self._lock:
+            self._completed.pop((origin, message_id), None)
 
     def _remember_locked(self, key: tuple[str, bytes]) -> None:
         self._completed[key] = None

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +65,16 @@ _PAHO_LOG = logging.getLogger(f"{__name__}.paho")
 _PAHO_LOG.addFilter(_QuietWhileReconnecting())
 
 Handler = Callable[[str, bytes], None]
-"""Receives (topic, whole message). For a spread retained body the topic is its base topic."""
+"""Receives (topic, whole message). For a spread retained body the topic is its base topic.
+A handler that cannot take a message now raises `DeliveryDeferred`."""
+
+
+class DeliveryDeferred(Exception):
+    """Raised by a handler that did not take a message (throttled, say): the session forgets
+    the message id, so the sender's re-send with the same id is delivered again instead of
+    being dropped as a duplicate."""
+
+
 ProtocolChoice = Literal["auto", "5", "3.1.1"]
 
 _QOS = 1
@@ -74,6 +85,8 @@ _UNSUPPORTED_PROTOCOL = {1, 0x84}
 _SPREAD_TOPIC_DIGITS = 10
 _V5_PROBE_S = 2.0
 """How long "auto" waits for an MQTT 5 CONNACK before trying 3.1.1."""
+_SESSION_TAKEN_OVER = 0x8E
+"""MQTT 5 DISCONNECT reason: another client connected with our client id."""
 
 
 class TlsSettings(BaseModel):
@@ -215,6 +228,12 @@ class _Subscription:
     handler: Handler
     raw: bool
     reassembler: Reassembler
+    guard: bool = False
+    """A `guard_retained` subscription: it also sees retained messages being cleared."""
+
+
+_RESTORE_INTERVAL_S = 0.2
+"""A guarded retained message is restored at most this often per topic."""
 
 
 def _check_publish_topic(topic: str) -> None:
@@ -251,11 +270,18 @@ class MqttSession:
         self._connected = threading.Event()
         self._closing = threading.Event()
         self._attempt = 0
+        """Reconnect attempts since the last connection that held for a keep-alive period:
+        a connection that keeps dropping at once (a client id taken over) backs off too."""
+        self._connected_at: float | None = None
         self._broker_max_packet: int | None = None
         self._reconnect_hooks: list[Callable[[], None]] = []
         self._ever_connected = False
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue(settings.inbox_size)
         self._worker: threading.Thread | None = None
+        self._guard_filters: list[str] = []
+        self._retained: dict[str, deque[bytes]] = {}
+        """Guarded topic -> the last packets this session retained there (newest last)."""
+        self._restored_at: dict[str, float] = {}
 
     # -- connection -------------------------------------------------------------------------
 
@@ -448,7 +474,7 @@ class MqttSession:
             return
         max_packet = getattr(properties, "MaximumPacketSize", None)
         with self._lock:
-            self._attempt = 0
+            self._connected_at = time.monotonic()
             self._broker_max_packet = max_packet
             if not flags.session_present:
                 self._confirmed.clear()
@@ -462,6 +488,7 @@ class MqttSession:
             self._changed.notify_all()
         self._connected.set()
         if self._ever_connected:
+            self._inbox.put(self._republish_retained)  # a restarted broker may have lost them
             for hook in self._reconnect_hooks:
                 self._inbox.put(hook)
         self._ever_connected = True
@@ -493,11 +520,25 @@ class MqttSession:
                 # Closed before any CONNACK: some brokers answer an unknown protocol this way.
                 self._connack = (False, "unsupported")
                 self._changed.notify_all()
-        log.warning(
-            "session %s lost its connection (%s); reconnecting",
-            self.settings.client_id,
-            reason_code,
-        )
+            stable = (
+                self._connected_at is not None
+                and time.monotonic() - self._connected_at >= self.settings.keepalive_s
+            )
+            if stable:
+                self._attempt = 0  # back-off restarts only after a connection that held
+        if reason_code.value == _SESSION_TAKEN_OVER:
+            log.error(
+                "another client connected to %s with our client id %s: two processes share "
+                "this identity; backing off",
+                self.settings.url,
+                self.settings.client_id,
+            )
+        else:
+            log.warning(
+                "session %s lost its connection (%s); reconnecting",
+                self.settings.client_id,
+                reason_code,
+            )
         self._schedule_reconnect(client)
 
     def _schedule_reconnect(self, client: mqtt.Client) -> None:
@@ -568,13 +609,12 @@ class MqttSession:
         self._changed.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if not message.payload:
-            return  # a retained message being cleared
         with self._lock:
             targets = [
                 sub
                 for sub in self._subscriptions.values()
                 if mqtt.topic_matches_sub(sub.topic_filter, message.topic)
+                and (message.payload or sub.guard)  # empty: a retained message being cleared
             ]
         for sub in targets:
             try:
@@ -598,6 +638,7 @@ class MqttSession:
         *,
         raw: bool = False,
         timeout_s: float | None = None,
+        _guard: bool = False,
     ) -> None:
         """Deliver every whole message matching `topic_filter` to `handler(topic, message)`.
 
@@ -613,6 +654,7 @@ class MqttSession:
                 max_message_bytes=self.settings.max_message_bytes,
                 max_age_s=self.settings.partial_max_age_s,
             ),
+            guard=_guard,
         )
         with self._lock:
             self._subscriptions[topic_filter] = sub
@@ -650,6 +692,51 @@ class MqttSession:
         if client is not None:
             client.unsubscribe(topic_filter)
 
+    def guard_retained(self, topic_filter: str) -> None:
+        """Keep the retained messages this session publishes under `topic_filter` in place.
+
+        On a broker without ACLs anyone may overwrite or clear a retained message; a round
+        announcement or model manifest replaced by junk would leave every device that joins
+        later waiting for nothing. A guarded topic is watched: a message there that is not
+        one of ours is answered by publishing ours again (logged, at most every 0.2 s per
+        topic), and after every reconnection all of them are published again, since a
+        restarted broker may have lost them.
+        """
+        with self._lock:
+            self._guard_filters.append(topic_filter)
+        self.subscribe(topic_filter, self._restore_retained, raw=True, _guard=True)
+
+    def _remember_retained_locked(self, topic: str, packet: bytes) -> None:
+        if not any(mqtt.topic_matches_sub(f, topic) for f in self._guard_filters):
+            return
+        if not packet:
+            self._retained.pop(topic, None)  # we cleared it ourselves
+            return
+        self._retained.setdefault(topic, deque(maxlen=3)).append(packet)
+
+    def _restore_retained(self, topic: str, payload: bytes) -> None:
+        now = time.monotonic()
+        with self._lock:
+            recent = self._retained.get(topic)
+            if recent is None or payload in recent:
+                return
+            if now - self._restored_at.get(topic, -math.inf) < _RESTORE_INTERVAL_S:
+                return
+            self._restored_at[topic] = now
+            ours = recent[-1]
+        log.warning(
+            "retained message on %s is not ours (%d bytes, another client?): publishing ours again",
+            topic,
+            len(payload),
+        )
+        self._send(topic, new_message_id(), {0: (topic, ours)}, True, None, None, wait=False)
+
+    def _republish_retained(self) -> None:
+        with self._lock:
+            packets = [(topic, recent[-1]) for topic, recent in self._retained.items()]
+        for topic, packet in packets:
+            self._send(topic, new_message_id(), {0: (topic, packet)}, True, None, None, wait=False)
+
     def on_reconnect(self, hook: Callable[[], None]) -> None:
         """Call `hook` on the handler thread after every reconnection (e.g. to say "online"
         again: the broker may have published our Last Will while we were away)."""
@@ -680,6 +767,7 @@ class MqttSession:
                 log.exception("session %s: a reconnect hook failed", self.settings.client_id)
 
     def _deliver(self, sub: _Subscription, topic: str, payload: bytes) -> None:
+        message_id: bytes | None = None
         if sub.raw:
             message: bytes | None = payload
         else:
@@ -687,6 +775,7 @@ class MqttSession:
                 chunk = decode_chunk(payload)
                 topic = _chunk_origin(topic, chunk)
                 message = sub.reassembler.feed_chunk(chunk, topic)
+                message_id = chunk.message_id
             except ProtocolError as error:
                 log.warning("rejected a packet on %s: %s", topic, error)
                 return
@@ -694,6 +783,9 @@ class MqttSession:
             return
         try:
             sub.handler(topic, message)
+        except DeliveryDeferred:
+            if message_id is not None:
+                sub.reassembler.forget(message_id, topic)
         except Exception:
             log.exception("handler for %s failed on a message from %s", sub.topic_filter, topic)
 
@@ -814,6 +906,9 @@ class MqttSession:
         with self._lock:
             entry = self._outgoing.setdefault(message_id, _Outgoing(topic, message_id))
             entry.waiting.update(indices)
+            if retain:
+                for index in indices:
+                    self._remember_retained_locked(*packets[index])
         for index in indices:
             chunk_topic, packet = packets[index]
             info = client.publish(chunk_topic, packet, qos=_QOS, retain=retain)

@@ -15,6 +15,7 @@ late subscribes `model/<v>/body/+` and receives every chunk.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -70,6 +71,20 @@ def _check_number(value: int, what: str) -> str:
     return str(value)
 
 
+def mqtt_client_id(fleet: str, party: str) -> str:
+    """The MQTT client id of a fleet's device or aggregator: `<fleet>-<party>`.
+
+    A broker keeps one connection per client id and drops the older one when a second
+    connects, so a bare device id would let `device-001` of two fleets knock each other off
+    forever. Too long for 64 characters, it keeps a readable head and a hash of the whole.
+    """
+    whole = f"{check_id(fleet, 'fleet')}-{check_id(party, 'client')}"
+    if len(whole) <= 64:
+        return whole
+    digest = hashlib.sha256(whole.encode()).hexdigest()[:12]
+    return f"{whole[:51]}-{digest}"
+
+
 def fleet_prefix(fleet: str) -> str:
     return f"{PREFIX}/{check_id(fleet, 'fleet')}"
 
@@ -94,6 +109,11 @@ def model_body_filter(fleet: str, version: int) -> str:
 
 def model_manifests_filter(fleet: str) -> str:
     return f"{fleet_prefix(fleet)}/model/+/manifest"
+
+
+def model_filters(fleet: str) -> tuple[str, str]:
+    """Every retained model topic of the fleet: the manifests and every body chunk."""
+    return model_manifests_filter(fleet), f"{fleet_prefix(fleet)}/model/+/body/+"
 
 
 def client_topic(fleet: str, device_id: str, kind: TopicKind) -> str:
