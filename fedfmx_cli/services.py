@@ -137,21 +137,26 @@ def status(
     out = Console()
     now = time.time()
     table = Table(title=f"fleet {fleet.name}: devices")
-    columns = ("device", "state", "last seen", "classes", "updates", "peak RSS", "store", "profile")
+    own_sources = any(row.status.store_samples is not None for row in devices)
+    columns = ["device", "state", "last seen", "classes", "updates", "peak RSS", "profile"]
+    if own_sources:  # folder and camera devices: their sample store
+        columns.insert(-1, "store")
     for column in columns:
         table.add_column(column)
     for row in devices:
         rss = row.status.peak_rss_mb
-        table.add_row(
+        cells = [
             row.device_id,
             row.status.state,
             _ago(now - row.last_seen),
             str(len(row.classes_met)),
             str(row.updates_accepted),
             "-" if rss is None else f"{rss:.0f} MB",
-            _store(row.status.store_samples, row.status.store_bytes),
             row.profile,
-        )
+        ]
+        if own_sources:
+            cells.insert(-1, _store(row.status.store_samples, row.status.store_bytes))
+        table.add_row(*cells)
     out.print(table)
     total = fleet.protocol.num_rounds
     if rounds:
