@@ -25,8 +25,7 @@ from fedfmx.benchmark import time_device_rounds
 from fedfmx.config import FleetConfig
 from fedfmx.device import DeviceLearner
 from fedfmx.profiles import PROFILES_DIR, apply_profile, load_profile
-from fedfmx.simulation import load_fleet_dataset, make_plan
-from fedfmx.stream import OwnRowsStream
+from fedfmx.simulation import load_fleet_dataset, own_partition
 
 RESULTS = Path(__file__).parent / "results"
 ROUNDS = 4
@@ -37,12 +36,9 @@ def measure(profile_name: str) -> dict[str, object]:
     fleet = apply_profile(FleetConfig(), profile)
     torch.set_num_threads(profile.threads)
     dataset = load_fleet_dataset(fleet)
-    plan = make_plan(fleet, dataset)
-    stream = OwnRowsStream(plan.stream(0, fleet.seed))
-    own_x = dataset.train_x[stream.rows].copy()
-    own_names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
+    samples, stream = own_partition(fleet, dataset, 0)
     del dataset  # a device holds its own rows only
-    device = DeviceLearner("device-000", fleet, own_x, own_names, stream, seed=0)
+    device = DeviceLearner("device-000", fleet, samples, stream, seed=0)
     rounds = time_device_rounds(device, fleet, ROUNDS)
     peak = max(float(r["peak_rss_mb"]) for r in rounds)
     return {

@@ -44,8 +44,7 @@ from fedfmx.device import DeviceLearner
 from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
 from fedfmx.pretrained import BACKBONE_ID, PretrainedBackbone
 from fedfmx.profiles import apply_profile, load_profile
-from fedfmx.simulation import load_fleet_dataset, make_plan
-from fedfmx.stream import OwnRowsStream
+from fedfmx.simulation import load_fleet_dataset, own_partition
 
 RESULTS = Path(__file__).parent / "results"
 FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"
@@ -366,15 +365,11 @@ def measure_device(variant: str, profile_name: str, cache_dir: Path) -> dict[str
     )
     torch.set_num_threads(profile.threads)
     dataset = load_fleet_dataset(fleet)
-    stream = OwnRowsStream(make_plan(fleet, dataset).stream(0, fleet.seed))
-    own_x = dataset.train_x[stream.rows].copy()
-    own_names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
+    samples, stream = own_partition(fleet, dataset, 0)
     del dataset  # a device holds its own rows only
     _return_freed_memory()  # ... and never read the whole data set: drop that from its RSS
     idle_mb = psutil.Process().memory_info().rss / 2**20
-    device = DeviceLearner(
-        "device-000", fleet, own_x, own_names, stream, seed=0, cache_dir=cache_dir
-    )
+    device = DeviceLearner("device-000", fleet, samples, stream, seed=0, cache_dir=cache_dir)
     rounds = time_device_rounds(device, fleet, DEVICE_ROUNDS)
     cache = device.feature_cache
     peak = max(float(r["peak_rss_mb"]) for r in rounds)

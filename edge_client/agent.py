@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
-from edge_client.config import DeviceConfig
+from edge_client.config import DeviceConfig, PartitionSource
+from edge_client.device_data import open_device_data
 from edge_client.health import free_disk_mb, process_rss_mb, source_state
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
 from fedfmx.aggregation import Arrays
@@ -47,8 +49,6 @@ from fedfmx.signing import (
     verify_announcement,
     verify_manifest,
 )
-from fedfmx.simulation import load_fleet_dataset, make_plan
-from fedfmx.stream import OwnRowsStream
 from transport import (
     LastWill,
     MqttSession,
@@ -63,6 +63,7 @@ from transport import (
 )
 
 if TYPE_CHECKING:
+    from edge_client.feed import StreamFeed
     from edge_client.inference import DeviceModelServer
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,13 @@ class EdgeDevice:
         session: MqttSession,
         public_key: Ed25519PublicKey | None,
         inference: DeviceModelServer | None = None,
+        feed: StreamFeed | None = None,
     ) -> None:
         self.config = config
         self.inference = inference
+        self.feed = feed
+        """The device's own sources (folder, camera) filling its sample store; None for a
+        fleet partition."""
         self.fleet = fleet
         self.profile = profile
         self.learner = learner
@@ -157,6 +162,8 @@ class EdgeDevice:
         self.session.subscribe(round_topic(self.fleet.name), self._on_round)
         self.session.subscribe(self._topic(TopicKind.INBOX), self._on_inbox)
         self.session.on_reconnect(lambda: self._publish_status(self._activity))
+        if self.feed is not None:
+            self._start_feed(self.feed)  # before hello: it names the classes already held
         self.session.connect()
         self._publish_status("online")
         self._say_hello()
@@ -171,6 +178,8 @@ class EdgeDevice:
                     self._say_hello()  # no round for us for a while: are we registered?
         finally:
             self._publish_status("offline")
+            if self.feed is not None:
+                self.feed.close()
             self.session.close()
 
     def _done(self) -> bool:
@@ -277,7 +286,21 @@ class EdgeDevice:
         if self.inference is None:
             return
         rows = self.learner.local_rows()
-        self.inference.refresh(model.header, model.weights, rows.x, rows.names)
+        images, names = rows.x, rows.names.astype(np.str_)
+        if self.feed is not None and (images.ndim != 4 or not len(images)):
+            images, names = self.feed.recent_images()  # features only, or no labels yet
+        served = self.inference.refresh(model.header, model.weights, images, names)
+        if served is not None and self.feed is not None and self.feed.predictor is not None:
+            self.feed.predictor.serve(self.inference.served(), images, names)
+
+    def _start_feed(self, feed: StreamFeed) -> None:
+        """Start the sources; predictions also go out on the device's own topic when asked."""
+        if feed.predictor is not None:
+            topic = self._topic(TopicKind.PREDICTIONS)
+            feed.predictor.publish = lambda line: self.session.publish_raw(
+                topic, line, timeout_s=2.0
+            )
+        feed.start()
 
     def _deliver_pending(self, round_index: int, stop: threading.Event) -> None:
         """Send the pending update until its receipt comes back or the round is over (closed,
@@ -493,6 +516,8 @@ class EdgeDevice:
             last_round_unix=self._last_round_unix,
             source_state=source_state(len(self.learner.state.held)),
         )
+        if self.feed is not None:
+            status = status.model_copy(update=self._feed_status(self.feed))
         try:
             self.session.publish_raw(
                 self._topic(TopicKind.STATUS),
@@ -503,6 +528,26 @@ class EdgeDevice:
         except (TimeoutError, FedFMXError) as error:
             log.warning("status %s not delivered: %s", state, error)
 
+    @staticmethod
+    def _feed_status(feed: StreamFeed) -> dict[str, object]:
+        status = feed.status()
+        return {
+            "store_samples": status.store.samples,
+            "store_bytes": status.store.bytes + status.store.ledger_bytes,
+            "sources": [f"{h.kind}: {h.state} ({h.detail})" for h in status.sources],
+            "predictions": status.predicted,
+            "to_label": status.queued_to_label,
+        }
+
+
+def device_number(config: DeviceConfig) -> int:
+    """What tells this device's random draws from its peers': its partition index, or (own
+    sources) a number read from its id, stable across restarts."""
+    source = config.data
+    if isinstance(source, PartitionSource):
+        return source.client_index
+    return zlib.crc32(config.device_id.encode()) % 1000
+
 
 def open_device(config: DeviceConfig) -> EdgeDevice:
     """Build a device from its YAML: fleet, profile limits, its data partition, saved state."""
@@ -510,36 +555,22 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
     fleet = apply_profile(load_fleet(config.fleet_file), profile)
     training_device(profile)  # says clearly (or refuses) when the profile's GPU is missing
     torch.set_num_threads(fleet.training.threads)
-    if config.data.path is not None:
-        fleet = fleet.model_copy(
-            update={"data": fleet.data.model_copy(update={"path": config.data.path})}
-        )
-    dataset = load_fleet_dataset(fleet)
-    plan = make_plan(fleet, dataset)
-    index = config.data.client_index
-    if index >= fleet.protocol.num_clients:
-        raise ConfigError(
-            f"data.client_index {index} outside the fleet's {fleet.protocol.num_clients} clients"
-        )
-    stream = OwnRowsStream(plan.stream(index, fleet.seed))
+    seed = fleet.seed * 1000 + device_number(config)
+    data = open_device_data(config, fleet, seed)
     inference = None
-    if config.serve_predictions:
+    if config.serves:
         # The export stack (onnx, onnxruntime: ~50 MB resident) loads only on serving devices.
         from edge_client.inference import DeviceModelServer
         from export.checkpoint import InputSpec
 
-        spec = InputSpec.of_dataset(dataset)
+        spec = InputSpec.of_fleet(fleet)
         inference = DeviceModelServer(config.state_dir / "serving", fleet, profile, spec)
-    own_x = dataset.train_x[stream.rows].copy()
-    own_names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
-    del dataset  # a device keeps its own rows only
     learner = DeviceLearner(
         config.device_id,
         fleet,
-        own_x,
-        own_names,
-        stream,
-        seed=fleet.seed * 1000 + index,
+        data.samples,
+        data.stream,
+        seed=seed,
         cache_dir=config.state_dir / "features",  # pretrained trunk features survive restarts
     )
     offline = DeviceStatus(device_id=config.device_id, state="offline", profile=profile.name)
@@ -551,4 +582,4 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
         session_settings(config.broker, mqtt_client_id(fleet.name, config.device_id), will)
     )
     public_key = load_verify_key(config.fleet_public_key)
-    return EdgeDevice(config, fleet, profile, learner, session, public_key, inference)
+    return EdgeDevice(config, fleet, profile, learner, session, public_key, inference, data.feed)

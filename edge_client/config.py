@@ -7,11 +7,17 @@ Relative paths in the file are read relative to the file itself, so a provisione
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
+from edge_client.stream_config import (
+    CameraSourceConfig,
+    FolderSourceConfig,
+    PredictionsConfig,
+    StoreConfig,
+)
 from fedfmx.config import BrokerConfig, Section, read_yaml, validate_document
 
 
@@ -28,6 +34,21 @@ class PartitionSource(Section):
     """Directory of the data set files; None uses the fleet's `data.path`."""
 
 
+def _source_kind(value: object) -> str:
+    """`source:` picks the section's model; a section without one is a fleet partition."""
+    if isinstance(value, dict):
+        return str(value.get("source", "fleet_partition"))
+    return str(getattr(value, "source", "fleet_partition"))
+
+
+DataSource = Annotated[
+    Annotated[PartitionSource, Tag("fleet_partition")]
+    | Annotated[FolderSourceConfig, Tag("folder")]
+    | Annotated[CameraSourceConfig, Tag("camera")],
+    Discriminator(_source_kind),
+]
+
+
 class DeviceConfig(Section):
     device_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     fleet_file: Path | None = None
@@ -35,17 +56,31 @@ class DeviceConfig(Section):
     broker: BrokerConfig = BrokerConfig()
     profile: str = "generic-x86"
     """A profile name from `device_configs/` or a path to a profile YAML."""
-    data: PartitionSource
+    data: DataSource
+    """`fleet_partition` (simulations), `folder` or `camera` (`edge_client.sources`)."""
     state_dir: Path
     """Where the device keeps its model, Fisher, exemplars and pending update across restarts."""
     fleet_public_key: Path | None = None
     """The aggregator's Ed25519 public key (PEM); None accepts unsigned models (hashes only)."""
-    serve_predictions: bool = False
+    serve_predictions: bool | None = None
     """Export every new global version to ONNX (the profile's precision and provider) and
-    serve it between rounds (`edge_client.inference`)."""
+    serve it between rounds (`edge_client.inference`); None: on for a folder or camera
+    source, off for a fleet partition."""
+    store: StoreConfig = StoreConfig()
+    """Bounds of the sample store a folder or camera source fills (under `state_dir`)."""
+    predictions: PredictionsConfig = PredictionsConfig()
+    """Where predictions on unlabelled frames go, and the to-label queue."""
+
     exit_after_last_round: bool = True
     """Stop once the fleet's last scheduled round is answered (simulations); False keeps the
     device waiting for more rounds."""
+
+    @property
+    def serves(self) -> bool:
+        """`serve_predictions`, or its default: on for a device's own sources."""
+        if self.serve_predictions is not None:
+            return self.serve_predictions
+        return self.data.source != "fleet_partition"
 
 
 def _resolve(path: Path | None, base: Path) -> Path | None:
@@ -74,9 +109,29 @@ def load_device_config(path: Path) -> DeviceConfig:
             "fleet_file": _resolve(config.fleet_file, base),
             "state_dir": _resolve(config.state_dir, base),
             "fleet_public_key": _resolve(config.fleet_public_key, base),
-            "data": config.data.model_copy(update={"path": _resolve(config.data.path, base)}),
+            "data": _resolve_source(config.data, base),
+            "predictions": config.predictions.model_copy(
+                update={"to_label_dir": _resolve(config.predictions.to_label_dir, base)}
+            ),
         }
     )
+
+
+def _resolve_source(
+    source: PartitionSource | FolderSourceConfig | CameraSourceConfig, base: Path
+) -> PartitionSource | FolderSourceConfig | CameraSourceConfig:
+    if isinstance(source, PartitionSource):
+        return source.model_copy(update={"path": _resolve(source.path, base)})
+    if isinstance(source, FolderSourceConfig):
+        return source.model_copy(update={"path": _resolve(source.path, base)})
+    labels = source.labels_folder
+    url = source.url
+    if not ("://" in url or url.isdigit() or url.startswith("/") or url == "picamera2"):
+        url = str(base / url)  # a video file next to the YAML
+    update: dict[str, object] = {"url": url}
+    if labels is not None:
+        update["labels_folder"] = labels.model_copy(update={"path": _resolve(labels.path, base)})
+    return source.model_copy(update=update)
 
 
 def save_device_config(config: DeviceConfig, path: Path) -> Path:

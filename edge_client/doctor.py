@@ -26,8 +26,9 @@ from typing import Literal
 import psutil
 from pydantic import ValidationError
 
-from edge_client.config import DeviceConfig, load_device_config
+from edge_client.config import DeviceConfig, PartitionSource, load_device_config
 from edge_client.health import existing_parent, free_disk_mb
+from edge_client.stream_config import CameraSourceConfig, FolderSourceConfig
 from fedfmx.errors import FedFMXError
 from fedfmx.messages import ClockProbe
 from transport import MqttSession, TopicKind, client_topic, session_settings
@@ -111,25 +112,63 @@ def check_profile(config: DeviceConfig) -> Finding:
 
 
 def check_data(config: DeviceConfig) -> Finding:
+    """The device's data source opens: its fleet partition loads, its folder is readable, or
+    its camera yields a frame within the open timeout."""
+    source = config.data
+    if isinstance(source, FolderSourceConfig):
+        return _check_folder(source)
+    if isinstance(source, CameraSourceConfig):
+        return _check_camera(source)
+    return _check_partition(config, source)
+
+
+def _check_partition(config: DeviceConfig, source: PartitionSource) -> Finding:
     from fedfmx.config import load_fleet
     from fedfmx.simulation import load_fleet_dataset
 
     fleet = load_fleet(config.fleet_file)
-    if config.data.path is not None:
+    if source.path is not None:
         fleet = fleet.model_copy(
-            update={"data": fleet.data.model_copy(update={"path": config.data.path})}
+            update={"data": fleet.data.model_copy(update={"path": source.path})}
         )
     clients = fleet.protocol.num_clients
-    if config.data.client_index >= clients:
+    if source.client_index >= clients:
         return Finding(
-            "data", "fail", f"client_index {config.data.client_index} outside {clients} clients"
+            "data", "fail", f"client_index {source.client_index} outside {clients} clients"
         )
     dataset = load_fleet_dataset(fleet)
     return Finding(
         "data",
         "ok",
         f"{fleet.data.dataset}: {len(dataset.train_y)} training rows, partition "
-        f"{config.data.client_index} of {clients}",
+        f"{source.client_index} of {clients}",
+    )
+
+
+def _check_folder(source: FolderSourceConfig) -> Finding:
+    folder = source.path
+    if not folder.is_dir() or not os.access(folder, os.R_OK | os.X_OK):
+        return Finding("data", "fail", f"folder {folder}: not a readable directory")
+    classes = [p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    detail = f"folder {folder}: {len(classes)} class folders"
+    return Finding("data", "ok" if classes else "warn", detail)
+
+
+def _check_camera(source: CameraSourceConfig) -> Finding:
+    from edge_client.sources.camera import CameraSource
+
+    camera = CameraSource(source)
+    camera.start()
+    try:
+        frames = camera.poll(source.open_timeout_s + source.read_timeout_s)
+        health = camera.health()
+    finally:
+        camera.close()
+    if frames:
+        shape = "x".join(str(n) for n in frames[0].pixels.shape)
+        return Finding("data", "ok", f"camera {source.url}: a {shape} frame")
+    return Finding(
+        "data", "fail", f"camera {source.url}: no frame ({health.state}: {health.detail})"
     )
 
 
@@ -245,7 +284,7 @@ def diagnose(config_path: Path) -> list[Finding]:
     findings.append(Finding("config", "ok", f"{config_path}: device {config.device_id}"))
     profile_gpu, provider = _profile_needs(config)
     findings += _guarded("torch", lambda: check_torch(profile_gpu))
-    findings += _guarded("onnx", lambda: check_onnxruntime(provider, config.serve_predictions))
+    findings += _guarded("onnx", lambda: check_onnxruntime(provider, config.serves))
     findings += _guarded("profile", lambda: check_profile(config))
     findings += _guarded("data", lambda: check_data(config))
     findings += _guarded("disk", lambda: check_disk(config.state_dir))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_client.predictions import Served
 from export.checkpoint import Checkpoint, InputSpec
 from export.errors import ParityError
 from export.formats import ExportFormat, InferenceProvider, Quantization
@@ -99,6 +100,13 @@ class DeviceModelServer:
             result.parity.rows,
         )
         return result
+
+    def served(self) -> Served:
+        """The serving version as the stream predictor uses it (logits, class names)."""
+        if self.server is None or self.version is None:
+            raise FedFMXError("no model version is serving yet")
+        current = self.server.current
+        return Served(self.version, current.logits, list(current.metadata.class_names))
 
     def predict(self, images: np.ndarray) -> Prediction:
         if self.server is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,11 +19,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from export.errors import MAX_MODEL_FILE_BYTES, first_line, refuse_oversize
-from fedfmx.config import FleetConfig
+from fedfmx.config import FleetConfig, ImageInputConfig
 from fedfmx.datasets import ImageDataset
 from fedfmx.errors import DataError
 from fedfmx.messages import ModelHeader
 from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
+from fedfmx.preprocessing import fleet_image_input
 
 CHECKPOINT_FORMAT = "fedfmx-checkpoint/1"
 PIXEL_MAX = {"fashion_mnist": 255.0, "digits": 16.0}
@@ -43,6 +45,8 @@ class InputSpec(BaseModel):
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     pixel_max: float = Field(default=255.0, gt=0)
+    fit: Literal["stretch", "center_crop"] = "stretch"
+    """How a PNG/JPEG of another size is fitted (`fedfmx.preprocessing.fit_pixels`)."""
 
     @classmethod
     def of_dataset(cls, dataset: ImageDataset) -> InputSpec:
@@ -52,6 +56,28 @@ class InputSpec(BaseModel):
             height=height,
             width=width,
             pixel_max=PIXEL_MAX.get(dataset.name, 255.0),
+        )
+
+    @classmethod
+    def of_fleet(cls, fleet: FleetConfig) -> InputSpec:
+        """The fleet's input spec (`data.image`, or its data set's shape), no data read."""
+        image = fleet_image_input(fleet)
+        return cls(
+            channels=image.channels,
+            height=image.height,
+            width=image.width,
+            pixel_max=PIXEL_MAX.get(fleet.data.dataset, 255.0),
+            fit=image.fit,
+        )
+
+    @property
+    def image(self) -> ImageInputConfig:
+        """The preprocessing's view of this spec."""
+        return ImageInputConfig(
+            channels=1 if self.channels == 1 else 3,
+            height=self.height,
+            width=self.width,
+            fit=self.fit,
         )
 
 

@@ -1,19 +1,19 @@
-"""Images a device hands to the model: a directory of PNGs or an IDX file, normalised as in
-training (`raw / pixel_max`, float32 [N, C, H, W]) according to the file's `InputSpec`."""
+"""Images a device hands to the model: a directory of PNGs/JPEGs or an IDX file, normalised as
+in training (`raw / pixel_max`, float32 [N, C, H, W]) according to the file's `InputSpec`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from export.checkpoint import InputSpec
 from export.errors import MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, refuse_oversize
 from fedfmx.datasets import read_idx
 from fedfmx.errors import DataError
+from fedfmx.preprocessing import decode_image, model_input
 
-PNG_PIXEL_MAX = 255.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def load_images(
@@ -35,26 +35,19 @@ def load_images(
 def _load_png_dir(
     directory: Path, spec: InputSpec, limit: int | None
 ) -> tuple[np.ndarray, list[str]]:
-    """Grayscale (or RGB when the model takes 3 channels), resized to the model's input size."""
-    files = sorted(p for p in directory.iterdir() if p.suffix.lower() == ".png")[:limit]
-    mode = "L" if spec.channels == 1 else "RGB"
+    """PNG/JPEG files through the devices' one preprocessing path (`fedfmx.preprocessing`)."""
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     arrays = []
     for file in files:
         refuse_oversize(file, MAX_IMAGE_FILE_BYTES, "an image")
         try:
-            with Image.open(file) as image:  # reads the header only
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise DataError(f"{file}: {image.width}x{image.height} pixels, too large")
-                size = (spec.width, spec.height)
-                pixels = image.convert(mode).resize(size, Image.Resampling.BILINEAR)
-                arrays.append(np.asarray(pixels, dtype=np.float32) / PNG_PIXEL_MAX)
-        except (UnidentifiedImageError, OSError) as error:
-            raise DataError(f"{file}: not a readable PNG ({error})") from None
+            pixels = decode_image(file.read_bytes(), MAX_IMAGE_PIXELS)  # header checked first
+            arrays.append(model_input(pixels, spec.image))
+        except (DataError, OSError) as error:
+            raise DataError(f"{file}: not a readable PNG or JPEG ({error})") from None
     if not arrays:
         return np.zeros((0, spec.channels, spec.height, spec.width), np.float32), []
-    stacked = np.stack(arrays)
-    images = stacked[:, None] if spec.channels == 1 else stacked.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(images), [file.name for file in files]
+    return np.ascontiguousarray(np.stack(arrays)), [file.name for file in files]
 
 
 def _load_idx(path: Path, spec: InputSpec, limit: int | None) -> np.ndarray:

@@ -37,6 +37,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ImageInputConfig(Section):
+    """The fleet's input spec: what every image becomes before the model sees it.
+
+    One preprocessing path (`fedfmx.preprocessing`) reads it for training, Fisher, export,
+    parity and serving alike: decode, convert to `channels`, fit to `height` x `width`
+    (`stretch` resizes, `center_crop` keeps the aspect ratio and crops the middle), scale to
+    [0, 1]. Unset, the fleet's data set decides (its images' shape, stretched).
+    """
+
+    channels: Literal[1, 3] = 1
+    height: int = Field(gt=0, le=1024)
+    width: int = Field(gt=0, le=1024)
+    fit: Literal["stretch", "center_crop"] = "stretch"
+
+
 class DataConfig(Section):
     dataset: Literal[
         "fashion_mnist", "digits", "mnist5k", "omniglot_small", "coil20", "yaleb", "orl"
@@ -50,6 +65,13 @@ class DataConfig(Section):
     validation_fraction: float | None = Field(default=None, gt=0, lt=1)
     """For tuning: hold out this fraction of each class's training images and evaluate on them
     instead of the test set, which is then never read."""
+    simulated_source: Literal["fleet_partition", "folder"] = "fleet_partition"
+    """How `fedfmx-edge simulate` over MQTT hands devices their data: the plan's partition
+    in memory, or one watched folder per device that a feeder fills with the same images,
+    round by round (each device meets new classes at its own time)."""
+    image: ImageInputConfig | None = None
+    """The input spec devices with their own sources (folder, camera) preprocess to; None: the
+    data set's own image shape."""
 
 
 class ProtocolConfig(Section):
@@ -87,6 +109,9 @@ class ModelConfig(Section):
     backbone: Literal["cnn", "efficientnet_lite0"] = "cnn"
     """`cnn`: the small CNN trained from scratch. `efficientnet_lite0`: a frozen ImageNet trunk
     (from its PyPI package, no network) whose pooled features feed a trained projection."""
+    trunk_input_size: int = Field(default=64, ge=32, le=320)
+    """Side the pretrained trunk resizes its input to: 64 for 28-32 px data sets, 128-224 for
+    camera crops (`data.image` with 3 channels); its features are cached under this size."""
     backbone_channels: list[int] = Field(default=[16, 32, 64], min_length=1)
     """Widths of the `cnn` backbone's conv blocks (unused by a pretrained backbone)."""
     feature_dim: int = Field(default=128, gt=0)
@@ -244,6 +269,17 @@ class RobustnessConfig(Section):
     """`trimmed_mean`: drop the ⌊β·n⌋ smallest and largest of the n values at each coordinate."""
 
 
+class ClassPolicyConfig(Section):
+    """Which class names devices may bring into the fleet, and when (class discovery)."""
+
+    allowed: list[str] | None = None
+    """Class names a device may learn; a sample of any other class is refused (logged).
+    None: any name (a new name registers through the update's head rows, decisions §2)."""
+    min_samples: int = Field(default=1, ge=1)
+    """A device reports (trains on, says hello with) a class only once it holds this many
+    samples of it."""
+
+
 class FleetConfig(Section):
     name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     seed: int = 0
@@ -260,6 +296,8 @@ class FleetConfig(Section):
     """The MQTT aggregator: broker, round deadline and quorum, state file."""
     robustness: RobustnessConfig = RobustnessConfig()
     """Norm clipping and robust merges against hostile or broken updates."""
+    classes: ClassPolicyConfig = ClassPolicyConfig()
+    """Allowed class names and the samples a device needs before it reports a class."""
 
     @property
     def routing(self) -> FedFMXConfig:
@@ -281,6 +319,20 @@ class FleetConfig(Section):
         return self.service.max_devices or announcement_capacity(
             self.service.broker.max_payload_bytes, self.model.num_experts
         )
+
+    @model_validator(mode="after")
+    def _colour_needs_the_trunk(self) -> FleetConfig:
+        image = self.data.image
+        if (
+            image is not None
+            and image.channels == 3
+            and self.model.backbone != "efficientnet_lite0"
+        ):
+            raise ValueError(
+                "data.image.channels 3 (RGB) needs model.backbone efficientnet_lite0; "
+                "the cnn backbone reads grey images"
+            )
+        return self
 
     @model_validator(mode="after")
     def _experts_fit(self) -> FleetConfig:

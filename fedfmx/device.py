@@ -29,8 +29,8 @@ from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
 from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
 from fedfmx.methods import LocalContext, LocalOutcome, make_method
 from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
-from fedfmx.pretrained import BACKBONE_ID, TRUNK_FEATURES, PretrainedBackbone
-from fedfmx.stream import DeviceStream
+from fedfmx.pretrained import TRUNK_FEATURES, PretrainedBackbone, backbone_id
+from fedfmx.stream import DeviceStream, SampleTable
 from fedfmx.training import LocalData, gather_rows
 
 
@@ -62,7 +62,9 @@ class DeviceState:
 class DeviceLearner:
     """One device's learning: stream, exemplars, Fisher, method, and its update encoding.
 
-    `cache_dir` is where the trunk-feature cache lives (a device passes a folder it keeps, so
+    `samples` resolves the ids `stream` hands out to images and class names (in memory for a
+    fleet partition, a device's sample store for its own sources). `cache_dir` is where the
+    trunk-feature cache lives (a device passes a folder it keeps, so
     the cache survives restarts); None uses a temporary folder removed with the learner. The
     cache exists only for a pretrained backbone and a positive `training.feature_cache_mb`.
     """
@@ -71,16 +73,14 @@ class DeviceLearner:
         self,
         device_id: str,
         fleet: FleetConfig,
-        train_x: np.ndarray,
-        train_names: np.ndarray,
+        samples: SampleTable,
         stream: DeviceStream,
         seed: int,
         cache_dir: Path | None = None,
     ) -> None:
         self.device_id = device_id
         self.fleet = fleet
-        self.train_x = train_x
-        self.train_names = train_names
+        self.samples = samples
         self.stream = stream
         self.method = make_method(fleet.method)
         per_class = fleet.training.exemplars_per_class if self.method.uses_exemplars else 0
@@ -98,10 +98,14 @@ class DeviceLearner:
         if cache_dir is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="fedfmx-features-")
             cache_dir = Path(self._scratch.name)
-        return FeatureCache(cache_dir, BACKBONE_ID, budget_mb * 2**20)
+        trunk = backbone_id(self.fleet.model.trunk_input_size)
+        return FeatureCache(cache_dir, trunk, budget_mb * 2**20)
 
     def _model_input(self, network: FedFMXModel, images: np.ndarray) -> torch.Tensor:
-        """What the network is fed: the images, or their trunk features from the cache."""
+        """What the network is fed: the images, or their trunk features from the cache (rows
+        that already are trunk features, from a features-only sample store, pass as they are)."""
+        if images.ndim == 2:
+            return torch.from_numpy(images)
         if self.feature_cache is None or not isinstance(network.backbone, PretrainedBackbone):
             return torch.from_numpy(images)
         if len(images) == 0:
@@ -144,18 +148,18 @@ class DeviceLearner:
             self._close_task(network)
         self.state.task = position.task
         self.state.held = self.stream.available(announcement.round)
-        held_names = self.train_names[self.state.held]
+        held_x, held_names = self.samples.rows(self.state.held)
         old_x, old_names = self.exemplars.arrays()
         local_names = _local_class_names(model.class_names, held_names, old_names)
         network.grow_head(len(local_names))
         index = {name: i for i, name in enumerate(local_names)}
         data = LocalData(
-            # with a feature cache, the copy of the held images is gone before training starts
-            x_new=self._model_input(network, self.train_x[self.state.held]),
+            x_new=self._model_input(network, held_x),
             y_new=torch.tensor([index[n] for n in held_names], dtype=torch.long),
             x_old=self._model_input(network, old_x),
             y_old=torch.tensor([index[n] for n in old_names], dtype=torch.long),
         )
+        del held_x  # with a feature cache, the held images are gone before training starts
         context = LocalContext(
             model=network,
             data=data,
@@ -178,7 +182,7 @@ class DeviceLearner:
     def local_rows(self) -> LocalRows:
         """Everything the device holds now: the current task's rows, then its exemplars."""
         old_x, old_names = self.exemplars.arrays()
-        rows = LocalRows(self.train_x[self.state.held], self.train_names[self.state.held])
+        rows = LocalRows(*self.samples.rows(self.state.held))
         if not len(old_x):
             return rows
         return LocalRows(np.concatenate([rows.x, old_x]), np.concatenate([rows.names, old_names]))
@@ -194,20 +198,15 @@ class DeviceLearner:
     def _close_task(self, network: FedFMXModel) -> None:
         """On meeting a new task: keep exemplars of the old one, fold its Fisher in, and keep
         the current model as the distillation teacher (for the methods that use them)."""
-        held = self.state.held
+        held_x, held_names = self.samples.rows(self.state.held)
         names = self.method.fisher_names(network, self.fleet)
         if names:
             old_x, _ = self.exemplars.arrays()
-            pick = torch.randperm(len(held) + len(old_x), generator=self.generator)
+            pick = torch.randperm(len(held_x) + len(old_x), generator=self.generator)
             pick = pick[: self.fleet.fedfmx.fisher_samples]
-            # rows `pick` of concat(train_x[held], old_x), gathered without building it
-            index = torch.where(
-                pick < len(held),
-                torch.from_numpy(held)[pick.clamp(max=len(held) - 1)],
-                pick - len(held) + len(self.train_x),
-            )
-            parts = [torch.from_numpy(self.train_x), torch.from_numpy(old_x)]
-            sample = gather_rows(parts, index).numpy()
+            # rows `pick` of concat(held_x, old_x), gathered without building it
+            parts = [torch.from_numpy(held_x), torch.from_numpy(old_x)]
+            sample = gather_rows(parts, pick).numpy()
             fresh = diagonal_fisher(
                 network, self._model_input(network, sample), names, self.generator
             )
@@ -218,7 +217,7 @@ class DeviceLearner:
             )
         if self.method.uses_teacher:
             self.state.teacher = state_to_numpy(network)
-        self.exemplars.add(self.train_x[held], self.train_names[held])
+        self.exemplars.add(held_x, held_names)
 
     def _update(
         self,

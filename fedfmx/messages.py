@@ -144,6 +144,16 @@ class DeviceStatus(Message):
     """When the device last finished a round (its clock)."""
     source_state: str | None = Field(default=None, max_length=64)
     """The data source's state: `ok`, `exhausted` (stream fully met) or an error word."""
+    store_samples: int | None = Field(default=None, ge=0)
+    """Samples in the device's own sample store (folder and camera sources)."""
+    store_bytes: int | None = Field(default=None, ge=0)
+    """Disk the sample store uses: sample files and ledger."""
+    sources: list[Annotated[str, Field(max_length=512)]] | None = Field(default=None, max_length=8)
+    """One line per source: kind, state and detail (`camera: reconnecting (...)`)."""
+    predictions: int | None = Field(default=None, ge=0)
+    """Frames classified since the device started."""
+    to_label: int | None = Field(default=None, ge=0)
+    """Frames waiting in the to-label queue."""
 
 
 class ClockProbe(Message):

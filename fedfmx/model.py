@@ -107,7 +107,7 @@ class FedFMXModel(nn.Module):
     def __init__(self, model: ModelConfig, routing: FedFMXConfig, num_classes: int) -> None:
         super().__init__()
         self.backbone: Backbone | PretrainedBackbone = (
-            PretrainedBackbone(model.feature_dim)
+            PretrainedBackbone(model.feature_dim, model.trunk_input_size)
             if model.backbone == "efficientnet_lite0"
             else Backbone(model.backbone_channels, model.feature_dim)
         )

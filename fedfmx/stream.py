@@ -213,11 +213,34 @@ class ClientStream:
 
 
 class DeviceStream(Protocol):
-    """What a device's learner asks of its data stream."""
+    """What a device's learner asks of its data stream: where it stands, and the ids of the
+    current task's samples (ids its `SampleTable` resolves)."""
 
     def position(self, global_round: int) -> StreamPosition: ...
 
     def available(self, global_round: int) -> np.ndarray: ...
+
+
+class SampleTable(Protocol):
+    """Where a learner's sample ids resolve to model inputs and class names.
+
+    The learner never knows where a sample came from (a fleet partition in memory, a device's
+    sample store on disk): it asks for ids and gets the rows that still exist, in id order of
+    the request (a store may have evicted some since they were announced).
+    """
+
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class ArraySamples:
+    """Samples held in memory: ids are row indices of `x` (images) and `names` (class names)."""
+
+    def __init__(self, x: np.ndarray, names: np.ndarray) -> None:
+        self.x = x
+        self.names = names
+
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.x[ids], self.names[ids]
 
 
 class OwnRowsStream:

@@ -31,9 +31,10 @@ from aggregator.provisioning import ProvisionedFleet, provision, signing_key_fil
 from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import RoundTotals
 from edge_client.config import DeviceConfig, PartitionSource, save_device_config
+from edge_client.stream_config import FolderSourceConfig
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.datasets import ImageDataset
-from fedfmx.errors import FedFMXError
+from fedfmx.errors import ConfigError, FedFMXError
 from fedfmx.profiles import load_profile
 from fedfmx.simulation import (
     RoundLog,
@@ -42,6 +43,7 @@ from fedfmx.simulation import (
     make_plan,
     task_evaluator,
 )
+from fedfmx_cli.stream_demo import FolderFeeder
 from transport import EmbeddedBroker, MosquittoBroker
 from transport.brokers import BrokerChoice
 from transport.session import ProtocolChoice
@@ -50,6 +52,10 @@ DEVICE_EXIT_S = 30.0
 """How long devices get to exit by themselves after the last round closed."""
 DEVICE_STOP_S = 10.0
 """How long devices get to stop after SIGTERM before they are killed."""
+FOLDER_SETTLE_S = 0.3
+FEED_GRACE_S = 1.5
+"""After the feeder copies a round's images, the next round waits this long, so that devices
+read them in time (a watched folder reads a file once it has settled)."""
 
 
 @dataclass(frozen=True)
@@ -142,15 +148,28 @@ def _prepare(
                 fleet_file=fleet_file,
                 broker=broker,
                 profile=profile,
-                data=PartitionSource(client_index=index),
+                data=_device_source(fleet, workdir, index),
                 state_dir=workdir / "devices" / device_id(index),
                 fleet_public_key=public_key,
+                serve_predictions=False,  # folder devices see no unlabelled frames
             ),
             workdir / f"{device_id(index)}.yaml",
         )
         for index in range(fleet.protocol.num_clients)
     ]
     return fleet, configs
+
+
+def _device_folder(workdir: Path, index: int) -> Path:
+    return workdir / "devices" / device_id(index) / "labelled"
+
+
+def _device_source(
+    fleet: FleetConfig, workdir: Path, index: int
+) -> PartitionSource | FolderSourceConfig:
+    if fleet.data.simulated_source == "folder":
+        return FolderSourceConfig(path=_device_folder(workdir, index), settle_s=FOLDER_SETTLE_S)
+    return PartitionSource(client_index=index)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -286,6 +305,8 @@ def run_over_mqtt(
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     credentials = None
+    if run.secure and fleet.data.simulated_source == "folder":
+        raise ConfigError("--secure runs partition fleets only; drop it for a folder fleet")
     if run.secure:
         ids = [device_id(index) for index in range(fleet.protocol.num_clients)]
         credentials = provision(
@@ -297,10 +318,19 @@ def run_over_mqtt(
     try:
         with _broker(run, credentials) as (url, protocol):
             fleet, configs = _prepare(fleet, url, protocol, workdir, credentials)
-            hooks = ServiceHooks(
-                evaluate=task_evaluator(fleet, dataset),
-                on_round=None if on_round is None else lambda t: on_round(round_log(t)),
-            )
+            feeder = None
+            if fleet.data.simulated_source == "folder":
+                folders = [_device_folder(workdir, k) for k in range(len(configs))]
+                feeder = FolderFeeder(fleet, dataset, folders)
+                feeder.deliver(0)
+
+            def closed(totals: RoundTotals) -> None:
+                if feeder is not None and feeder.deliver(totals.round + 1):
+                    time.sleep(FEED_GRACE_S)
+                if on_round is not None:
+                    on_round(round_log(totals))
+
+            hooks = ServiceHooks(evaluate=task_evaluator(fleet, dataset), on_round=closed)
             aggregator = open_aggregator(fleet, workdir / "aggregator.sqlite", hooks)
             try:
                 aggregator.start()

@@ -45,7 +45,7 @@ def provision(
             min=1,
             max=65535,
             help="Live enrolment: rights in Mosquitto's dynamic-security plugin, an operator "
-            "identity, and a TLS enrolment listener on this port (--devices 0 is allowed)."
+            "identity, and a TLS enrolment listener on this port (--devices 0 is allowed).",
         ),
     ] = None,
 ) -> None:

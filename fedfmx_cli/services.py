@@ -144,6 +144,13 @@ def join(
         notifier.stopping()
 
 
+def _store(samples: int | None, size: int | None) -> str:
+    """A device's own sample store (folder and camera sources); `-` for a partition."""
+    if samples is None or size is None:
+        return "-"
+    return f"{samples} / {size / 2**20:.1f} MB"
+
+
 def _ago(seconds: float) -> str:
     return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
 
@@ -169,11 +176,15 @@ def status(
     out = Console()
     now = time.time()
     table = Table(title=f"fleet {fleet.name}: devices")
-    for column in ("device", "state", "last seen", "classes", "updates", "peak RSS", "profile"):
+    own_sources = any(row.status.store_samples is not None for row in devices)
+    columns = ["device", "state", "last seen", "classes", "updates", "peak RSS", "profile"]
+    if own_sources:  # folder and camera devices: their sample store
+        columns.insert(-1, "store")
+    for column in columns:
         table.add_column(column)
     for row in devices:
         rss = row.status.peak_rss_mb
-        table.add_row(
+        cells = [
             row.device_id,
             row.status.state,
             _ago(now - row.last_seen),
@@ -181,7 +192,10 @@ def status(
             str(row.updates_accepted),
             "-" if rss is None else f"{rss:.0f} MB",
             row.profile,
-        )
+        ]
+        if own_sources:
+            cells.insert(-1, _store(row.status.store_samples, row.status.store_bytes))
+        table.add_row(*cells)
     out.print(table)
     total = fleet.protocol.num_rounds
     if rounds:

@@ -16,8 +16,7 @@ from fedfmx.datasets import load_digits, subsample
 from fedfmx.device import DeviceLearner
 from fedfmx.federation import RoundKeeper, expected_update_shapes
 from fedfmx.messages import UpdateHeader
-from fedfmx.simulation import initial_model, make_plan
-from fedfmx.stream import OwnRowsStream
+from fedfmx.simulation import initial_model, own_partition
 
 ROUNDS = 3
 """Rounds 0-1 learn task 0; round 2 meets task 1 (Fisher, exemplars, replay, FRES)."""
@@ -52,11 +51,8 @@ def fleet(
 
 def learner(config: FleetConfig, cache_dir: Path | None = None) -> DeviceLearner:
     dataset = subsample(load_digits(), train_per_class=12, test_per_class=1, seed=0)
-    stream = OwnRowsStream(make_plan(config, dataset).stream(0, config.seed))
-    names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
-    return DeviceLearner(
-        "d0", config, dataset.train_x[stream.rows], names, stream, seed=3, cache_dir=cache_dir
-    )
+    samples, stream = own_partition(config, dataset, 0)
+    return DeviceLearner("d0", config, samples, stream, seed=3, cache_dir=cache_dir)
 
 
 Decoded = tuple[UpdateHeader, dict[str, np.ndarray]]

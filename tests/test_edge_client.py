@@ -12,8 +12,7 @@ from fedfmx.config import load_fleet
 from fedfmx.device import DeviceLearner
 from fedfmx.errors import ConfigError, DataError
 from fedfmx.federation import RoundKeeper
-from fedfmx.simulation import initial_model, load_fleet_dataset, make_plan
-from fedfmx.stream import OwnRowsStream
+from fedfmx.simulation import initial_model, load_fleet_dataset, own_partition
 
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 
@@ -59,9 +58,8 @@ def test_config_errors_are_one_line_naming_the_field(
 def learner_after_two_rounds() -> DeviceLearner:
     fleet = load_fleet(FLEET)
     dataset = load_fleet_dataset(fleet)
-    stream = OwnRowsStream(make_plan(fleet, dataset).stream(0, fleet.seed))
-    names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
-    learner = DeviceLearner("d0", fleet, dataset.train_x[stream.rows], names, stream, seed=5)
+    samples, stream = own_partition(fleet, dataset, 0)
+    learner = DeviceLearner("d0", fleet, samples, stream, seed=5)
     keeper = RoundKeeper(fleet, initial_model(fleet))
     for round_index in range(4):  # crosses a task boundary: Fisher, anchor, exemplars exist
         announcement = keeper.open_round(round_index, ["d0"], 0.0)
@@ -77,9 +75,7 @@ def test_a_saved_device_restores_exactly_what_it_learnt(tmp_path: Path) -> None:
     learner = learner_after_two_rounds()
     snapshot = Snapshot(Progress("d0", "ci-digits", 3, 2, 1), b"model", b"pending")
     save_snapshot(tmp_path, learner, snapshot)
-    restored_learner = DeviceLearner(
-        "d0", learner.fleet, learner.train_x, learner.train_names, learner.stream, seed=5
-    )
+    restored_learner = DeviceLearner("d0", learner.fleet, learner.samples, learner.stream, seed=5)
     restored = load_snapshot(tmp_path, restored_learner)
     assert restored == snapshot
     state, back = learner.state, restored_learner.state

@@ -116,9 +116,7 @@ def test_enrol_approve_join_revoke_on_a_running_broker(
         thread = threading.Thread(target=device_side)
         thread.start()
         assert _wait(
-            lambda: any(
-                e.state == "pending" for e in fleet_devices(session, control, fleet_name)
-            ),
+            lambda: any(e.state == "pending" for e in fleet_devices(session, control, fleet_name)),
             15.0,
         )
         approval = approve(session, control, live_fleet.authority, DEVICE)

@@ -46,8 +46,7 @@ from fedfmx.signing import (
     sign_announcement,
     sign_manifest,
 )
-from fedfmx.simulation import device_id, initial_model, load_fleet_dataset, make_plan
-from fedfmx.stream import OwnRowsStream
+from fedfmx.simulation import device_id, initial_model, load_fleet_dataset, own_partition
 from transport import (
     MosquittoBroker,
     MqttSession,
@@ -276,7 +275,7 @@ def test_a_serving_device_exports_and_swaps_in_each_version(
     assert serving.inference.version == serving.model.header.version
     files = list((fleet.tmp / "state-device-000" / "serving").glob("*.onnx"))
     assert [f.name for f in files] == [f"model-v{serving.model.header.version}.onnx"]
-    images = serving.learner.train_x[:16]
+    images = serving.learner.local_rows().x[:16]
     predicted = serving.inference.predict(images)
     assert predicted.class_ids.shape == (16,)
     assert set(predicted.class_names) <= set(serving.model.header.class_names)
@@ -305,11 +304,8 @@ class HandDevice:
         self.fleet = fleet
         self.device_id = device_id(index)
         dataset = load_fleet_dataset(fleet)
-        stream = OwnRowsStream(make_plan(fleet, dataset).stream(index, fleet.seed))
-        names = np.array(dataset.class_names)[dataset.train_y[stream.rows]]
-        self.learner = DeviceLearner(
-            self.device_id, fleet, dataset.train_x[stream.rows], names, stream, seed=index
-        )
+        samples, stream = own_partition(fleet, dataset, index)
+        self.learner = DeviceLearner(self.device_id, fleet, samples, stream, seed=index)
         self.session = under_test.session(self.device_id)
         self.announcements: list[RoundAnnouncement] = []
         self.receipts: list[UpdateReceipt] = []

@@ -39,10 +39,19 @@ class TopicKind(StrEnum):
     UPDATE = "update"
     INBOX = "inbox"
     CLOCK = "clock"
+    PREDICTIONS = "predictions"
+    """A device's live predictions on its own stream (JSON lines; no service reads them)."""
 
 
 CLIENT_KINDS = frozenset(
-    {TopicKind.HELLO, TopicKind.STATUS, TopicKind.UPDATE, TopicKind.INBOX, TopicKind.CLOCK}
+    {
+        TopicKind.HELLO,
+        TopicKind.STATUS,
+        TopicKind.UPDATE,
+        TopicKind.INBOX,
+        TopicKind.CLOCK,
+        TopicKind.PREDICTIONS,
+    }
 )
 
 
