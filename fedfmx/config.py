@@ -27,8 +27,13 @@ MethodName = Literal[
     "fixed_topk",
     "no_rar",
     "joint",
+    "ridge",
+    "fedavg_replay_wa",
 ]
 """FedFMX, the baselines, FedFMX's ablations, and the centralised upper bound."""
+
+CLOSED_FORM_METHODS = ("ridge",)
+"""Methods whose head is solved in closed form from feature statistics (`fedfmx.analytic`)."""
 
 
 class Section(BaseModel):
@@ -92,6 +97,13 @@ class ModelConfig(Section):
     feature_dim: int = Field(default=128, gt=0)
     num_experts: int = Field(default=8, ge=1)
     expert_hidden: int = Field(default=32, gt=0)
+    head: Literal["sgd", "closed_form"] = "sgd"
+    """`sgd`: the head trains with the network. `closed_form`: a ridge head on fixed features
+    (`fedfmx.feature_maps`), solved by the aggregator from summed statistics; the closed-form
+    methods set it (`FleetConfig.network`)."""
+    random_features: int = Field(default=2048, ge=0)
+    """Closed-form head: width `D` of the random ReLU projection `φ = ReLU(R·u)` of the input
+    `u` (raw pixels, or the frozen trunk's pooled features); 0 uses `u` itself."""
     backbone_mode: Literal["freeze_after_first_task", "train"] = "train"
     """Keep training the backbone under the Fisher penalty, or freeze it once the first task is
     learnt (the experts then carry the increments; cheaper uplink, but a 2-class first task is a
@@ -148,6 +160,22 @@ class BaselineConfig(Section):
     ewc_weight: float = Field(default=100.0, ge=0)
     lwf_weight: float = Field(default=1.0, ge=0)
     lwf_temperature: float = Field(default=2.0, gt=0)
+
+
+class AnalyticConfig(Section):
+    """The closed-form head: how the aggregator picks the ridge `λ` and bounds what it accepts."""
+
+    lambdas: list[float] = Field(default=[1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
+    """Candidate `λ` in units of `tr(G)/d`; the aggregator keeps the one with the least
+    squared error on held-out *devices*' statistics (`fedfmx.analytic.choose_lambda`)."""
+    default_lambda: float = Field(default=1e-2, gt=0)
+    """`λ` (in units of `tr(G)/d`) while fewer than two folds of devices have sent rows."""
+    folds: int = Field(default=2, ge=2, le=8)
+    """Devices are split into this many folds by a hash of their id for choosing `λ`."""
+    max_feature_norm: float = Field(default=1e3, gt=0)
+    """Reject statistics whose mean squared feature norm `tr(G)/N` exceeds this squared."""
+    max_samples: int = Field(default=1_000_000, ge=1)
+    """Reject statistics claiming more rows than this in one update."""
 
 
 class BrokerConfig(Section):
@@ -238,6 +266,8 @@ class FleetConfig(Section):
     fedfmx: FedFMXConfig = FedFMXConfig()
     training: TrainingConfig = TrainingConfig()
     baselines: BaselineConfig = BaselineConfig()
+    analytic: AnalyticConfig = AnalyticConfig()
+    """The closed-form head (`ridge`): λ selection and statistics validation."""
     codec: CodecSettings = CodecSettings()
     """How devices compress their updates (int8, top-k with error feedback, zstd)."""
     service: ServiceConfig = ServiceConfig()
@@ -258,6 +288,13 @@ class FleetConfig(Section):
             experts = self.model.num_experts
             return self.fedfmx.model_copy(update={"k_min": experts, "k_max": experts})
         return self.fedfmx
+
+    @property
+    def network(self) -> ModelConfig:
+        """The model the method runs with: a closed-form head for the closed-form methods."""
+        if self.method in CLOSED_FORM_METHODS:
+            return self.model.model_copy(update={"head": "closed_form"})
+        return self.model
 
     @model_validator(mode="after")
     def _experts_fit(self) -> FleetConfig:

@@ -19,13 +19,15 @@ import numpy as np
 import torch
 
 from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS, HEAD_WEIGHT, Arrays
+from fedfmx.analytic import FeatureStatistics
+from fedfmx.analytic_state import statistics_tensors
 from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
 from fedfmx.exemplars import ExemplarBuffer
 from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
 from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
 from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
-from fedfmx.methods import LocalContext, LocalOutcome, make_method
+from fedfmx.methods import ClosedForm, LocalContext, LocalOutcome, make_method
 from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
 from fedfmx.pretrained import BACKBONE_ID, TRUNK_FEATURES, PretrainedBackbone
 from fedfmx.stream import DeviceStream
@@ -55,6 +57,8 @@ class DeviceState:
     """Codec error-feedback residual."""
     teacher: Arrays | None = None
     """The model when the device last closed a task (LwF's teacher)."""
+    contributed: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    """Closed-form methods: train indices whose statistics were already sent (sent once)."""
 
 
 class DeviceLearner:
@@ -117,13 +121,15 @@ class DeviceLearner:
         if position.task is None:
             return None
         network = build_model(
-            self.fleet.model, self.fleet.routing, len(model.class_names), self.fleet.seed
+            self.fleet.network, self.fleet.routing, len(model.class_names), self.fleet.seed
         )
         load_numpy_state(network, weights)
         if position.task != self.state.task and len(self.state.held):
             self._close_task(network)
         self.state.task = position.task
         self.state.held = self.stream.available(announcement.round)
+        if isinstance(self.method, ClosedForm):
+            return self._statistics_update(announcement, model, network)
         held_names = self.train_names[self.state.held]
         old_x, old_names = self.exemplars.arrays()
         local_names = _local_class_names(model.class_names, held_names, old_names)
@@ -155,6 +161,37 @@ class DeviceLearner:
         self.state.residual = dict(encoded.residual)
         return encoded.payload
 
+    def _statistics_update(
+        self, announcement: RoundAnnouncement, model: ModelHeader, network: FedFMXModel
+    ) -> bytes | None:
+        """A closed-form head's update: the feature statistics of the rows held now that were
+        never sent (None when there are none: nothing new, nothing on the wire)."""
+        fresh = np.setdiff1d(self.state.held, self.state.contributed)
+        if not len(fresh):
+            return None
+        names = [str(n) for n in self.train_names[fresh]]
+        with torch.no_grad():
+            features = network.closed_form_features(self._model_input(network, self.train_x[fresh]))
+        stats = FeatureStatistics.of(features.double().numpy(), names)
+        classes = sorted(stats.counts)
+        header = UpdateHeader(
+            fleet=announcement.fleet,
+            device_id=self.device_id,
+            round=announcement.round,
+            base_version=model.version,
+            num_samples=stats.samples,
+            expert_ids=[],
+            head_classes=classes,
+            class_counts=[stats.counts[name] for name in classes],
+            expert_usage=[0.0] * network.num_experts,
+            includes_statistics=True,
+            codec=self.fleet.codec,
+            train_loss=0.0,
+        )
+        payload = encode_update(header, statistics_tensors(stats, classes)).payload
+        self.state.contributed = np.union1d(self.state.contributed, fresh)
+        return payload
+
     def local_rows(self) -> LocalRows:
         """Everything the device holds now: the current task's rows, then its exemplars."""
         old_x, old_names = self.exemplars.arrays()
@@ -167,7 +204,7 @@ class DeviceLearner:
         if self.state.teacher is None:
             return None
         classes = self.state.teacher[HEAD_WEIGHT].shape[0]
-        teacher = build_model(self.fleet.model, self.fleet.routing, classes, self.fleet.seed)
+        teacher = build_model(self.fleet.network, self.fleet.routing, classes, self.fleet.seed)
         load_numpy_state(teacher, self.state.teacher)
         return teacher.eval()
 

@@ -31,6 +31,8 @@ from fedfmx.aggregation import (
     update_sums,
     usage_fractions,
 )
+from fedfmx.analytic import FeatureStatistics
+from fedfmx.analytic_state import fold_of, refit, statistics_of_update, statistics_shapes
 from fedfmx.codec import decode_update, encode_model
 from fedfmx.config import FleetConfig, RobustnessConfig
 from fedfmx.errors import ProtocolError
@@ -63,6 +65,11 @@ class OpenRound:
     summaries are dropped; what stays is float32: about 4 bytes per parameter sent, i.e. the
     backbone (if trained), router, the sent experts and the head rows: ~0.3 MB for the default
     model with two experts and the backbone, so ~0.3 GB for 1000 devices in one round."""
+    statistics: list[FeatureStatistics] = field(default_factory=list)
+    """A closed-form head's round: the summed feature statistics per fold of devices (sums are
+    exact whatever the merge rule: a median of Gram matrices is not a Gram matrix)."""
+    new_classes: set[str] = field(default_factory=set)
+    """Classes the round's statistics name that the registry does not hold yet."""
 
 
 def robust_center(robustness: RobustnessConfig) -> Center | None:
@@ -83,6 +90,8 @@ def expected_update_shapes(
     header: UpdateHeader, weights: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[int, ...]]:
     """The exact tensor names and shapes an update with this header must carry."""
+    if header.includes_statistics:
+        return statistics_shapes(header, weights[HEAD_WEIGHT].shape[1])
     num_experts = len(
         [n for n in weights if n.startswith("experts.") and n.endswith(".fc1.weight")]
     )
@@ -195,6 +204,10 @@ class RoundKeeper:
             )
         if header.device_id in self.current.received:
             return None
+        if header.includes_statistics:
+            self._add_statistics(header, tensors)
+            self.current.received.add(header.device_id)
+            return header
         clip_norm = self.fleet.robustness.clip_norm
         if clip_norm is not None:
             tensors, factor = clip_update(tensors, clip_norm)
@@ -208,6 +221,24 @@ class RoundKeeper:
         self.current.received.add(header.device_id)
         return header
 
+    def _add_statistics(self, header: UpdateHeader, tensors: Mapping[str, np.ndarray]) -> None:
+        """Validate a closed-form update's statistics and add them to its device's fold."""
+        assert self.current is not None
+        analytic = self.fleet.analytic
+        dim = self.model.weights[HEAD_WEIGHT].shape[1]
+        stats = statistics_of_update(header, tensors, dim, analytic)
+        if not self.current.statistics:
+            self.current.statistics = [FeatureStatistics.empty(dim) for _ in range(analytic.folds)]
+        self.current.statistics[fold_of(header.device_id, analytic.folds)].add(stats)
+        self.current.new_classes |= set(header.head_classes) - set(self.model.class_names)
+
+    def _close_statistics(self, current: OpenRound) -> GlobalModel:
+        """The next version of a closed-form head: sums folded in, `λ` chosen, head solved."""
+        registry = self.model.class_names + sorted(current.new_classes)
+        weights = refit(self.model.weights, registry, current.statistics, self.fleet.analytic)
+        self.model = GlobalModel(self.model.version + 1, weights, registry, self.model.expert_usage)
+        return self.model
+
     def close_round(self) -> GlobalModel:
         """Merge what was received into the next version (the same version if nothing came).
 
@@ -218,6 +249,8 @@ class RoundKeeper:
             raise ProtocolError("no round is open")
         current = self.current
         self.current = None
+        if current.statistics:
+            return self._close_statistics(current)
         delta: MergedDelta
         if self._center is None:
             if current.sums.updates == 0:

@@ -243,7 +243,24 @@ class FedAvgFamily:
         return LocalOutcome(sent, list(range(model.num_experts)), None, result)
 
 
-METHODS: dict[str, Method] = {
+@dataclass(frozen=True)
+class ClosedForm:
+    """A head solved in closed form: the device sends its new rows' feature statistics
+    (`fedfmx.analytic`), nothing is trained, and the aggregator solves `W = (G + λI)⁻¹Q`.
+
+    `ridge` runs it on the input's random ReLU features (or a frozen trunk's features): with
+    exact sums it needs no replay, so it keeps no exemplar and no image beyond the round.
+    """
+
+    name: str = "ridge"
+    uses_exemplars: bool = False
+    uses_teacher: bool = False
+
+    def fisher_names(self, model: FedFMXModel, fleet: FleetConfig) -> list[str]:
+        return []
+
+
+METHODS: dict[str, Method | ClosedForm] = {
     "fedfmx": FedFMX(),
     "no_fres": FedFMX(name="no_fres", use_fres=False),
     "fixed_topk": FedFMX(name="fixed_topk"),
@@ -254,9 +271,10 @@ METHODS: dict[str, Method] = {
     "fedlwf": FedAvgFamily(name="fedlwf", lwf=True),
     "fedavg_replay": FedAvgFamily(name="fedavg_replay", uses_exemplars=True),
     "dense_moe": FedAvgFamily(name="dense_moe", uses_exemplars=True),
+    "ridge": ClosedForm(),
 }
 """Every federated method by name; `joint` (centralised upper bound) lives in the simulator."""
 
 
-def make_method(name: str) -> Method:
+def make_method(name: str) -> Method | ClosedForm:
     return METHODS[name]

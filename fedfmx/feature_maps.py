@@ -1,0 +1,40 @@
+"""Fixed feature maps for the closed-form head: nothing here is trained or sent.
+
+A closed-form head is exact only on features that never change once their statistics are summed
+(`fedfmx.analytic`), so the maps are drawn once from the fleet's seed and every party (each
+device, the aggregator's evaluation, an exported model) rebuilds the same ones. They are
+non-persistent buffers: they never travel, are never merged and never enter a checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RandomReluFeatures(nn.Module):
+    """RanPAC-style random projection: `φ(u) = ReLU(R·u / √n)`, `R ~ N(0, 1)^{D×n}` fixed.
+
+    `n` (the input width) is only known at the first call (raw pixels of any size, or trunk
+    features), so `R` is drawn then, from a generator seeded at construction: the same `R` for
+    the same seed and width, whichever process draws it.
+    """
+
+    def __init__(self, width: int, seed: int) -> None:
+        super().__init__()
+        self.width = width
+        self.seed = seed
+        self.projection: torch.Tensor
+        self.register_buffer("projection", torch.empty(0), persistent=False)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        if self.projection.shape != (u.shape[1], self.width):
+            generator = torch.Generator().manual_seed(self.seed)
+            drawn = torch.randn(u.shape[1], self.width, generator=generator) / u.shape[1] ** 0.5
+            self.projection = drawn
+        return torch.relu(u @ self.projection)
+
+
+def flat_input(x: torch.Tensor) -> torch.Tensor:
+    """Rows of the input as vectors: images [B, C, H, W] -> [B, C·H·W]; vectors unchanged."""
+    return x.flatten(1) if x.dim() > 2 else x
