@@ -13,6 +13,11 @@ hash of its id) beside the weights, so they persist and resume with the model ve
 `analytic.fold<k>.gram` (packed triangle of `G`), `analytic.fold<k>.moments` ([C, d], rows in
 registry order), `analytic.fold<k>.counts` ([C]) and `analytic.lambda` (the `λ` in use). The
 folds give `choose_lambda` held-out devices; the head is solved on their sum.
+
+`analytic.rows.<device>` counts the rows of each device the sums hold. A device reads it from
+the model it starts from and sends the statistics of its rows after that many (saying so in
+`rows_before`), so an update lost on the way (a round closed at its deadline without it) is
+sent again in the next round, and none is ever counted twice.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from fedfmx.messages import UpdateHeader
 GRAM = "stats.gram"
 MOMENTS = "stats.moments"
 LAMBDA = CLOSED_FORM_PREFIX + "lambda"
+ROWS_PREFIX = CLOSED_FORM_PREFIX + "rows."
 HEAD_WEIGHT = "head.weight"
 
 Arrays = dict[str, np.ndarray]
@@ -87,6 +93,12 @@ def statistics_of_update(
     return stats
 
 
+def rows_held(weights: Mapping[str, np.ndarray], device_id: str) -> int:
+    """How many of the device's rows the fleet's sums hold."""
+    count = weights.get(ROWS_PREFIX + device_id)
+    return 0 if count is None else round(float(np.asarray(count).reshape(-1)[0]))
+
+
 def fold_of(device_id: str, folds: int) -> int:
     """The fold of a device: a stable hash of its id (the same after any restart)."""
     return zlib.crc32(device_id.encode()) % folds
@@ -118,14 +130,22 @@ def refit(
     weights: Mapping[str, np.ndarray],
     registry: Sequence[str],
     round_folds: Sequence[FeatureStatistics],
+    round_rows: Mapping[str, int],
     analytic: AnalyticConfig,
 ) -> Arrays:
     """The next version's weights: the round's sums folded into the fleet's, `λ` chosen on
-    held-out folds, and `head.weight` solved from the total (`W = (G + λI)⁻¹Q`)."""
+    held-out folds, and `head.weight` solved from the total (`W = (G + λI)⁻¹Q`);
+    `round_rows` are the rows each device added this round."""
     folds = fleet_folds(weights, registry, analytic.folds)
     for fleet_fold, fresh in zip(folds, round_folds, strict=True):
         fleet_fold.add(fresh)
-    state = {n: v for n, v in weights.items() if not n.startswith(CLOSED_FORM_PREFIX)}
+    state = {
+        n: v
+        for n, v in weights.items()
+        if not n.startswith(CLOSED_FORM_PREFIX) or n.startswith(ROWS_PREFIX)
+    }
+    for device, rows in round_rows.items():
+        state[ROWS_PREFIX + device] = np.array([float(rows_held(weights, device) + rows)])
     for k, fold in enumerate(folds):
         prefix = f"{CLOSED_FORM_PREFIX}fold{k}."
         state[prefix + "gram"] = pack_triangle(fold.gram)

@@ -20,7 +20,7 @@ import torch
 
 from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS, HEAD_WEIGHT, Arrays
 from fedfmx.analytic import FeatureStatistics
-from fedfmx.analytic_state import statistics_tensors
+from fedfmx.analytic_state import rows_held, statistics_tensors
 from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
 from fedfmx.exemplars import ExemplarBuffer
@@ -58,7 +58,8 @@ class DeviceState:
     teacher: Arrays | None = None
     """The model when the device last closed a task (LwF's teacher)."""
     contributed: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    """Closed-form methods: train indices whose statistics were already sent (sent once)."""
+    """Closed-form methods: train indices whose statistics were sent, in the order sent (the
+    fleet's model says how many of them it holds: the rest are sent again)."""
 
 
 class DeviceLearner:
@@ -129,7 +130,7 @@ class DeviceLearner:
         self.state.task = position.task
         self.state.held = self.stream.available(announcement.round)
         if isinstance(self.method, ClosedForm):
-            return self._statistics_update(announcement, model, network)
+            return self._statistics_update(announcement, model, weights, network)
         held_names = self.train_names[self.state.held]
         old_x, old_names = self.exemplars.arrays()
         local_names = _local_class_names(model.class_names, held_names, old_names)
@@ -162,11 +163,17 @@ class DeviceLearner:
         return encoded.payload
 
     def _statistics_update(
-        self, announcement: RoundAnnouncement, model: ModelHeader, network: FedFMXModel
+        self,
+        announcement: RoundAnnouncement,
+        model: ModelHeader,
+        weights: Arrays,
+        network: FedFMXModel,
     ) -> bytes | None:
-        """A closed-form head's update: the feature statistics of the rows held now that were
-        never sent (None when there are none: nothing new, nothing on the wire)."""
-        fresh = np.setdiff1d(self.state.held, self.state.contributed)
+        """A closed-form head's update: the feature statistics of the rows held now that the
+        fleet's model does not hold yet (None when there are none: nothing on the wire)."""
+        held_before = rows_held(weights, self.device_id)
+        self.state.contributed = self.state.contributed[:held_before]
+        fresh = self.state.held[~np.isin(self.state.held, self.state.contributed)]
         if not len(fresh):
             return None
         names = [str(n) for n in self.train_names[fresh]]
@@ -185,11 +192,12 @@ class DeviceLearner:
             class_counts=[stats.counts[name] for name in classes],
             expert_usage=[0.0] * network.num_experts,
             includes_statistics=True,
+            rows_before=held_before,
             codec=self.fleet.codec,
             train_loss=0.0,
         )
         payload = encode_update(header, statistics_tensors(stats, classes)).payload
-        self.state.contributed = np.union1d(self.state.contributed, fresh)
+        self.state.contributed = np.concatenate([self.state.contributed, fresh])
         return payload
 
     def local_rows(self) -> LocalRows:

@@ -32,7 +32,13 @@ from fedfmx.aggregation import (
     usage_fractions,
 )
 from fedfmx.analytic import FeatureStatistics
-from fedfmx.analytic_state import fold_of, refit, statistics_of_update, statistics_shapes
+from fedfmx.analytic_state import (
+    fold_of,
+    refit,
+    rows_held,
+    statistics_of_update,
+    statistics_shapes,
+)
 from fedfmx.codec import decode_update, encode_model
 from fedfmx.config import FleetConfig, RobustnessConfig
 from fedfmx.errors import ProtocolError
@@ -70,6 +76,8 @@ class OpenRound:
     exact whatever the merge rule: a median of Gram matrices is not a Gram matrix)."""
     new_classes: set[str] = field(default_factory=set)
     """Classes the round's statistics name that the registry does not hold yet."""
+    rows: dict[str, int] = field(default_factory=dict)
+    """Rows each device's statistics added this round."""
 
 
 def robust_center(robustness: RobustnessConfig) -> Center | None:
@@ -226,16 +234,25 @@ class RoundKeeper:
         assert self.current is not None
         analytic = self.fleet.analytic
         dim = self.model.weights[HEAD_WEIGHT].shape[1]
+        held = rows_held(self.model.weights, header.device_id)
+        if header.rows_before != held:
+            raise ProtocolError(
+                f"statistics follow row {header.rows_before} of {header.device_id}, "
+                f"the model holds {held}"
+            )
         stats = statistics_of_update(header, tensors, dim, analytic)
         if not self.current.statistics:
             self.current.statistics = [FeatureStatistics.empty(dim) for _ in range(analytic.folds)]
         self.current.statistics[fold_of(header.device_id, analytic.folds)].add(stats)
         self.current.new_classes |= set(header.head_classes) - set(self.model.class_names)
+        self.current.rows[header.device_id] = header.num_samples
 
     def _close_statistics(self, current: OpenRound) -> GlobalModel:
         """The next version of a closed-form head: sums folded in, `λ` chosen, head solved."""
         registry = self.model.class_names + sorted(current.new_classes)
-        weights = refit(self.model.weights, registry, current.statistics, self.fleet.analytic)
+        weights = refit(
+            self.model.weights, registry, current.statistics, current.rows, self.fleet.analytic
+        )
         self.model = GlobalModel(self.model.version + 1, weights, registry, self.model.expert_usage)
         return self.model
 

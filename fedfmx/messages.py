@@ -86,6 +86,9 @@ class UpdateHeader(Message):
     """A closed-form head's update: `stats.gram` and `stats.moments` (the features' sums over
     the rows not sent before, `fedfmx.analytic_state`) instead of deltas; `class_counts` are
     the rows per class and `num_samples` their sum."""
+    rows_before: int = Field(default=0, ge=0)
+    """With statistics: how many of this device's rows the fleet's model already holds, as the
+    device read it from the model it started from (the aggregator refuses a mismatch)."""
     codec: CodecSettings = CodecSettings()
     train_loss: float
 

@@ -134,6 +134,8 @@ def hostile(config: FleetConfig, what: str) -> bytes:
         return payload(config, stats, num_samples=stats.samples + 5)
     if what == "repeated class":
         return payload(config, stats, head_classes=["0", "0"])
+    if what == "rows out of step":
+        return payload(config, stats, rows_before=7)
     raise AssertionError(what)
 
 
@@ -147,6 +149,7 @@ def hostile(config: FleetConfig, what: str) -> bytes:
         ("negative count", "non-negative count"),
         ("count mismatch", "not the sum of class_counts"),
         ("repeated class", "twice"),
+        ("rows out of step", "follow row 7"),
     ],
 )
 def test_hostile_statistics_are_refused_and_change_nothing(what: str, reason: str) -> None:
@@ -157,10 +160,22 @@ def test_hostile_statistics_are_refused_and_change_nothing(what: str, reason: st
     assert keeper.close_round().version == 0
 
 
-def test_federated_ridge_equals_the_head_fitted_on_all_rows_held() -> None:
+def lose_one_update(device: str, update: bytes, _: object) -> bytes:
+    """The aggregator never gets device-001's first update (it arrives mangled)."""
+    if device == "device-001" and not lose_one_update.done:  # type: ignore[attr-defined]
+        lose_one_update.done = True  # type: ignore[attr-defined]
+        return b"lost"
+    return update
+
+
+@pytest.mark.parametrize("lossy", [False, True])
+def test_federated_ridge_equals_the_head_fitted_on_all_rows_held(lossy: bool) -> None:
     config = fleet()
     dataset = load_fleet_dataset(config)
-    result = run_inproc(config, dataset)
+    lose_one_update.done = False  # type: ignore[attr-defined]
+    result = run_inproc(config, dataset, tamper=lose_one_update if lossy else None)
+    # a lost update's rows travel again in the device's next round: the sums stay complete
+    assert sum(r.rejected for r in result.rounds) == (1 if lossy else 0)
     final = result.final_model
     assert final is not None
     # every train row some device met, through the same fixed feature map
