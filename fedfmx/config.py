@@ -29,10 +29,12 @@ MethodName = Literal[
     "joint",
     "ridge",
     "fedavg_replay_wa",
+    "fedfmx_cf",
+    "fedfmx_cf_no_experts",
 ]
 """FedFMX, the baselines, FedFMX's ablations, and the centralised upper bound."""
 
-CLOSED_FORM_METHODS = ("ridge",)
+CLOSED_FORM_METHODS = ("ridge", "fedfmx_cf", "fedfmx_cf_no_experts")
 """Methods whose head is solved in closed form from feature statistics (`fedfmx.analytic`)."""
 
 
@@ -97,10 +99,18 @@ class ModelConfig(Section):
     feature_dim: int = Field(default=128, gt=0)
     num_experts: int = Field(default=8, ge=1)
     expert_hidden: int = Field(default=32, gt=0)
-    head: Literal["sgd", "closed_form"] = "sgd"
+    head: Literal["sgd", "closed_form", "closed_form_experts"] = "sgd"
     """`sgd`: the head trains with the network. `closed_form`: a ridge head on fixed features
-    (`fedfmx.feature_maps`), solved by the aggregator from summed statistics; the closed-form
-    methods set it (`FleetConfig.network`)."""
+    (`fedfmx.feature_maps`), solved by the aggregator from summed statistics.
+    `closed_form_experts`: the same head on the shared features *and* the expert banks'
+    (`expert_kernels`). The closed-form methods set it (`FleetConfig.network`)."""
+    shared_features: int = Field(default=512, gt=0)
+    """`closed_form_experts`: width of the shared random projection `φ_0` beside the experts."""
+    expert_kernels: list[int] = Field(default=[3, 5, 7], min_length=1)
+    """`closed_form_experts`: one expert per kernel size (`fedfmx.feature_maps.RandomConvFeatures`)."""
+    expert_filters: int = Field(default=32, gt=0)
+    expert_grid: int = Field(default=4, gt=0)
+    """Each expert pools its maps to `grid × grid`: `filters·grid²` features per expert."""
     random_features: int = Field(default=2048, ge=0)
     """Closed-form head: width `D` of the random ReLU projection `φ = ReLU(R·u)` of the input
     `u` (raw pixels, or the frozen trunk's pooled features); 0 uses `u` itself."""
@@ -292,6 +302,11 @@ class FleetConfig(Section):
     @property
     def network(self) -> ModelConfig:
         """The model the method runs with: a closed-form head for the closed-form methods."""
+        if self.method == "fedfmx_cf":
+            return self.model.model_copy(update={"head": "closed_form_experts"})
+        if self.method == "fedfmx_cf_no_experts":  # φ_0 alone: FedFMX-CF without its experts
+            width = self.model.shared_features
+            return self.model.model_copy(update={"head": "closed_form", "random_features": width})
         if self.method in CLOSED_FORM_METHODS:
             return self.model.model_copy(update={"head": "closed_form"})
         return self.model

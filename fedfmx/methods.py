@@ -276,6 +276,8 @@ class ClosedForm:
 
     `ridge` runs it on the input's random ReLU features (or a frozen trunk's features): with
     exact sums it needs no replay, so it keeps no exemplar and no image beyond the round.
+    `fedfmx_cf` (closed-form FedFMX) runs it on the shared features and its experts' (the
+    network is `FleetConfig.network`); `fedfmx_cf_no_experts` on the shared features alone.
     """
 
     name: str = "ridge"
@@ -301,6 +303,8 @@ METHODS: dict[str, Method | ClosedForm] = {
     ),
     "dense_moe": FedAvgFamily(name="dense_moe", uses_exemplars=True),
     "ridge": ClosedForm(),
+    "fedfmx_cf": ClosedForm(name="fedfmx_cf"),
+    "fedfmx_cf_no_experts": ClosedForm(name="fedfmx_cf_no_experts"),
 }
 """Every federated method by name; `joint` (centralised upper bound) lives in the simulator."""
 

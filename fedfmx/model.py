@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from fedfmx.analytic import CLOSED_FORM_PREFIX
 from fedfmx.config import FedFMXConfig, ModelConfig
-from fedfmx.feature_maps import RandomReluFeatures, flat_input
+from fedfmx.feature_maps import RandomConvFeatures, RandomReluFeatures, flat_input
 from fedfmx.pretrained import TRUNK_FEATURES, PretrainedBackbone
 from fedfmx.routing import aes_mask
 
@@ -123,13 +123,21 @@ class FedFMXModel(nn.Module):
         )
         self.router = nn.Linear(model.feature_dim, model.num_experts)
         self.random_features: RandomReluFeatures | None = None
+        self.feature_experts = nn.ModuleList()
+        """Closed-form FedFMX: the expert banks whose features join `φ_0` (none otherwise)."""
         head_dim = model.feature_dim
         if model.head == "closed_form":
             head_dim = model.random_features or _input_width(model)
             if model.random_features:
-                seed = int(torch.randint(2**31 - 1, (1,)).item())
-                self.random_features = RandomReluFeatures(model.random_features, seed)
-        self.closed_form = model.head == "closed_form"
+                self.random_features = RandomReluFeatures(model.random_features, _draw_seed())
+        if model.head == "closed_form_experts":
+            self.random_features = RandomReluFeatures(model.shared_features, _draw_seed())
+            self.feature_experts = nn.ModuleList(
+                RandomConvFeatures(k, model.expert_filters, model.expert_grid, _draw_seed())
+                for k in model.expert_kernels
+            )
+            head_dim = model.shared_features + sum(e.width for e in self.feature_experts)
+        self.closed_form = model.head != "sgd"
         self.head = LinearHead(num_classes, head_dim)
         self.aes = routing
         self.head_generator = torch.Generator()
@@ -162,12 +170,17 @@ class FedFMXModel(nn.Module):
 
     def closed_form_features(self, x: torch.Tensor) -> torch.Tensor:
         """The closed-form head's input `φ(x)`: the frozen trunk's features (or the flattened
-        input without a pretrained trunk), then the random projection if there is one."""
+        input without a pretrained trunk), then the random projection if there is one, then
+        (closed-form FedFMX) each expert bank's features of the input: `[φ_0; φ_1; …; φ_E]`."""
         if isinstance(self.backbone, PretrainedBackbone):
-            u = x if x.dim() == 2 else self.backbone.trunk_features(x)
+            source = x if x.dim() == 2 else self.backbone.trunk_features(x)
+            u = source
         else:
-            u = flat_input(x)
-        return u if self.random_features is None else self.random_features(u)
+            source, u = x, flat_input(x)
+        shared = u if self.random_features is None else self.random_features(u)
+        if not len(self.feature_experts):
+            return shared
+        return torch.cat([shared, *(expert(source) for expert in self.feature_experts)], dim=1)
 
     def forward_routed(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, dense: bool = False
@@ -212,6 +225,11 @@ def load_numpy_state(model: FedFMXModel, state: dict[str, np.ndarray]) -> None:
             if not name.startswith(CLOSED_FORM_PREFIX)
         }
     )
+
+
+def _draw_seed() -> int:
+    """A seed for a fixed feature map, from torch's generator (`build_model` seeds it)."""
+    return int(torch.randint(2**31 - 1, (1,)).item())
 
 
 def _input_width(model: ModelConfig) -> int:
