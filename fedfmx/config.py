@@ -107,7 +107,7 @@ class ModelConfig(Section):
     shared_features: int = Field(default=512, gt=0)
     """`closed_form_experts`: width of the shared random projection `φ_0` beside the experts."""
     expert_kernels: list[int] = Field(default=[3, 5, 7], min_length=1)
-    """`closed_form_experts`: one expert per kernel size (`fedfmx.feature_maps.RandomConvFeatures`)."""
+    """`closed_form_experts`: one expert bank per kernel size (`RandomConvFeatures`)."""
     expert_filters: int = Field(default=32, gt=0)
     expert_grid: int = Field(default=4, gt=0)
     """Each expert pools its maps to `grid × grid`: `filters·grid²` features per expert."""
