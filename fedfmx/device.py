@@ -34,6 +34,10 @@ from fedfmx.stream import DeviceStream
 from fedfmx.training import LocalData, gather_rows
 
 
+STATISTICS_BATCH = 256
+"""Rows whose features a closed-form device computes and sums at a time."""
+
+
 @dataclass
 class LocalRows:
     """The data a device holds: images and class *names* (class ids are the fleet's business)."""
@@ -176,10 +180,15 @@ class DeviceLearner:
         fresh = self.state.held[~np.isin(self.state.held, self.state.contributed)]
         if not len(fresh):
             return None
-        names = [str(n) for n in self.train_names[fresh]]
-        with torch.no_grad():
-            features = network.closed_form_features(self._model_input(network, self.train_x[fresh]))
-        stats = FeatureStatistics.of(features.double().numpy(), names)
+        stats = FeatureStatistics.empty(network.head.weight.shape[1])
+        with torch.no_grad():  # in batches: a device never holds every row's features at once
+            for start in range(0, len(fresh), STATISTICS_BATCH):
+                rows = fresh[start : start + STATISTICS_BATCH]
+                features = network.closed_form_features(
+                    self._model_input(network, self.train_x[rows])
+                )
+                names = [str(n) for n in self.train_names[rows]]
+                stats.add(FeatureStatistics.of(features.double().numpy(), names))
         classes = sorted(stats.counts)
         header = UpdateHeader(
             fleet=announcement.fleet,

@@ -132,11 +132,12 @@ class FedFMXModel(nn.Module):
                 self.random_features = RandomReluFeatures(model.random_features, _draw_seed())
         if model.head == "closed_form_experts":
             self.random_features = RandomReluFeatures(model.shared_features, _draw_seed())
-            self.feature_experts = nn.ModuleList(
+            banks = [
                 RandomConvFeatures(k, model.expert_filters, model.expert_grid, _draw_seed())
                 for k in model.expert_kernels
-            )
-            head_dim = model.shared_features + sum(e.width for e in self.feature_experts)
+            ]
+            self.feature_experts = nn.ModuleList(banks)
+            head_dim = model.shared_features + sum(bank.width for bank in banks)
         self.closed_form = model.head != "sgd"
         self.head = LinearHead(num_classes, head_dim)
         self.aes = routing
