@@ -78,7 +78,8 @@ def run_seed(seed: int) -> dict[str, dict[str, float]]:
             )
         }
     shared = fleet.model.shared_features
-    widths = [int(e.width) for e in network.feature_experts]
+    per_expert = fleet.model.expert_filters * fleet.model.expert_grid**2
+    widths = [per_expert] * len(fleet.model.expert_kernels)
     starts = np.cumsum([shared, *widths])
     blocks = [slice(int(a), int(b)) for a, b in itertools.pairwise(starts)]
     router = np.random.default_rng(seed).standard_normal((shared, len(blocks)))

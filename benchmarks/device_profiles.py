@@ -1,8 +1,8 @@
 """Peak RSS and time of a device's local rounds under each device profile's limits.
 
     python benchmarks/device_profiles.py      # → results/device_profiles.json  (~3 min)
-    python benchmarks/device_profiles.py --method ridge --profile raspberry-pi-4 \
-        --backbone efficientnet_lite0         # → results/device_profiles_ridge_efficientnet_lite0.json
+    python benchmarks/device_profiles.py --method ridge --backbone efficientnet_lite0 \\
+        --profile raspberry-pi-4  # → results/device_profiles_<method>_<backbone>.json
 
 Each profile runs in its own process (so memory is that device's alone): the demo fleet's first
 device, with the profile applied (threads, batch size, expert budget, exemplar cap), holding
