@@ -33,7 +33,6 @@ from fedfmx.pretrained import BACKBONE_ID, TRUNK_FEATURES, PretrainedBackbone
 from fedfmx.stream import DeviceStream
 from fedfmx.training import LocalData, gather_rows
 
-
 STATISTICS_BATCH = 256
 """Rows whose features a closed-form device computes and sums at a time."""
 
