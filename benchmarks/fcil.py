@@ -3,6 +3,7 @@
     python benchmarks/fcil.py                 # reduced grid (Split Fashion-MNIST slice, 3 seeds)
     python benchmarks/fcil.py --grid full     # every setting, full data (hours on 2 cores)
     python benchmarks/fcil.py --settings all  # reduced data, α 0.5 and 0.1, with and without lag
+    python benchmarks/fcil.py --setting 0.1,1 # reduced data, one setting (α, lag)
 
 Writes benchmarks/results/fcil_fmnist.json and .png, and prints the markdown table.
 """
@@ -18,6 +19,7 @@ from fedfmx.benchmark import (
     FULL,
     FULL_SETTINGS,
     REDUCED,
+    Setting,
     markdown_table,
     run_grid,
     write_outputs,
@@ -41,6 +43,9 @@ def main() -> None:
         default="grid",
         help="the grid's own settings, or all four (α 0.5 / 0.1, lag 0 / 1)",
     )
+    parser.add_argument(
+        "--setting", action="append", help="ALPHA,LAG (repeatable): these settings instead"
+    )
     parser.add_argument("--fleet", type=Path, default=FLEET)
     parser.add_argument("--name", default="fcil_fmnist", help="output file stem under results/")
     parser.add_argument(
@@ -54,6 +59,12 @@ def main() -> None:
         grid = replace(grid, seeds=tuple(args.seeds))
     if args.settings == "all":
         grid = replace(grid, settings=FULL_SETTINGS)
+    if args.setting:
+        chosen_settings = []
+        for text in args.setting:
+            alpha, lag = text.split(",")
+            chosen_settings.append(Setting(float(alpha), int(lag)))
+        grid = replace(grid, settings=tuple(chosen_settings))
     if args.tuned:
         chosen = json.loads((RESULTS / "tuning.json").read_text())["chosen"]
         # FedFMX's ablations remove one component from the tuned FedFMX, not from the defaults
