@@ -14,6 +14,13 @@ hash of its id) beside the weights, so they persist and resume with the model ve
 registry order), `analytic.fold<k>.counts` ([C]) and `analytic.lambda` (the `λ` in use). The
 folds give `choose_lambda` held-out devices; the head is solved on their sum.
 
+`λ` is chosen by *prequential* accuracy: the model also carries the head of every candidate
+`λ` (`analytic.candidates`, [L, C, d]); before a device adds rows to the sums it counts, for
+each candidate, how many of those rows it classifies right (`UpdateHeader.lambda_hits`). The
+rows are not in the sums the candidates were fitted on, so this is held-out accuracy on
+training data the fleet has not merged yet (never the test set). The fleet's running totals
+(`analytic.hits`) pick `λ`; before any hit is counted, the held-out-fold squared error does.
+
 `analytic.rows.<device>` counts the rows of each device the sums hold. A device reads it from
 the model it starts from and sends the statistics of its rows after that many (saying so in
 `rows_before`), so an update lost on the way (a round closed at its deadline without it) is
@@ -46,6 +53,8 @@ from fedfmx.messages import UpdateHeader
 GRAM = "stats.gram"
 MOMENTS = "stats.moments"
 LAMBDA = CLOSED_FORM_PREFIX + "lambda"
+CANDIDATES = CLOSED_FORM_PREFIX + "candidates"
+HITS = CLOSED_FORM_PREFIX + "hits"
 ROWS_PREFIX = CLOSED_FORM_PREFIX + "rows."
 HEAD_WEIGHT = "head.weight"
 
@@ -131,11 +140,13 @@ def refit(
     registry: Sequence[str],
     round_folds: Sequence[FeatureStatistics],
     round_rows: Mapping[str, int],
+    round_hits: np.ndarray,
     analytic: AnalyticConfig,
 ) -> Arrays:
     """The next version's weights: the round's sums folded into the fleet's, `λ` chosen on
-    held-out folds, and `head.weight` solved from the total (`W = (G + λI)⁻¹Q`);
-    `round_rows` are the rows each device added this round."""
+    held-out accuracy, and `head.weight` solved from the total (`W = (G + λI)⁻¹Q`);
+    `round_rows` are the rows each device added this round, `round_hits` their devices'
+    prequential hits per candidate `λ` (module docstring)."""
     folds = fleet_folds(weights, registry, analytic.folds)
     for fleet_fold, fresh in zip(folds, round_folds, strict=True):
         fleet_fold.add(fresh)
@@ -160,9 +171,31 @@ def refit(
     total = merged(folds, folds[0].dim)
     if total.samples == 0:
         return state | {HEAD_WEIGHT: np.asarray(weights[HEAD_WEIGHT])}
-    lam = choose_lambda(folds, registry, analytic.lambdas)
-    if lam is None:
-        lam = analytic.default_lambda * ridge_scale(total)
+    hits = np.asarray(weights.get(HITS, np.zeros(len(analytic.lambdas)))) + round_hits
+    state[HITS] = hits
+    scale = ridge_scale(total)
+    if hits.sum() > 0:
+        lam = analytic.lambdas[int(np.argmax(hits))] * scale
+    else:
+        lam = choose_lambda(folds, registry, analytic.lambdas) or analytic.default_lambda * scale
     state[LAMBDA] = np.array([lam])
+    candidates = [solve_head(total, registry, s * scale) for s in analytic.lambdas]
+    state[CANDIDATES] = np.stack(candidates).astype(np.float32)
     state[HEAD_WEIGHT] = solve_head(total, registry, lam).astype(np.float32)
     return state
+
+
+def prequential_hits(
+    weights: Mapping[str, np.ndarray],
+    registry: Sequence[str],
+    features: np.ndarray,
+    names: Sequence[str],
+) -> np.ndarray:
+    """Per candidate `λ`: how many of these rows (not yet in the sums) its head gets right."""
+    heads = weights.get(CANDIDATES)
+    if heads is None or not len(registry):
+        return np.zeros(0, dtype=np.int64)
+    index = {name: i for i, name in enumerate(registry)}
+    truth = np.array([index.get(name, -1) for name in names])
+    predicted = np.argmax(np.einsum("nd,lcd->lnc", features, heads), axis=2)
+    return (predicted == truth[None, :]).sum(axis=1)

@@ -20,7 +20,7 @@ import torch
 
 from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS, HEAD_WEIGHT, Arrays
 from fedfmx.analytic import FeatureStatistics
-from fedfmx.analytic_state import rows_held, statistics_tensors
+from fedfmx.analytic_state import prequential_hits, rows_held, statistics_tensors
 from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
 from fedfmx.exemplars import ExemplarBuffer
@@ -180,14 +180,17 @@ class DeviceLearner:
         if not len(fresh):
             return None
         stats = FeatureStatistics.empty(network.head.weight.shape[1])
+        hits = np.zeros(0, dtype=np.int64)
         with torch.no_grad():  # in batches: a device never holds every row's features at once
             for start in range(0, len(fresh), STATISTICS_BATCH):
                 rows = fresh[start : start + STATISTICS_BATCH]
                 features = network.closed_form_features(
                     self._model_input(network, self.train_x[rows])
-                )
+                ).numpy()
                 names = [str(n) for n in self.train_names[rows]]
-                stats.add(FeatureStatistics.of(features.double().numpy(), names))
+                batch_hits = prequential_hits(weights, model.class_names, features, names)
+                hits = batch_hits if not len(hits) else hits + batch_hits
+                stats.add(FeatureStatistics.of(features.astype(np.float64), names))
         classes = sorted(stats.counts)
         header = UpdateHeader(
             fleet=announcement.fleet,
@@ -201,6 +204,7 @@ class DeviceLearner:
             expert_usage=[0.0] * network.num_experts,
             includes_statistics=True,
             rows_before=held_before,
+            lambda_hits=[int(h) for h in hits],
             codec=self.fleet.codec,
             train_loss=0.0,
         )

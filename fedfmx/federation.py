@@ -78,6 +78,8 @@ class OpenRound:
     """Classes the round's statistics name that the registry does not hold yet."""
     rows: dict[str, int] = field(default_factory=dict)
     """Rows each device's statistics added this round."""
+    hits: np.ndarray | None = None
+    """Summed prequential hits per candidate `λ` (`fedfmx.analytic_state`)."""
 
 
 def robust_center(robustness: RobustnessConfig) -> Center | None:
@@ -241,17 +243,29 @@ class RoundKeeper:
                 f"the model holds {held}"
             )
         stats = statistics_of_update(header, tensors, dim, analytic)
+        hits = np.asarray(header.lambda_hits, dtype=np.float64)
+        if len(hits) and (
+            len(hits) != len(analytic.lambdas) or hits.min() < 0 or hits.max() > header.num_samples
+        ):
+            raise ProtocolError(
+                f"lambda_hits must be {len(analytic.lambdas)} counts in 0..{header.num_samples}"
+            )
         if not self.current.statistics:
             self.current.statistics = [FeatureStatistics.empty(dim) for _ in range(analytic.folds)]
         self.current.statistics[fold_of(header.device_id, analytic.folds)].add(stats)
         self.current.new_classes |= set(header.head_classes) - set(self.model.class_names)
         self.current.rows[header.device_id] = header.num_samples
+        if len(hits):
+            previous = self.current.hits
+            self.current.hits = hits if previous is None else previous + hits
 
     def _close_statistics(self, current: OpenRound) -> GlobalModel:
         """The next version of a closed-form head: sums folded in, `λ` chosen, head solved."""
         registry = self.model.class_names + sorted(current.new_classes)
+        analytic = self.fleet.analytic
+        hits = np.zeros(len(analytic.lambdas)) if current.hits is None else current.hits
         weights = refit(
-            self.model.weights, registry, current.statistics, current.rows, self.fleet.analytic
+            self.model.weights, registry, current.statistics, current.rows, hits, analytic
         )
         self.model = GlobalModel(self.model.version + 1, weights, registry, self.model.expert_usage)
         return self.model

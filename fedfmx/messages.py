@@ -89,6 +89,10 @@ class UpdateHeader(Message):
     rows_before: int = Field(default=0, ge=0)
     """With statistics: how many of this device's rows the fleet's model already holds, as the
     device read it from the model it started from (the aggregator refuses a mismatch)."""
+    lambda_hits: list[int] = []
+    """With statistics: of these rows, how many each candidate ridge head of the starting
+    model classifies right (the aggregator's prequential choice of `λ`); empty before the
+    first head."""
     codec: CodecSettings = CodecSettings()
     train_loss: float
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from fedfmx.analytic import FeatureStatistics, solve_head
-from fedfmx.analytic_state import GRAM, LAMBDA, MOMENTS, fleet_folds, statistics_tensors
+from fedfmx.analytic_state import (
+    GRAM,
+    LAMBDA,
+    MOMENTS,
+    fleet_folds,
+    prequential_hits,
+    statistics_tensors,
+)
 from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ProtocolError
@@ -136,6 +143,10 @@ def hostile(config: FleetConfig, what: str) -> bytes:
         return payload(config, stats, head_classes=["0", "0"])
     if what == "rows out of step":
         return payload(config, stats, rows_before=7)
+    if what == "too many hits":
+        return payload(config, stats, lambda_hits=[0, 0, 0, stats.samples + 1])
+    if what == "hits of another grid":
+        return payload(config, stats, lambda_hits=[1, 2])
     raise AssertionError(what)
 
 
@@ -150,6 +161,8 @@ def hostile(config: FleetConfig, what: str) -> bytes:
         ("count mismatch", "not the sum of class_counts"),
         ("repeated class", "twice"),
         ("rows out of step", "follow row 7"),
+        ("too many hits", "lambda_hits"),
+        ("hits of another grid", "lambda_hits"),
     ],
 )
 def test_hostile_statistics_are_refused_and_change_nothing(what: str, reason: str) -> None:
@@ -195,3 +208,26 @@ def test_federated_ridge_equals_the_head_fitted_on_all_rows_held(lossy: bool) ->
     exact = solve_head(pooled, final.class_names, lam)
     assert np.max(np.abs(final.weights["head.weight"] - exact)) < 1e-4 * np.abs(exact).max()
     assert result.final_accuracy > 0.5  # 16 random features of 8x8 digits; chance is 0.1
+
+
+def test_prequential_hits_count_right_answers_of_each_candidate_head() -> None:
+    # two candidates over classes a, b in 2-d: the first says x0 -> a, the second x1 -> a
+    heads = np.array([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])
+    weights = {"analytic.candidates": heads}
+    rows = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
+    hits = prequential_hits(weights, ["a", "b"], rows, ["a", "b", "new"])
+    # candidate 0: a ✓, b ✓, new ✗ (no head row can be right); candidate 1: b ✗, a ✗, ✗
+    np.testing.assert_array_equal(hits, [2, 0])
+    assert len(prequential_hits({}, ["a"], rows, ["a"] * 3)) == 0
+
+
+def test_lambda_follows_the_most_prequential_hits() -> None:
+    config = fleet()
+    keeper = keeper_for(config)
+    stats = device_statistics(6)
+    keeper.accept(payload(config, stats, lambda_hits=[0, 3, 9, 1]))
+    model = keeper.close_round()
+    scale = np.trace(stats.gram) / DIM
+    assert float(model.weights[LAMBDA][0]) == pytest.approx(config.analytic.lambdas[2] * scale)
+    np.testing.assert_array_equal(model.weights["analytic.hits"], [0, 3, 9, 1])
+    assert model.weights["analytic.candidates"].shape == (4, 2, DIM)
