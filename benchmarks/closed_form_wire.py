@@ -5,7 +5,8 @@
 One seed of the reduced Split Fashion-MNIST setting (α = 0.5, lag ≤ 1, 10 devices) through the
 in-process engine, so every byte counted is a real encoded update: `ridge` at several random
 projection widths `D` (the Gram triangle is `D(D+1)/2` values), the fp16 and int8 codecs, and
-`fedfmx_cf` with int8 (its fp32 run is in `fcil.py`'s grid); `fedavg` (fp32 deltas of the whole model) is the reference the bytes are divided by.
+`fedfmx_cf` with int8 (its fp32 run is in `fcil.py`'s grid); `fedavg` (fp32 deltas of the
+whole model) is the reference the bytes are divided by.
 """
 
 from __future__ import annotations
