@@ -174,14 +174,16 @@ def refit(
     hits = np.asarray(weights.get(HITS, np.zeros(len(analytic.lambdas)))) + round_hits
     state[HITS] = hits
     scale = ridge_scale(total)
-    if hits.sum() > 0:
-        lam = analytic.lambdas[int(np.argmax(hits))] * scale
-    else:
-        lam = choose_lambda(folds, registry, analytic.lambdas) or analytic.default_lambda * scale
-    state[LAMBDA] = np.array([lam])
     candidates = [solve_head(total, registry, s * scale) for s in analytic.lambdas]
     state[CANDIDATES] = np.stack(candidates).astype(np.float32)
-    state[HEAD_WEIGHT] = solve_head(total, registry, lam).astype(np.float32)
+    if hits.sum() > 0:
+        best = int(np.argmax(hits))
+        lam, head = analytic.lambdas[best] * scale, candidates[best]
+    else:
+        lam = choose_lambda(folds, registry, analytic.lambdas) or analytic.default_lambda * scale
+        head = solve_head(total, registry, lam)
+    state[LAMBDA] = np.array([lam])
+    state[HEAD_WEIGHT] = head.astype(np.float32)
     return state
 
 
