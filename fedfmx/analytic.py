@@ -71,13 +71,30 @@ class FeatureStatistics:
         return sum(self.counts.values())
 
     def add(self, other: FeatureStatistics) -> None:
-        """Fold another set of sums in (associative, commutative)."""
+        """Fold another set of sums in (associative, commutative); `gram` is added in place."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge statistics of dimension {other.dim} into {self.dim}")
-        self.gram = self.gram + other.gram
+        self.gram += other.gram
         for name, moment in other.moments.items():
             self.moments[name] = self.moments.get(name, 0.0) + moment
             self.counts[name] = self.counts.get(name, 0) + other.counts[name]
+
+    def add_rows(self, features: np.ndarray, names: Sequence[str]) -> None:
+        """Add rows `features` [n, d] labelled `names` in place: `G += ΦᵀΦ`, `q_c += Σ φ`.
+
+        The product is taken in the rows' own precision (float32 on a device: a d×d temporary
+        of half the size) and accumulated in float64.
+        """
+        if features.ndim != 2 or features.shape[1] != self.dim or len(names) != len(features):
+            raise ValueError(f"rows {features.shape} do not fit statistics of dimension {self.dim}")
+        self.gram += features.T @ features
+        labels = np.asarray(names)
+        for name in sorted(set(labels.tolist())):
+            rows = labels == name
+            key = str(name)
+            moment = features[rows].sum(axis=0, dtype=np.float64)
+            self.moments[key] = self.moments.get(key, 0.0) + moment
+            self.counts[key] = self.counts.get(key, 0) + int(rows.sum())
 
     def copy(self) -> FeatureStatistics:
         return FeatureStatistics(

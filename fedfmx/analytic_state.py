@@ -64,8 +64,10 @@ Arrays = dict[str, np.ndarray]
 def statistics_tensors(stats: FeatureStatistics, head_classes: Sequence[str]) -> Arrays:
     """An update's statistics tensors (see the module docstring); every class has rows."""
     total = stats.samples
+    packed = pack_triangle(stats.gram)  # half of G, divided in place: no second d×d copy
+    packed /= total
     return {
-        GRAM: pack_triangle(stats.gram / total).astype(np.float32),
+        GRAM: packed.astype(np.float32),
         MOMENTS: np.stack(
             [stats.moments[name] / stats.counts[name] for name in head_classes]
         ).astype(np.float32),

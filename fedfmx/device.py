@@ -100,6 +100,8 @@ class DeviceLearner:
         budget_mb = self.fleet.training.feature_cache_mb
         if self.fleet.model.backbone != "efficientnet_lite0" or budget_mb == 0:
             return None
+        if isinstance(self.method, ClosedForm):  # each row crosses the trunk once, ever
+            return None
         if cache_dir is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="fedfmx-features-")
             cache_dir = Path(self._scratch.name)
@@ -190,7 +192,7 @@ class DeviceLearner:
                 names = [str(n) for n in self.train_names[rows]]
                 batch_hits = prequential_hits(weights, model.class_names, features, names)
                 hits = batch_hits if not len(hits) else hits + batch_hits
-                stats.add(FeatureStatistics.of(features.astype(np.float64), names))
+                stats.add_rows(features, names)
         classes = sorted(stats.counts)
         header = UpdateHeader(
             fleet=announcement.fleet,

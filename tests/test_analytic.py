@@ -175,3 +175,17 @@ def test_hostile_statistics_are_rejected_with_a_reason() -> None:
     unnamed = valid()
     del unnamed.counts["bag"]
     assert "different classes" in str(problem(unnamed))
+
+
+def test_rows_added_in_place_give_the_same_sums() -> None:
+    features, names = random_rows(9, rows=50)
+    stats = FeatureStatistics.empty(12)
+    for start in range(0, 50, 16):
+        stats.add_rows(features[start : start + 16].astype(np.float32), names[start : start + 16])
+    reference = FeatureStatistics.of(features, names)
+    np.testing.assert_allclose(stats.gram, reference.gram, rtol=1e-5)
+    assert stats.counts == reference.counts
+    for name, moment in reference.moments.items():
+        np.testing.assert_allclose(stats.moments[name], moment, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        stats.add_rows(np.ones((2, 5)), ["bag", "coat"])
