@@ -33,7 +33,7 @@ from fedfmx.pretrained import BACKBONE_ID, TRUNK_FEATURES, PretrainedBackbone
 from fedfmx.stream import DeviceStream
 from fedfmx.training import LocalData, gather_rows
 
-STATISTICS_BATCH = 256
+STATISTICS_BATCH = 64
 """Rows whose features a closed-form device computes and sums at a time."""
 
 
