@@ -224,7 +224,8 @@ def statistics_problem(
     Checks, in order: shape `[d, d]`; finite values; symmetry; counts non-negative, at most
     `max_samples` in all, and at least one row; a moment per counted class and none for a class
     of count 0; `G_ii ≥ 0`; the Cauchy–Schwarz bounds every Gram matrix of real rows obeys,
-    `|G_ij| ≤ √(G_ii·G_jj)` and `|q_{c,i}| ≤ √(n_c·G_ii)`; and the mean squared feature norm
+    `|G_ij| ≤ √(G_ii·G_jj)` and `|q_{c,i}| ≤ √(n_c·G_ii)` (up to a slack for the wire's
+rounding, `PSD_TOLERANCE` of the largest `G_ii`); and the mean squared feature norm
     `tr(G)/N ≤ B²` for the bound `B = max_feature_norm` (the features of a bounded input are
     bounded). A hostile or broken sender fails one of them; rounding of the wire codec does not.
     """
@@ -250,7 +251,8 @@ def statistics_problem(
     slack = PSD_TOLERANCE * max(float(diagonal.max(initial=0.0)), 1e-30)
     if float(diagonal.min(initial=0.0)) < -slack:
         return "Gram matrix has a negative diagonal entry"
-    root = np.sqrt(np.clip(diagonal, 0.0, None))
+    # the slack enters under the root: a small G_ii rounded down must not tighten the bound
+    root = np.sqrt(np.clip(diagonal, 0.0, None) + slack)
     if np.any(np.abs(gram) > np.outer(root, root) + slack):
         return "Gram matrix breaks Cauchy–Schwarz (|G_ij| > √(G_ii·G_jj)): not a Gram matrix"
     for name, moment in stats.moments.items():

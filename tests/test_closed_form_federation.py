@@ -231,3 +231,14 @@ def test_lambda_follows_the_most_prequential_hits() -> None:
     assert float(model.weights[LAMBDA][0]) == pytest.approx(config.analytic.lambdas[2] * scale)
     np.testing.assert_array_equal(model.weights["analytic.hits"], [0, 3, 9, 1])
     assert model.weights["analytic.candidates"].shape == (4, 2, DIM)
+
+
+def test_int8_statistics_of_wide_relu_features_pass_validation() -> None:
+    # many near-silent ReLU features: their small G_ii round to 0 in int8 blocks
+    dim = 256
+    config = fleet(dim, quantize="int8")
+    keeper = keeper_for(config)
+    rng = np.random.default_rng(8)
+    features = np.maximum(rng.normal(size=(200, dim)) - rng.uniform(0, 3, size=dim), 0)
+    stats = FeatureStatistics.of(features, rng.choice(["0", "1", "2"], size=200))
+    assert keeper.accept(payload(config, stats)) is not None
