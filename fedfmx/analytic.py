@@ -221,13 +221,13 @@ def statistics_problem(
 ) -> str | None:
     """Why these statistics cannot come from real features, or None when they pass.
 
-    Checks, in order: shape `[d, d]`; finite values; symmetry; counts non-negative, at most
-    `max_samples` in all, and at least one row; a moment per counted class and none for a class
-    of count 0; `G_ii ≥ 0`; the Cauchy–Schwarz bounds every Gram matrix of real rows obeys,
-    `|G_ij| ≤ √(G_ii·G_jj)` and `|q_{c,i}| ≤ √(n_c·G_ii)` (up to a slack for the wire's
-rounding, `PSD_TOLERANCE` of the largest `G_ii`); and the mean squared feature norm
-    `tr(G)/N ≤ B²` for the bound `B = max_feature_norm` (the features of a bounded input are
-    bounded). A hostile or broken sender fails one of them; rounding of the wire codec does not.
+        Checks, in order: shape `[d, d]`; finite values; symmetry; counts non-negative, at most
+        `max_samples` in all, and at least one row; a moment per counted class and none for a class
+        of count 0; `G_ii ≥ 0`; the Cauchy–Schwarz bounds every Gram matrix of real rows obeys,
+        `|G_ij| ≤ √(G_ii·G_jj)` and `|q_{c,i}| ≤ √(n_c·G_ii)` (up to a slack for the wire's
+    rounding, `PSD_TOLERANCE` of the largest `G_ii`); and the mean squared feature norm
+        `tr(G)/N ≤ B²` for the bound `B = max_feature_norm` (the features of a bounded input are
+        bounded). A hostile or broken sender fails one of them; rounding of the wire codec does not.
     """
     gram = stats.gram
     if gram.shape != (dim, dim):
