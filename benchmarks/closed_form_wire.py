@@ -1,6 +1,7 @@
 """Accuracy against uplink bytes for the closed-form head's statistics on the wire.
 
     python benchmarks/closed_form_wire.py     # → results/closed_form_wire.{json,png}
+    python benchmarks/closed_form_wire.py --only "ridge D=256 int8" --name closed_form_wire_int8
 
 One seed of the reduced Split Fashion-MNIST setting (α = 0.5, lag ≤ 1, 10 devices) through the
 in-process engine, so every byte counted is a real encoded update: `ridge` at several random
@@ -11,6 +12,7 @@ whole model) is the reference the bytes are divided by.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -39,11 +41,19 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, object]]]] = {
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", action="append", help="variant labels to run (default: all)")
+    parser.add_argument("--name", default="closed_form_wire", help="output stem under results/")
+    args = parser.parse_args()
+    chosen = args.only or list(VARIANTS)
+    if "fedavg fp32" not in chosen:
+        chosen = ["fedavg fp32", *chosen]  # the reference the bytes are divided by
     base = FleetConfig.model_validate(BENCH_FLEET)
     setting = REDUCED.settings[0]
     dataset = None
     cells: dict[str, dict[str, float]] = {}
-    for label, (method, patch) in VARIANTS.items():
+    for label in chosen:
+        method, patch = VARIANTS[label]
         grid = replace(REDUCED, methods=(method,), seeds=(0,), tuned={method: patch})
         fleet = bench_fleet(base, grid, setting, method, 0)
         dataset = dataset or load_fleet_dataset(fleet)
@@ -75,8 +85,8 @@ def main() -> None:
         "train_per_class": REDUCED.train_per_class,
         "results": cells,
     }
-    (RESULTS / "closed_form_wire.json").write_text(json.dumps(document, indent=2))
-    plot(cells, RESULTS / "closed_form_wire.png")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(document, indent=2))
+    plot(cells, RESULTS / f"{args.name}.png")
 
 
 def plot(cells: dict[str, dict[str, float]], path: Path) -> None:
