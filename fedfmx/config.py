@@ -312,6 +312,13 @@ class FleetConfig(Section):
         return self.model
 
     @model_validator(mode="after")
+    def _closed_form_has_features(self) -> FleetConfig:
+        pixels = self.model.backbone != "efficientnet_lite0"
+        if self.method == "ridge" and pixels and self.model.random_features == 0:
+            raise ValueError("method ridge on raw pixels needs model.random_features > 0")
+        return self
+
+    @model_validator(mode="after")
     def _experts_fit(self) -> FleetConfig:
         if self.fedfmx.k_max > self.model.num_experts:
             raise ValueError(

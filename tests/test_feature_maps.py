@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from fedfmx.benchmark import time_device_rounds
-from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.config import FleetConfig, load_fleet, parse_fleet
 from fedfmx.device import DeviceLearner
+from fedfmx.errors import ConfigError
 from fedfmx.feature_maps import RandomConvFeatures, RandomReluFeatures
 from fedfmx.model import build_model
 from fedfmx.simulation import load_fleet_dataset, make_plan
@@ -65,3 +67,11 @@ def test_closed_form_devices_keep_no_exemplar() -> None:
     assert any(r["uplink_bytes"] for r in rounds)
     assert len(device.exemplars.arrays()[0]) == 0
     assert len(device.state.contributed) == len(np.unique(device.state.contributed))
+
+
+def test_ridge_on_pixels_without_random_features_is_a_config_error() -> None:
+    document = load_fleet(CI_FLEET).model_dump()
+    document["method"] = "ridge"
+    document["model"]["random_features"] = 0
+    with pytest.raises(ConfigError, match="random_features > 0"):
+        parse_fleet(document)
