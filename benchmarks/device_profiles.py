@@ -1,12 +1,18 @@
 """Peak RSS and time of a device's local rounds under each device profile's limits.
 
     python benchmarks/device_profiles.py      # → results/device_profiles.json  (~3 min)
+    python benchmarks/device_profiles.py --method ridge --backbone efficientnet_lite0 \\
+        --profile raspberry-pi-4  # → results/device_profiles_<method>_<backbone>.json
 
 Each profile runs in its own process (so memory is that device's alone): the demo fleet's first
 device, with the profile applied (threads, batch size, expert budget, exemplar cap), holding
 only its own share of Fashion-MNIST, runs its first four rounds (task 0 with the backbone, then
 the first round of task 1: Fisher, exemplars, FRES). Times are on this x86 machine with the
 profile's thread count, not on the device itself.
+
+`--method` and `--backbone` measure another method (a closed-form one sends statistics and
+trains nothing) or the frozen pretrained trunk (with the device's feature cache, filled during
+these rounds).
 """
 
 from __future__ import annotations
@@ -31,9 +37,14 @@ RESULTS = Path(__file__).parent / "results"
 ROUNDS = 4
 
 
-def measure(profile_name: str) -> dict[str, object]:
+def measure(profile_name: str, method: str, backbone: str) -> dict[str, object]:
     profile = load_profile(profile_name)
-    fleet = apply_profile(FleetConfig(), profile)
+    default = FleetConfig()
+    base = FleetConfig.model_validate(
+        default.model_dump()
+        | {"method": method, "model": default.model.model_dump() | {"backbone": backbone}}
+    )
+    fleet = apply_profile(base, profile)
     torch.set_num_threads(profile.threads)
     dataset = load_fleet_dataset(fleet)
     samples, stream = own_partition(fleet, dataset, 0)
@@ -42,6 +53,8 @@ def measure(profile_name: str) -> dict[str, object]:
     rounds = time_device_rounds(device, fleet, ROUNDS)
     peak = max(float(r["peak_rss_mb"]) for r in rounds)
     return {
+        "method": method,
+        "backbone": backbone,
         "profile": profile.model_dump(),
         "rows_held": len(stream.rows),
         "rounds": rounds,
@@ -54,29 +67,44 @@ def measure(profile_name: str) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="fedfmx")
+    parser.add_argument("--backbone", default="cnn", choices=["cnn", "efficientnet_lite0"])
+    parser.add_argument("--profile", action="append", help="profiles to run (default: all)")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child)))
+        print(json.dumps(measure(args.child, args.method, args.backbone)))
         return
     results = {}
-    for path in sorted(PROFILES_DIR.glob("*.yaml")):
+    names = args.profile or [path.stem for path in sorted(PROFILES_DIR.glob("*.yaml"))]
+    for name in names:
         output = subprocess.run(
-            [sys.executable, __file__, "--child", path.stem],
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--method",
+                args.method,
+                "--backbone",
+                args.backbone,
+            ],
             check=True,
             capture_output=True,
             text=True,
         ).stdout
-        results[path.stem] = json.loads(output.strip().splitlines()[-1])
-        cell = results[path.stem]
+        results[name] = json.loads(output.strip().splitlines()[-1])
+        cell = results[name]
         budget = cell["profile"]["train_memory_mb"]
         print(
-            f"{path.stem}: {cell['mean_round_s']:.1f} s per local round, "
+            f"{name}: {cell['mean_round_s']:.1f} s per local round, "
             f"peak RSS {cell['peak_rss_mb']:.0f} MB (budget {budget} MB)",
             flush=True,
         )
     document = {"benchmark": "device_profiles", "machine": platform.platform(), "results": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "device_profiles.json").write_text(json.dumps(document, indent=2))
+    default = args.method == "fedfmx" and args.backbone == "cnn"
+    stem = "device_profiles" if default else f"device_profiles_{args.method}_{args.backbone}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(document, indent=2))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def _learner_arrays(learner: DeviceLearner) -> dict[str, np.ndarray]:
         | _prefixed("exemplars", learner.exemplars.state())
     )
     arrays["held"] = state.held.astype(np.int64)
+    arrays["contributed"] = state.contributed.astype(np.int64)
     arrays["task"] = np.array([-1 if state.task is None else state.task], dtype=np.int64)
     arrays["generator"] = learner.generator.get_state().numpy()
     return arrays
@@ -125,6 +126,7 @@ def load_snapshot(directory: Path, learner: DeviceLearner) -> Snapshot | None:
         old_fisher={n: torch.from_numpy(v) for n, v in _section(arrays, "fisher").items()},
         anchor={n: torch.from_numpy(v) for n, v in _section(arrays, "anchor").items()},
         held=arrays["held"],
+        contributed=arrays.get("contributed", np.empty(0, dtype=np.int64)),
         residual=_section(arrays, "residual"),
         teacher=teacher or None,
         task=None if task < 0 else task,

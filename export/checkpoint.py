@@ -93,7 +93,7 @@ class Checkpoint:
     def build(self) -> FedFMXModel:
         """The torch model in eval mode, routed exactly as the fleet trains it."""
         model = build_model(
-            self.fleet.model, self.fleet.routing, len(self.header.class_names), self.fleet.seed
+            self.fleet.network, self.fleet.routing, len(self.header.class_names), self.fleet.seed
         )
         load_numpy_state(model, self.weights)
         return model.eval()

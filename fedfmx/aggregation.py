@@ -22,6 +22,8 @@ import numpy as np
 from fedfmx.messages import UpdateHeader
 
 FISHER_PREFIX = "fisher."
+STATS_PREFIX = "stats."
+"""Closed-form head statistics (`fedfmx.analytic_state`): sums of features, not deltas."""
 HEAD_ROWS = "head.rows"
 HEAD_WEIGHT = "head.weight"
 FISHER_EPSILON = 1e-12
@@ -29,6 +31,12 @@ FISHER_EPSILON = 1e-12
 Arrays = dict[str, np.ndarray]
 Center = Callable[[np.ndarray], np.ndarray]
 """A robust statistic over axis 0 of a stack `[devices, ...]` (`coordinate_median`, say)."""
+
+
+def is_delta(name: str) -> bool:
+    """Whether a tensor of an update moves the model (Fisher summaries and feature statistics
+    are weights and sums, not moves: norms and clipping leave them out)."""
+    return not name.startswith((FISHER_PREFIX, STATS_PREFIX))
 
 
 def fisher_summary_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -142,7 +150,7 @@ def update_sums(
     sums = MergeSums(usage=np.asarray(header.expert_usage, dtype=np.float64), updates=1)
     samples = float(header.num_samples)
     for name, delta in tensors.items():
-        if name.startswith(FISHER_PREFIX) or name == HEAD_ROWS:
+        if not is_delta(name) or name == HEAD_ROWS:
             continue
         if name.startswith("experts."):
             fisher = tensors.get(FISHER_PREFIX + name)
@@ -194,12 +202,13 @@ def apply_delta(
 def delta_norm(tensors: Mapping[str, np.ndarray]) -> float:
     """`‖δ‖₂` over every delta tensor together (experts, router, backbone, head rows).
 
-    Fisher summaries are not deltas and are left out, as in the codec's norm bound.
+    Fisher summaries and feature statistics are not deltas and are left out (`is_delta`), as
+    in the codec's norm bound.
     """
     squares = sum(
         float(np.square(value, dtype=np.float64).sum())
         for name, value in tensors.items()
-        if not name.startswith(FISHER_PREFIX)
+        if is_delta(name)
     )
     return math.sqrt(squares)
 
@@ -218,7 +227,7 @@ def clip_update(tensors: Mapping[str, np.ndarray], clip_norm: float) -> tuple[Ar
     if factor == 1.0:
         return dict(tensors), factor
     clipped = {
-        name: value if name.startswith(FISHER_PREFIX) else (value * factor).astype(np.float32)
+        name: (value * factor).astype(np.float32) if is_delta(name) else value
         for name, value in tensors.items()
     }
     return clipped, factor
@@ -269,7 +278,7 @@ def robust_delta(
     usage: np.ndarray | None = None
     for header, tensors in updates:
         for name, value in tensors.items():
-            if not name.startswith(FISHER_PREFIX) and name != HEAD_ROWS:
+            if is_delta(name) and name != HEAD_ROWS:
                 columns.setdefault(name, []).append(value)
         head_rows = tensors.get(HEAD_ROWS)
         for index, (class_name, count) in enumerate(

@@ -11,12 +11,15 @@ zstd frame magic). Nothing is ever pickled.
 An update's tensors are encoded per `UpdateHeader.codec`:
 
 - plain: `<name>` float32, as given;
+- `quantize="fp16"`: `<name>` float16 (half the bytes; relative rounding ≤ 2⁻¹¹; Fisher
+  summaries stay float32);
 - `quantize="int8"`: symmetric per row, `q = round(x / s)`, `s = max|row| / 127`, stored as
   `<name>.q` (int8, same shape) and `<name>.scale` (float32, one per row; a 1-D tensor is one
   row); decoding gives `q·s`, within `s/2` of `x`;
-- `topk_fraction=f` (not for `fisher.*`): of `x + r` (r the error-feedback residual kept on the
-  device) only the `k = max(1, ceil(f·n))` largest magnitudes travel, as `<name>.idx` (int32 flat
-  indices, increasing) and `<name>.v` (float32, or int8 with one `<name>.scale` when quantised);
+- `topk_fraction=f` (not for `fisher.*` nor `stats.*`): of `x + r` (r the error-feedback
+  residual kept on the device) only the `k = max(1, ceil(f·n))` largest magnitudes travel, as
+  `<name>.idx` (int32 flat indices, increasing) and `<name>.v` (float32 or fp16, or int8 with
+  one `<name>.scale`);
   the new residual is `x + r − decoded`, so what is not sent now is sent later.
 
 `decode_update` checks everything before the caller sees a tensor: sizes, magic, header schema,
@@ -38,7 +41,7 @@ from pydantic import BaseModel, ValidationError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from fedfmx.aggregation import FISHER_PREFIX, delta_norm
+from fedfmx.aggregation import FISHER_PREFIX, delta_norm, is_delta
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import CodecSettings, ModelHeader, UpdateHeader
 
@@ -88,6 +91,13 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (_rows(q).astype(np.float32) * scale[:, None]).reshape(q.shape)
 
 
+def _plain_dtype(codec: CodecSettings, name: str) -> type:
+    """The dtype of values stored without int8 quantisation (Fisher values, often below fp16's
+    range, stay float32)."""
+    fp16 = codec.quantize == "fp16" and not name.startswith(FISHER_PREFIX)
+    return np.float16 if fp16 else np.float32
+
+
 def topk_count(fraction: float, size: int) -> int:
     return max(1, math.ceil(fraction * size)) if size else 0
 
@@ -97,11 +107,11 @@ def _encode_tensor(
 ) -> tuple[Arrays, np.ndarray | None]:
     """Stored parts of one tensor, and its new residual (None when top-k does not apply)."""
     x = np.asarray(x, dtype=np.float32)
-    if codec.topk_fraction is None or name.startswith(FISHER_PREFIX):
+    if codec.topk_fraction is None or not is_delta(name):
         if codec.quantize == "int8":
             q, scale = quantize_rows(x)
             return {f"{name}.q": q, f"{name}.scale": scale}, None
-        return {name: np.ascontiguousarray(x)}, None
+        return {name: np.ascontiguousarray(x, dtype=_plain_dtype(codec, name))}, None
     # a residual of another shape belongs to rows that no longer line up (the head grew): drop it
     fits = residual is not None and residual.shape == x.shape
     target = (x + residual if fits else x).ravel()
@@ -113,8 +123,8 @@ def _encode_tensor(
         parts |= {f"{name}.v": q, f"{name}.scale": scale}
         sent = dequantize_rows(q, scale)
     else:
-        parts[f"{name}.v"] = target[index]
-        sent = target[index]
+        parts[f"{name}.v"] = target[index].astype(_plain_dtype(codec, name))
+        sent = parts[f"{name}.v"].astype(np.float32)
     decoded = np.zeros_like(target)
     decoded[index] = sent
     return parts, (target - decoded).reshape(x.shape)
@@ -187,7 +197,7 @@ def _expect(stored: Arrays, name: str, dtype: type, shape: tuple[int, ...]) -> n
 
 
 def _parts(name: str, codec: CodecSettings) -> set[str]:
-    if codec.topk_fraction is None or name.startswith(FISHER_PREFIX):
+    if codec.topk_fraction is None or not is_delta(name):
         return {f"{name}.q", f"{name}.scale"} if codec.quantize == "int8" else {name}
     sparse = {f"{name}.idx", f"{name}.v"}
     return sparse | {f"{name}.scale"} if codec.quantize == "int8" else sparse
@@ -204,9 +214,9 @@ def _decode_tensor(
     stored: Arrays, name: str, shape: tuple[int, ...], codec: CodecSettings
 ) -> np.ndarray:
     size = int(np.prod(shape))
-    if codec.topk_fraction is None or name.startswith(FISHER_PREFIX):
+    if codec.topk_fraction is None or not is_delta(name):
         if codec.quantize != "int8":
-            return _expect(stored, name, np.float32, shape)
+            return _expect(stored, name, _plain_dtype(codec, name), shape).astype(np.float32)
         q = _expect(stored, f"{name}.q", np.int8, shape)
         return dequantize_rows(q, _scale(stored, name, _rows(q).shape[0]))
     k = topk_count(codec.topk_fraction, size)
@@ -218,7 +228,7 @@ def _decode_tensor(
             _expect(stored, f"{name}.v", np.int8, (k,)), _scale(stored, name, 1)
         )
     else:
-        values = _expect(stored, f"{name}.v", np.float32, (k,))
+        values = _expect(stored, f"{name}.v", _plain_dtype(codec, name), (k,)).astype(np.float32)
     dense = np.zeros(size, dtype=np.float32)
     dense[index] = values
     return dense.reshape(shape)

@@ -27,8 +27,15 @@ MethodName = Literal[
     "fixed_topk",
     "no_rar",
     "joint",
+    "ridge",
+    "fedavg_replay_wa",
+    "fedfmx_cf",
+    "fedfmx_cf_no_experts",
 ]
 """FedFMX, the baselines, FedFMX's ablations, and the centralised upper bound."""
+
+CLOSED_FORM_METHODS = ("ridge", "fedfmx_cf", "fedfmx_cf_no_experts")
+"""Methods whose head is solved in closed form from feature statistics (`fedfmx.analytic`)."""
 
 
 class Section(BaseModel):
@@ -117,6 +124,21 @@ class ModelConfig(Section):
     feature_dim: int = Field(default=128, gt=0)
     num_experts: int = Field(default=8, ge=1)
     expert_hidden: int = Field(default=32, gt=0)
+    head: Literal["sgd", "closed_form", "closed_form_experts"] = "sgd"
+    """`sgd`: the head trains with the network. `closed_form`: a ridge head on fixed features
+    (`fedfmx.feature_maps`), solved by the aggregator from summed statistics.
+    `closed_form_experts`: the same head on the shared features *and* the expert banks'
+    (`expert_kernels`). The closed-form methods set it (`FleetConfig.network`)."""
+    shared_features: int = Field(default=512, gt=0)
+    """`closed_form_experts`: width of the shared random projection `φ_0` beside the experts."""
+    expert_kernels: list[int] = Field(default=[3, 5, 7], min_length=1)
+    """`closed_form_experts`: one expert bank per kernel size (`RandomConvFeatures`)."""
+    expert_filters: int = Field(default=32, gt=0)
+    expert_grid: int = Field(default=4, gt=0)
+    """Each expert pools its maps to `grid × grid`: `filters·grid²` features per expert."""
+    random_features: int = Field(default=2048, ge=0)
+    """Closed-form head: width `D` of the random ReLU projection `φ = ReLU(R·u)` of the input
+    `u` (raw pixels, or the frozen trunk's pooled features); 0 uses `u` itself."""
     backbone_mode: Literal["freeze_after_first_task", "train"] = "train"
     """Keep training the backbone under the Fisher penalty, or freeze it once the first task is
     learnt (the experts then carry the increments; cheaper uplink, but a 2-class first task is a
@@ -173,6 +195,22 @@ class BaselineConfig(Section):
     ewc_weight: float = Field(default=100.0, ge=0)
     lwf_weight: float = Field(default=1.0, ge=0)
     lwf_temperature: float = Field(default=2.0, gt=0)
+
+
+class AnalyticConfig(Section):
+    """The closed-form head: how the aggregator picks the ridge `λ` and bounds what it accepts."""
+
+    lambdas: list[float] = Field(default=[1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
+    """Candidate `λ` in units of `tr(G)/d`; the aggregator keeps the one with the least
+    squared error on held-out *devices*' statistics (`fedfmx.analytic.choose_lambda`)."""
+    default_lambda: float = Field(default=1e-2, gt=0)
+    """`λ` (in units of `tr(G)/d`) while fewer than two folds of devices have sent rows."""
+    folds: int = Field(default=2, ge=2, le=8)
+    """Devices are split into this many folds by a hash of their id for choosing `λ`."""
+    max_feature_norm: float = Field(default=1e3, gt=0)
+    """Reject statistics whose mean squared feature norm `tr(G)/N` exceeds this squared."""
+    max_samples: int = Field(default=1_000_000, ge=1)
+    """Reject statistics claiming more rows than this in one update."""
 
 
 class BrokerConfig(Section):
@@ -290,6 +328,8 @@ class FleetConfig(Section):
     fedfmx: FedFMXConfig = FedFMXConfig()
     training: TrainingConfig = TrainingConfig()
     baselines: BaselineConfig = BaselineConfig()
+    analytic: AnalyticConfig = AnalyticConfig()
+    """The closed-form head (`ridge`): λ selection and statistics validation."""
     codec: CodecSettings = CodecSettings()
     """How devices compress their updates (int8, top-k with error feedback, zstd)."""
     service: ServiceConfig = ServiceConfig()
@@ -332,6 +372,25 @@ class FleetConfig(Section):
                 "data.image.channels 3 (RGB) needs model.backbone efficientnet_lite0; "
                 "the cnn backbone reads grey images"
             )
+        return self
+
+    @property
+    def network(self) -> ModelConfig:
+        """The model the method runs with: a closed-form head for the closed-form methods."""
+        if self.method == "fedfmx_cf":
+            return self.model.model_copy(update={"head": "closed_form_experts"})
+        if self.method == "fedfmx_cf_no_experts":  # φ_0 alone: FedFMX-CF without its experts
+            width = self.model.shared_features
+            return self.model.model_copy(update={"head": "closed_form", "random_features": width})
+        if self.method in CLOSED_FORM_METHODS:
+            return self.model.model_copy(update={"head": "closed_form"})
+        return self.model
+
+    @model_validator(mode="after")
+    def _closed_form_has_features(self) -> FleetConfig:
+        pixels = self.model.backbone != "efficientnet_lite0"
+        if self.method == "ridge" and pixels and self.model.random_features == 0:
+            raise ValueError("method ridge on raw pixels needs model.random_features > 0")
         return self
 
     @model_validator(mode="after")

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS, HEAD_WEIGHT, Arrays
+from fedfmx.analytic import FeatureStatistics
+from fedfmx.analytic_state import prequential_hits, rows_held, statistics_tensors
 from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
@@ -27,11 +29,14 @@ from fedfmx.exemplars import ExemplarBuffer
 from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
 from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
 from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
-from fedfmx.methods import LocalContext, LocalOutcome, make_method
+from fedfmx.methods import ClosedForm, LocalContext, LocalOutcome, make_method
 from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
 from fedfmx.pretrained import TRUNK_FEATURES, PretrainedBackbone, backbone_id
 from fedfmx.stream import DeviceStream, SampleTable
 from fedfmx.training import LocalData, gather_rows
+
+STATISTICS_BATCH = 64
+"""Rows whose features a closed-form device computes and sums at a time."""
 
 
 @dataclass
@@ -57,6 +62,9 @@ class DeviceState:
     """Codec error-feedback residual."""
     teacher: Arrays | None = None
     """The model when the device last closed a task (LwF's teacher)."""
+    contributed: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    """Closed-form methods: train indices whose statistics were sent, in the order sent (the
+    fleet's model says how many of them it holds: the rest are sent again)."""
 
 
 class DeviceLearner:
@@ -94,6 +102,8 @@ class DeviceLearner:
     def _open_feature_cache(self, cache_dir: Path | None) -> FeatureCache | None:
         budget_mb = self.fleet.training.feature_cache_mb
         if self.fleet.model.backbone != "efficientnet_lite0" or budget_mb == 0:
+            return None
+        if isinstance(self.method, ClosedForm):  # each row crosses the trunk once, ever
             return None
         if cache_dir is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="fedfmx-features-")
@@ -141,13 +151,15 @@ class DeviceLearner:
         if position.task is None:
             return None
         network = build_model(
-            self.fleet.model, self.fleet.routing, len(model.class_names), self.fleet.seed
+            self.fleet.network, self.fleet.routing, len(model.class_names), self.fleet.seed
         )
         load_numpy_state(network, weights)
         if position.task != self.state.task and len(self.state.held):
             self._close_task(network)
         self.state.task = position.task
         self.state.held = self.stream.available(announcement.round)
+        if isinstance(self.method, ClosedForm):
+            return self._statistics_update(announcement, model, weights, network)
         held_x, held_names = self.samples.rows(self.state.held)
         old_x, old_names = self.exemplars.arrays()
         local_names = _local_class_names(model.class_names, held_names, old_names)
@@ -179,6 +191,52 @@ class DeviceLearner:
         self.state.residual = dict(encoded.residual)
         return encoded.payload
 
+    def _statistics_update(
+        self,
+        announcement: RoundAnnouncement,
+        model: ModelHeader,
+        weights: Arrays,
+        network: FedFMXModel,
+    ) -> bytes | None:
+        """A closed-form head's update: the feature statistics of the rows held now that the
+        fleet's model does not hold yet (None when there are none: nothing on the wire)."""
+        held_before = rows_held(weights, self.device_id)
+        self.state.contributed = self.state.contributed[:held_before]
+        fresh = self.state.held[~np.isin(self.state.held, self.state.contributed)]
+        if not len(fresh):
+            return None
+        stats = FeatureStatistics.empty(network.head.weight.shape[1])
+        hits = np.zeros(0, dtype=np.int64)
+        with torch.no_grad():  # in batches: a device never holds every row's features at once
+            for start in range(0, len(fresh), STATISTICS_BATCH):
+                rows = fresh[start : start + STATISTICS_BATCH]
+                images, row_names = self.samples.rows(rows)
+                features = network.closed_form_features(self._model_input(network, images)).numpy()
+                names = [str(n) for n in row_names]
+                batch_hits = prequential_hits(weights, model.class_names, features, names)
+                hits = batch_hits if not len(hits) else hits + batch_hits
+                stats.add_rows(features, names)
+        classes = sorted(stats.counts)
+        header = UpdateHeader(
+            fleet=announcement.fleet,
+            device_id=self.device_id,
+            round=announcement.round,
+            base_version=model.version,
+            num_samples=stats.samples,
+            expert_ids=[],
+            head_classes=classes,
+            class_counts=[stats.counts[name] for name in classes],
+            expert_usage=[0.0] * network.num_experts,
+            includes_statistics=True,
+            rows_before=held_before,
+            lambda_hits=[int(h) for h in hits],
+            codec=self.fleet.codec,
+            train_loss=0.0,
+        )
+        payload = encode_update(header, statistics_tensors(stats, classes)).payload
+        self.state.contributed = np.concatenate([self.state.contributed, fresh])
+        return payload
+
     def local_rows(self) -> LocalRows:
         """Everything the device holds now: the current task's rows, then its exemplars."""
         old_x, old_names = self.exemplars.arrays()
@@ -191,7 +249,7 @@ class DeviceLearner:
         if self.state.teacher is None:
             return None
         classes = self.state.teacher[HEAD_WEIGHT].shape[0]
-        teacher = build_model(self.fleet.model, self.fleet.routing, classes, self.fleet.seed)
+        teacher = build_model(self.fleet.network, self.fleet.routing, classes, self.fleet.seed)
         load_numpy_state(teacher, self.state.teacher)
         return teacher.eval()
 

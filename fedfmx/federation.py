@@ -31,6 +31,14 @@ from fedfmx.aggregation import (
     update_sums,
     usage_fractions,
 )
+from fedfmx.analytic import FeatureStatistics
+from fedfmx.analytic_state import (
+    fold_of,
+    refit,
+    rows_held,
+    statistics_of_update,
+    statistics_shapes,
+)
 from fedfmx.codec import decode_update, encode_model
 from fedfmx.config import FleetConfig, RobustnessConfig
 from fedfmx.errors import ProtocolError
@@ -63,6 +71,15 @@ class OpenRound:
     summaries are dropped; what stays is float32: about 4 bytes per parameter sent, i.e. the
     backbone (if trained), router, the sent experts and the head rows: ~0.3 MB for the default
     model with two experts and the backbone, so ~0.3 GB for 1000 devices in one round."""
+    statistics: list[FeatureStatistics] = field(default_factory=list)
+    """A closed-form head's round: the summed feature statistics per fold of devices (sums are
+    exact whatever the merge rule: a median of Gram matrices is not a Gram matrix)."""
+    new_classes: set[str] = field(default_factory=set)
+    """Classes the round's statistics name that the registry does not hold yet."""
+    rows: dict[str, int] = field(default_factory=dict)
+    """Rows each device's statistics added this round."""
+    hits: np.ndarray | None = None
+    """Summed prequential hits per candidate `λ` (`fedfmx.analytic_state`)."""
 
 
 def robust_center(robustness: RobustnessConfig) -> Center | None:
@@ -83,6 +100,8 @@ def expected_update_shapes(
     header: UpdateHeader, weights: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[int, ...]]:
     """The exact tensor names and shapes an update with this header must carry."""
+    if header.includes_statistics:
+        return statistics_shapes(header, weights[HEAD_WEIGHT].shape[1])
     num_experts = len(
         [n for n in weights if n.startswith("experts.") and n.endswith(".fc1.weight")]
     )
@@ -194,6 +213,10 @@ class RoundKeeper:
             )
         if header.device_id in self.current.received:
             return None
+        if header.includes_statistics:
+            self._add_statistics(header, tensors)
+            self.current.received.add(header.device_id)
+            return header
         clip_norm = self.fleet.robustness.clip_norm
         if clip_norm is not None:
             tensors, factor = clip_update(tensors, clip_norm)
@@ -207,6 +230,45 @@ class RoundKeeper:
         self.current.received.add(header.device_id)
         return header
 
+    def _add_statistics(self, header: UpdateHeader, tensors: Mapping[str, np.ndarray]) -> None:
+        """Validate a closed-form update's statistics and add them to its device's fold."""
+        assert self.current is not None
+        analytic = self.fleet.analytic
+        dim = self.model.weights[HEAD_WEIGHT].shape[1]
+        held = rows_held(self.model.weights, header.device_id)
+        if header.rows_before != held:
+            raise ProtocolError(
+                f"statistics follow row {header.rows_before} of {header.device_id}, "
+                f"the model holds {held}"
+            )
+        stats = statistics_of_update(header, tensors, dim, analytic)
+        hits = np.asarray(header.lambda_hits, dtype=np.float64)
+        if len(hits) and (
+            len(hits) != len(analytic.lambdas) or hits.min() < 0 or hits.max() > header.num_samples
+        ):
+            raise ProtocolError(
+                f"lambda_hits must be {len(analytic.lambdas)} counts in 0..{header.num_samples}"
+            )
+        if not self.current.statistics:
+            self.current.statistics = [FeatureStatistics.empty(dim) for _ in range(analytic.folds)]
+        self.current.statistics[fold_of(header.device_id, analytic.folds)].add(stats)
+        self.current.new_classes |= set(header.head_classes) - set(self.model.class_names)
+        self.current.rows[header.device_id] = header.num_samples
+        if len(hits):
+            previous = self.current.hits
+            self.current.hits = hits if previous is None else previous + hits
+
+    def _close_statistics(self, current: OpenRound) -> GlobalModel:
+        """The next version of a closed-form head: sums folded in, `λ` chosen, head solved."""
+        registry = self.model.class_names + sorted(current.new_classes)
+        analytic = self.fleet.analytic
+        hits = np.zeros(len(analytic.lambdas)) if current.hits is None else current.hits
+        weights = refit(
+            self.model.weights, registry, current.statistics, current.rows, hits, analytic
+        )
+        self.model = GlobalModel(self.model.version + 1, weights, registry, self.model.expert_usage)
+        return self.model
+
     def close_round(self) -> GlobalModel:
         """Merge what was received into the next version (the same version if nothing came).
 
@@ -217,6 +279,8 @@ class RoundKeeper:
             raise ProtocolError("no round is open")
         current = self.current
         self.current = None
+        if current.statistics:
+            return self._close_statistics(current)
         delta: MergedDelta
         if self._center is None:
             if current.sums.updates == 0:

@@ -25,7 +25,7 @@ class Message(BaseModel):
 class CodecSettings(Message):
     """How an update's tensors are compressed; stated in the update header."""
 
-    quantize: Literal["none", "int8"] = "none"
+    quantize: Literal["none", "fp16", "int8"] = "none"
     topk_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     zstd_level: int | None = Field(default=None, ge=1, le=22)
 
@@ -74,7 +74,8 @@ class UpdateHeader(Message):
     Tensors are deltas against the model version `base_version`: `experts.<e>.<param>` for each
     id in `expert_ids`, `router.<param>`, `backbone.<param>` when the backbone was trained,
     `head.rows` (one row per name in `head_classes`) and `fisher.<name>` for the diagonal Fisher
-    of every expert parameter sent (used by the Fisher-weighted merge).
+    of every expert parameter sent (used by the Fisher-weighted merge). A closed-form method's
+    update carries feature statistics instead (`includes_statistics`).
     """
 
     fleet: Name
@@ -92,6 +93,17 @@ class UpdateHeader(Message):
     """Whether `backbone.<param>` deltas are included (the backbone was trained this round)."""
     includes_fisher: bool = False
     """Whether `fisher.experts.<e>.<param>` accompany the expert deltas."""
+    includes_statistics: bool = False
+    """A closed-form head's update: `stats.gram` and `stats.moments` (the features' sums over
+    the rows not sent before, `fedfmx.analytic_state`) instead of deltas; `class_counts` are
+    the rows per class and `num_samples` their sum."""
+    rows_before: int = Field(default=0, ge=0)
+    """With statistics: how many of this device's rows the fleet's model already holds, as the
+    device read it from the model it started from (the aggregator refuses a mismatch)."""
+    lambda_hits: list[int] = []
+    """With statistics: of these rows, how many each candidate ridge head of the starting
+    model classifies right (the aggregator's prequential choice of `λ`); empty before the
+    first head."""
     codec: CodecSettings = CodecSettings()
     train_loss: float
 

@@ -195,8 +195,10 @@ class FedFMX:
 class FedAvgFamily:
     """FedAvg fine-tuning of the whole model, optionally with one continual-learning term.
 
-    The switches add FedProx's proximal term, an EWC penalty, LwF distillation, or exemplar
-    replay. `dense_moe` is this with replay and every expert active (`FleetConfig.routing`).
+    The switches add FedProx's proximal term, an EWC penalty, LwF distillation, exemplar
+    replay, or weight aligning of the head after the local round (`align_weights`, with
+    replay: `fedavg_replay_wa`). `dense_moe` is this with replay and every expert active
+    (`FleetConfig.routing`).
     """
 
     name: str = "fedavg"
@@ -204,6 +206,7 @@ class FedAvgFamily:
     ewc: bool = False
     lwf: bool = False
     uses_exemplars: bool = False
+    weight_aligning: bool = False
 
     @property
     def uses_teacher(self) -> bool:
@@ -240,10 +243,52 @@ class FedAvgFamily:
             lr=fleet.training.lr,
             generator=context.generator,
         )
+        if self.weight_aligning:
+            new_rows = torch.unique(context.data.y_new)
+            with torch.no_grad():
+                model.head.weight.copy_(align_weights(model.head.weight, new_rows))
         return LocalOutcome(sent, list(range(model.num_experts)), None, result)
 
 
-METHODS: dict[str, Method] = {
+def align_weights(head: torch.Tensor, new_rows: torch.Tensor) -> torch.Tensor:
+    """Weight aligning (WA, Zhao et al., CVPR 2020): the head's new-class rows are rescaled so
+    their mean norm is the old-class rows' mean norm,
+
+        `w_c ← γ·w_c` for new `c`,   `γ = mean_{c old} ‖w_c‖ / mean_{c new} ‖w_c‖`,
+
+    which removes the bias towards the classes just learnt that training on few old rows (the
+    exemplars) leaves in the head. Unchanged when either side is empty. (WA's weight clipping
+    to non-negative values during training is not applied: the head here has signed rows.)
+    """
+    is_new = torch.zeros(len(head), dtype=torch.bool)
+    is_new[new_rows] = True
+    if bool(is_new.all()) or not bool(is_new.any()):
+        return head
+    norms = head.norm(dim=1)
+    gamma = norms[~is_new].mean() / norms[is_new].mean().clamp_min(1e-12)
+    return torch.where(is_new.unsqueeze(1), gamma * head, head)
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    """A head solved in closed form: the device sends its new rows' feature statistics
+    (`fedfmx.analytic`), nothing is trained, and the aggregator solves `W = (G + λI)⁻¹Q`.
+
+    `ridge` runs it on the input's random ReLU features (or a frozen trunk's features): with
+    exact sums it needs no replay, so it keeps no exemplar and no image beyond the round.
+    `fedfmx_cf` (closed-form FedFMX) runs it on the shared features and its experts' (the
+    network is `FleetConfig.network`); `fedfmx_cf_no_experts` on the shared features alone.
+    """
+
+    name: str = "ridge"
+    uses_exemplars: bool = False
+    uses_teacher: bool = False
+
+    def fisher_names(self, model: FedFMXModel, fleet: FleetConfig) -> list[str]:
+        return []
+
+
+METHODS: dict[str, Method | ClosedForm] = {
     "fedfmx": FedFMX(),
     "no_fres": FedFMX(name="no_fres", use_fres=False),
     "fixed_topk": FedFMX(name="fixed_topk"),
@@ -253,10 +298,16 @@ METHODS: dict[str, Method] = {
     "fedewc": FedAvgFamily(name="fedewc", ewc=True),
     "fedlwf": FedAvgFamily(name="fedlwf", lwf=True),
     "fedavg_replay": FedAvgFamily(name="fedavg_replay", uses_exemplars=True),
+    "fedavg_replay_wa": FedAvgFamily(
+        name="fedavg_replay_wa", uses_exemplars=True, weight_aligning=True
+    ),
     "dense_moe": FedAvgFamily(name="dense_moe", uses_exemplars=True),
+    "ridge": ClosedForm(),
+    "fedfmx_cf": ClosedForm(name="fedfmx_cf"),
+    "fedfmx_cf_no_experts": ClosedForm(name="fedfmx_cf_no_experts"),
 }
 """Every federated method by name; `joint` (centralised upper bound) lives in the simulator."""
 
 
-def make_method(name: str) -> Method:
+def make_method(name: str) -> Method | ClosedForm:
     return METHODS[name]

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedfmx.analytic import CLOSED_FORM_PREFIX
 from fedfmx.config import FedFMXConfig, ModelConfig
-from fedfmx.pretrained import PretrainedBackbone
+from fedfmx.feature_maps import RandomConvFeatures, RandomReluFeatures, flat_input
+from fedfmx.pretrained import TRUNK_FEATURES, PretrainedBackbone
 from fedfmx.routing import aes_mask
 
 
@@ -102,7 +104,12 @@ class Routing:
 
 
 class FedFMXModel(nn.Module):
-    """Backbone → MoE of adapters → linear head over the classes registered so far."""
+    """Backbone → MoE of adapters → linear head over the classes registered so far.
+
+    With `model.head == "closed_form"` the head reads fixed features instead
+    (`closed_form_features`): the raw input, or a frozen trunk's pooled features, through the
+    random ReLU projection of `fedfmx.feature_maps`; its rows are solved by the aggregator.
+    """
 
     def __init__(self, model: ModelConfig, routing: FedFMXConfig, num_classes: int) -> None:
         super().__init__()
@@ -115,7 +122,24 @@ class FedFMXModel(nn.Module):
             Expert(model.feature_dim, model.expert_hidden) for _ in range(model.num_experts)
         )
         self.router = nn.Linear(model.feature_dim, model.num_experts)
-        self.head = LinearHead(num_classes, model.feature_dim)
+        self.random_features: RandomReluFeatures | None = None
+        self.feature_experts = nn.ModuleList()
+        """Closed-form FedFMX: the expert banks whose features join `φ_0` (none otherwise)."""
+        head_dim = model.feature_dim
+        if model.head == "closed_form":
+            head_dim = model.random_features or _input_width(model)
+            if model.random_features:
+                self.random_features = RandomReluFeatures(model.random_features, _draw_seed())
+        if model.head == "closed_form_experts":
+            self.random_features = RandomReluFeatures(model.shared_features, _draw_seed())
+            banks = [
+                RandomConvFeatures(k, model.expert_filters, model.expert_grid, _draw_seed())
+                for k in model.expert_kernels
+            ]
+            self.feature_experts = nn.ModuleList(banks)
+            head_dim = model.shared_features + sum(bank.width for bank in banks)
+        self.closed_form = model.head != "sgd"
+        self.head = LinearHead(num_classes, head_dim)
         self.aes = routing
         self.head_generator = torch.Generator()
         """Draws the rows `grow_head` adds (`build_model` seeds it)."""
@@ -145,9 +169,27 @@ class FedFMXModel(nn.Module):
         outputs = torch.stack([expert(z) for expert in self.experts], dim=1)  # [B, E, d]
         return z + (routing.weights.unsqueeze(-1) * outputs).sum(dim=1)
 
+    def closed_form_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The closed-form head's input `φ(x)`: the frozen trunk's features (or the flattened
+        input without a pretrained trunk), then the random projection if there is one, then
+        (closed-form FedFMX) each expert bank's features of the input: `[φ_0; φ_1; …; φ_E]`."""
+        if isinstance(self.backbone, PretrainedBackbone):
+            source = x if x.dim() == 2 else self.backbone.trunk_features(x)
+            u = source
+        else:
+            source, u = x, flat_input(x)
+        shared = u if self.random_features is None else self.random_features(u)
+        if not len(self.feature_experts):
+            return shared
+        return torch.cat([shared, *(expert(source) for expert in self.feature_experts)], dim=1)
+
     def forward_routed(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, dense: bool = False
     ) -> tuple[torch.Tensor, Routing]:
+        if self.closed_form:
+            logits = self.head(self.closed_form_features(x))
+            idle = torch.zeros(len(x), self.num_experts)
+            return logits, Routing(logits=idle, probs=idle, mask=idle, weights=idle)
         z = self.backbone(x)
         routing = self.route(z, bias, dense)
         return self.head(self.mix(z, routing)), routing
@@ -174,11 +216,28 @@ def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def load_numpy_state(model: FedFMXModel, state: dict[str, np.ndarray]) -> None:
-    """Load a numpy state, growing the head to the state's number of classes first."""
+    """Load a numpy state, growing the head to the state's number of classes first (the
+    closed-form statistics beside the weights are not the network's, and stay out)."""
     model.grow_head(state["head.weight"].shape[0])
     model.load_state_dict(
-        {name: torch.from_numpy(np.asarray(value)) for name, value in state.items()}
+        {
+            name: torch.from_numpy(np.asarray(value, dtype=np.float32))
+            for name, value in state.items()
+            if not name.startswith(CLOSED_FORM_PREFIX)
+        }
     )
+
+
+def _draw_seed() -> int:
+    """A seed for a fixed feature map, from torch's generator (`build_model` seeds it)."""
+    return int(torch.randint(2**31 - 1, (1,)).item())
+
+
+def _input_width(model: ModelConfig) -> int:
+    """Width of the closed-form head's input without a random projection."""
+    if model.backbone != "efficientnet_lite0":
+        raise ValueError("a closed-form head on raw pixels needs model.random_features > 0")
+    return TRUNK_FEATURES
 
 
 _BUILDING = threading.Lock()

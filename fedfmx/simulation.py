@@ -103,7 +103,7 @@ def _per_update(total: int, rounds: list[RoundLog]) -> float:
 
 def initial_model(fleet: FleetConfig) -> GlobalModel:
     """Version 0: freshly initialised weights (seeded) and no classes yet."""
-    network = build_model(fleet.model, fleet.routing, 0, fleet.seed)
+    network = build_model(fleet.network, fleet.routing, 0, fleet.seed)
     usage = [1.0 / fleet.model.num_experts] * fleet.model.num_experts
     return GlobalModel(
         version=0, weights=state_to_numpy(network), class_names=[], expert_usage=usage
@@ -170,7 +170,7 @@ def evaluate(
     fleet: FleetConfig, model: GlobalModel, dataset: ImageDataset, tasks: list[list[int]], upto: int
 ) -> tuple[list[float], float]:
     """Accuracy on each task 0..upto's test classes, and on all of them together."""
-    network = build_model(fleet.model, fleet.routing, len(model.class_names), fleet.seed)
+    network = build_model(fleet.network, fleet.routing, len(model.class_names), fleet.seed)
     load_numpy_state(network, model.weights)
     registry = {name: i for i, name in enumerate(model.class_names)}
     names = np.array(dataset.class_names)
@@ -253,7 +253,7 @@ def run_joint(
     started = time.perf_counter()
     plan = make_plan(fleet, dataset)
     result = _empty_result(fleet, dataset, plan)
-    network = build_model(fleet.model, fleet.routing, 0, fleet.seed)
+    network = build_model(fleet.network, fleet.routing, 0, fleet.seed)
     generator = torch.Generator().manual_seed(fleet.seed)
     class_names: list[str] = []
     for round_index in range(plan.num_rounds):
