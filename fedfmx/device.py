@@ -20,8 +20,14 @@ import numpy as np
 import torch
 
 from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS, HEAD_WEIGHT, Arrays
-from fedfmx.analytic import FeatureStatistics
-from fedfmx.analytic_state import prequential_hits, rows_held, statistics_tensors
+from fedfmx.analytic import CLOSED_FORM_PREFIX, FeatureStatistics
+from fedfmx.analytic_state import (
+    CANDIDATES,
+    ROWS_PREFIX,
+    prequential_hits,
+    rows_held,
+    statistics_tensors,
+)
 from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
@@ -125,20 +131,33 @@ class DeviceLearner:
 
     def check_model(self, model: ModelHeader, weights: Arrays) -> None:
         """ProtocolError unless `weights` are exactly this fleet's model with one head row per
-        class of `model` (checked before a version is loaded, so junk cannot crash a round)."""
+        class of `model`, and the closed-form entries a device reads have their shapes
+        (checked before a version is loaded, so junk cannot crash a round)."""
         if len(set(model.class_names)) != len(model.class_names):
             raise ProtocolError("model class names repeat")
         if self._shapes is None:
-            reference = build_model(self.fleet.model, self.fleet.routing, 0, self.fleet.seed)
+            reference = build_model(self.fleet.network, self.fleet.routing, 0, self.fleet.seed)
             self._shapes = {
                 name: tuple(value.shape) for name, value in reference.state_dict().items()
             }
         expected = dict(self._shapes)
-        expected[HEAD_WEIGHT] = (len(model.class_names), expected[HEAD_WEIGHT][1])
-        shapes = {name: value.shape for name, value in weights.items()}
+        classes, dim = len(model.class_names), expected[HEAD_WEIGHT][1]
+        expected[HEAD_WEIGHT] = (classes, dim)
+        shapes = {
+            name: value.shape
+            for name, value in weights.items()
+            if not name.startswith(CLOSED_FORM_PREFIX)
+        }
         if shapes != expected:
             wrong = sorted(set(shapes.items()) ^ set(expected.items()))[:2]
             raise ProtocolError(f"model tensors do not fit this fleet's model: {wrong}")
+        candidates = weights.get(CANDIDATES)
+        lambdas = len(self.fleet.analytic.lambdas)
+        if candidates is not None and candidates.shape != (lambdas, classes, dim):
+            raise ProtocolError(f"candidate heads of shape {candidates.shape}")
+        rows = weights.get(ROWS_PREFIX + self.device_id)
+        if rows is not None and (rows.size != 1 or not np.all(rows >= 0)):
+            raise ProtocolError("this device's row count in the model is not one count")
 
     def handle_round(
         self, announcement: RoundAnnouncement, model: ModelHeader, weights: Arrays
