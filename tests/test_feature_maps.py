@@ -12,7 +12,7 @@ from fedfmx.device import DeviceLearner
 from fedfmx.errors import ConfigError
 from fedfmx.feature_maps import RandomConvFeatures, RandomReluFeatures
 from fedfmx.model import build_model
-from fedfmx.simulation import load_fleet_dataset, make_plan
+from fedfmx.simulation import load_fleet_dataset, own_partition
 
 CI_FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 
@@ -59,10 +59,8 @@ def test_every_party_builds_the_same_features_and_none_of_them_travel() -> None:
 
 def test_closed_form_devices_keep_no_exemplar() -> None:
     fleet = ci_fleet("fedfmx_cf")
-    dataset = load_fleet_dataset(fleet)
-    names = np.array(dataset.class_names)[dataset.train_y]
-    stream = make_plan(fleet, dataset).stream(0, fleet.seed)
-    device = DeviceLearner("device-000", fleet, dataset.train_x, names, stream, seed=0)
+    samples, stream = own_partition(fleet, load_fleet_dataset(fleet), 0)
+    device = DeviceLearner("device-000", fleet, samples, stream, seed=0)
     rounds = time_device_rounds(device, fleet, 6)  # into the third task
     assert any(r["uplink_bytes"] for r in rounds)
     assert len(device.exemplars.arrays()[0]) == 0

@@ -169,13 +169,13 @@ class CameraSource:
             try:
                 frame = self._frames.get(timeout=0.05)  # wakes as soon as a frame is there
                 while True:
+                    if not got_frame:  # said before the frame is handed on: a reader of the
+                        got_frame = True  # frame never sees the source still "reconnecting"
+                        self._set("running", f"frames from {self.config.url}")
                     with self._changed:
                         self._latest = frame
                         self._changed.notify_all()
                     last_frame = time.monotonic()
-                    if not got_frame:
-                        got_frame = True
-                        self._set("running", f"frames from {self.config.url}")
                     frame = self._frames.get_nowait()
             except queue.Empty:
                 pass
