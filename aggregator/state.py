@@ -21,6 +21,7 @@ from typing import Any
 
 from fedfmx.errors import ConfigError
 from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement
+from fedfmx.storage import transaction
 
 SCHEMA_VERSION = 3
 KEEP_MODEL_PAYLOADS = 3
@@ -192,14 +193,8 @@ class AggregatorState:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One transaction under the lock: committed when the block completes, else undone."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, transaction(self._db) as db:
+            yield db
 
     def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         """Run the statements as one transaction: all of them happen or none."""

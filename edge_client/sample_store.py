@@ -30,8 +30,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
@@ -46,6 +46,7 @@ from fedfmx.errors import DataError
 from fedfmx.feature_cache import FeatureFn
 from fedfmx.preprocessing import decode_image, fit_pixels, normalise
 from fedfmx.pretrained import TRUNK_FEATURES
+from fedfmx.storage import transaction
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +138,8 @@ class SampleStore:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     def _total_offered(self) -> int:
         return int(self._db.execute("SELECT COALESCE(SUM(count), 0) FROM offered").fetchone()[0])
