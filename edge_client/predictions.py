@@ -158,7 +158,7 @@ class StreamPredictor:
         with self._lock:
             served, threshold = self._served, self.threshold
         record: dict[str, object] = {
-            "time": datetime.datetime.fromtimestamp(sample.captured_at, datetime.UTC)
+            "time": datetime.datetime.fromtimestamp(sample.captured_at, datetime.timezone.utc)
             .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
             "device_id": self.device_id,
