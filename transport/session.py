@@ -22,6 +22,7 @@ import logging
 import math
 import queue
 import random
+import ssl
 import threading
 import time
 from collections import deque
@@ -372,11 +373,17 @@ class MqttSession:
             client.ws_set_options(path=self.address.path)
         if self.address.tls:
             tls = s.tls or TlsSettings()
-            client.tls_set(
-                ca_certs=None if tls.ca_file is None else str(tls.ca_file),
-                certfile=None if tls.cert_file is None else str(tls.cert_file),
-                keyfile=None if tls.key_file is None else str(tls.key_file),
-            )
+            try:
+                client.tls_set(
+                    ca_certs=None if tls.ca_file is None else str(tls.ca_file),
+                    certfile=None if tls.cert_file is None else str(tls.cert_file),
+                    keyfile=None if tls.key_file is None else str(tls.key_file),
+                )
+            except (OSError, ValueError, ssl.SSLError) as error:
+                files = ", ".join(str(f) for f in (tls.ca_file, tls.cert_file, tls.key_file) if f)
+                raise ConfigError(
+                    f"TLS files for {s.url} ({files}): not readable PEM ({error})"
+                ) from None
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.will is not None:
