@@ -69,10 +69,11 @@ def test_an_mjpeg_camera_killed_and_restarted_mid_run(running: list[CameraSource
     server = MjpegCamera(jpegs, fps=10, port=server.port).start()  # ... and comes back
     try:
         again = collect(source, 3, 30)
+        state = source.health().state  # before the server goes away again
     finally:
         server.stop()
     assert len(again) == 3
-    assert source.health().state == "running"
+    assert state == "running"
     numbers = [int(s.origin.rsplit("#", 1)[1]) for s in first + again]
     assert numbers[3] < numbers[2]  # a new reader process counts from 1 again
 
