@@ -33,6 +33,7 @@ REJECTION_BUCKETS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("too_large", r"byte limit|decompresses beyond|exceeds .* on "),
         ("not_participant", r"not a participant"),
         ("wrong_round", r"no round is open|^update for round|open is round"),
+        ("stale", r"^stale"),
         ("wrong_sender", r"^header says device|^hello for|^status of|^update for fleet"),
         ("non_finite", r"non-finite|must be finite|non-negative"),
         (

@@ -26,7 +26,7 @@ from aggregator.clock import clock_answer
 from aggregator.crash_points import crash_point
 from aggregator.events import log_event
 from aggregator.rate_limit import RateLimiter
-from aggregator.state import AggregatorState, Evaluation, RoundTotals, StoredModel
+from aggregator.state import AggregatorState, Evaluation, RoundTotals, StoredModel, UpdateRow
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig
 from fedfmx.errors import FedFMXError, ProtocolError
@@ -49,9 +49,22 @@ from transport import (
 )
 
 TICK_S = 0.1
+COMMIT_BATCH = 64
+"""Most accepted updates waiting for one SQLite commit (and then their receipts)."""
 
 Evaluator = Callable[[GlobalModel, int], tuple[list[float], float]]
 """(model, task) -> accuracy on each task so far, and on every class seen so far."""
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """An update validated and folded in, whose receipt waits for the batch's commit."""
+
+    device_id: str
+    digest: str
+    stored: UpdateRow | None
+    """None: a duplicate of an update stored (or waiting) already; only its receipt is due."""
+    experts: list[str]
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,8 @@ class Aggregator:
         self._lock = threading.RLock()
         self._finished = threading.Event()
         self._rate_limiter = RateLimiter(fleet.service.rate_limit)
+        self._accepted: list[Acceptance] = []
+        """Updates folded in since the last commit (see `_commit_accepted`)."""
 
     # -- start and resume -------------------------------------------------------------------
 
@@ -128,6 +143,7 @@ class Aggregator:
         self.session.subscribe(clients_filter(fleet, TopicKind.STATUS), self._on_status, raw=True)
         self.session.subscribe(clients_filter(fleet, TopicKind.UPDATE), self._on_update)
         self.session.subscribe(clients_filter(fleet, TopicKind.CLOCK), self._on_clock, raw=True)
+        self.session.on_idle(self._commit_accepted)
         # Retained messages only the aggregator writes: restored when anyone overwrites them.
         for topic_filter in (round_topic(fleet), *model_filters(fleet)):
             self.session.guard_retained(topic_filter)
@@ -266,6 +282,7 @@ class Aggregator:
     def _close(self) -> None:
         assert self.keeper.current is not None
         announcement = self.keeper.current.announcement
+        self._commit_accepted()  # everything folded in is stored before the merge
         before = self.keeper.model.version
         merge_started = time.perf_counter()
         model = self.keeper.close_round()
@@ -465,31 +482,64 @@ class Aggregator:
             return
         if not self._admitted(sender):
             raise DeliveryDeferred  # not remembered as delivered: its re-send will count
+        digest = hashlib.sha256(payload).hexdigest()
         with self._lock:
-            current = self.keeper.current
-            round_index = None if current is None else current.announcement.round
-            digest = hashlib.sha256(payload).hexdigest()
-            try:
-                header = self.keeper.accept(payload, sender)
-            except ProtocolError as error:
-                self._reject(round_index, sender, str(error))
-                self._receipt(sender, digest, str(error))
-                return
-            if header is None:
-                log_event("update_duplicate", device=sender, round=round_index)
-            else:
-                self.state.store_update(
-                    header.round, sender, payload, digest, header.num_samples, header.train_loss
-                )
-                crash_point("update_stored")
-                log_event(
-                    "update_accepted",
-                    device=sender,
-                    round=header.round,
-                    bytes=len(payload),
-                    experts=[str(e) for e in header.expert_ids],
-                )
-            self._receipt(sender, digest, "")
+            self._take_update(sender, payload, digest)
+            if len(self._accepted) >= COMMIT_BATCH:
+                self._commit_accepted()
+
+    def _take_update(self, sender: str, payload: bytes, digest: str) -> None:
+        """Validate and fold one update into the open round (under the lock); its row and
+        receipt wait in `_accepted` for the next commit, a refusal is receipted at once."""
+        current = self.keeper.current
+        round_index = None if current is None else current.announcement.round
+        try:
+            header = self.keeper.accept(payload, sender)
+        except ProtocolError as error:
+            self._refuse(round_index, sender, digest, str(error))
+            return
+        if header is None:
+            log_event("update_duplicate", device=sender, round=round_index)
+            self._accepted.append(Acceptance(sender, digest, None, []))
+        else:
+            row = UpdateRow(
+                header.round, sender, payload, digest, header.num_samples, header.train_loss
+            )
+            experts = [str(e) for e in header.expert_ids]
+            self._accepted.append(Acceptance(sender, digest, row, experts))
+
+    def _refuse(self, round_index: int | None, sender: str, digest: str, reason: str) -> None:
+        """An update refused: logged and stored with its reason, and receipted as refused."""
+        self._reject(round_index, sender, reason)
+        self._receipt(sender, digest, reason)
+
+    def _commit_accepted(self) -> None:
+        """Store the updates folded in since the last commit in one transaction, then receipt
+        them: a receipt still follows its update's commit (a device drops an update only once
+        it is durably stored), but a burst of updates costs one commit, not one each. Runs
+        when the session's handler thread has nothing queued, every `COMMIT_BATCH` updates
+        and before a merge. A crash before the commit loses only folds made in memory; their
+        devices, unreceipted, send again."""
+        if not self._accepted:
+            return  # the handler thread's idle call, most of the time
+        with self._lock:
+            batch, self._accepted = self._accepted, []
+            rows = [a.stored for a in batch if a.stored is not None]
+            if rows:
+                self.state.store_updates(rows)
+            for acceptance in batch:
+                row = acceptance.stored
+                if row is not None:
+                    crash_point("update_stored")
+                    log_event(
+                        "update_accepted",
+                        device=row.device_id,
+                        round=row.round,
+                        bytes=len(row.payload),
+                        experts=acceptance.experts,
+                    )
+            for acceptance in batch:
+                self._receipt(acceptance.device_id, acceptance.digest, "")
 
     def _receipt(self, device_id: str, digest: str, refusal: str) -> None:
         receipt = UpdateReceipt(
@@ -521,4 +571,9 @@ def open_aggregator(fleet: FleetConfig, state_path: Path, hooks: ServiceHooks) -
         session_settings(fleet.service.broker, mqtt_client_id(fleet.name, "aggregator"))
     )
     state = AggregatorState(state_path, fleet.name)
-    return Aggregator(fleet, state, session, load_signing_key(fleet.service.signing_key), hooks)
+    kind: type[Aggregator] = Aggregator
+    if fleet.service.mode == "buffered":
+        from aggregator.buffered import BufferedAggregator  # it builds on this module
+
+        kind = BufferedAggregator
+    return kind(fleet, state, session, load_signing_key(fleet.service.signing_key), hooks)

@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS updates (
     received REAL NOT NULL,
     PRIMARY KEY (round, device_id)
 );
+CREATE TABLE IF NOT EXISTS buffered_folds (
+    round INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    buffer INTEGER NOT NULL,
+    PRIMARY KEY (round, device_id)
+);
 CREATE TABLE IF NOT EXISTS skips (
     round INTEGER NOT NULL,
     device_id TEXT NOT NULL,
@@ -111,6 +117,21 @@ class StoredRound:
 class StoredUpdate:
     device_id: str
     payload: bytes
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    """An accepted update as the `updates` table keeps it."""
+
+    round: int
+    device_id: str
+    payload: bytes
+    sha256: str
+    num_samples: int
+    loss: float
+    buffer: int | None = None
+    """`service.mode: buffered`: the round whose merge folds it (`round` is the one it was
+    trained in); None in synchronous rounds, where the two are the same."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +249,11 @@ class AggregatorState:
         )
         return _stored_model(rows[0]) if rows else None
 
+    def class_names(self, version: int) -> list[str] | None:
+        """The class registry of a stored version (kept after its payload is dropped)."""
+        rows = self._read("SELECT class_names FROM models WHERE version = ?", (version,))
+        return json.loads(str(rows[0][0])) if rows else None
+
     def roll_back(self, model: StoredModel, spent: RoundAnnouncement) -> None:
         """Store `model` as the newest version, made by round `spent.round`, in one
         transaction: the open round is closed unmerged (its updates were trained from the
@@ -281,7 +307,8 @@ class AggregatorState:
 
     def close_round(self, round_index: int, model: StoredModel | None) -> None:
         """Close the round, store the version it merged (None: nothing arrived) and drop the
-        round's update payloads, all in one transaction."""
+        payloads of the updates it folded, all in one transaction: a restart re-folds exactly
+        the updates no stored version holds yet (each accepted update is counted once)."""
         merged = None if model is None else model.version
         statements: list[tuple[str, tuple[object, ...]]] = []
         if model is not None:
@@ -298,6 +325,11 @@ class AggregatorState:
                 (time.time(), merged, round_index),
             ),
             ("UPDATE updates SET payload = NULL WHERE round = ?", (round_index,)),
+            (
+                "UPDATE updates SET payload = NULL WHERE (round, device_id) IN "
+                "(SELECT round, device_id FROM buffered_folds WHERE buffer = ?)",
+                (round_index,),
+            ),
         ]
         self._write(statements)
 
@@ -330,13 +362,64 @@ class AggregatorState:
     ) -> bool:
         """Keep an accepted update and its SHA-256 (which outlives the payload, for receipts);
         False when this device's update for the round is stored already."""
-        row = (round_index, device_id, payload, sha256, len(payload), num_samples, loss)
+        update = UpdateRow(round_index, device_id, payload, sha256, num_samples, loss)
+        return self.store_updates([update]) == [True]
+
+    def store_updates(self, updates: list[UpdateRow]) -> list[bool]:
+        """`store_update` for a batch in one transaction (one commit for a burst of updates:
+        the aggregator receipts each only after this returns); per update, whether it is new."""
+        now = time.time()
+        stored = []
         with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*row, time.time()),
+            for u in updates:
+                new = db.execute(
+                    "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        u.round,
+                        u.device_id,
+                        u.payload,
+                        u.sha256,
+                        len(u.payload),
+                        u.num_samples,
+                        u.loss,
+                        now,
+                    ),
+                ).rowcount
+                if new and u.buffer is not None:
+                    db.execute(
+                        "INSERT INTO buffered_folds VALUES (?, ?, ?)",
+                        (u.round, u.device_id, u.buffer),
+                    )
+                stored.append(new == 1)
+        return stored
+
+    def has_update(self, round_index: int, device_id: str) -> bool:
+        """Whether `device_id`'s update trained in `round_index` is stored (merged or not)."""
+        return bool(
+            self._read(
+                "SELECT 1 FROM updates WHERE round = ? AND device_id = ?", (round_index, device_id)
             )
-        return cursor.rowcount == 1
+        )
+
+    def buffered_updates(self, buffer: int) -> list[StoredUpdate]:
+        """The stored payloads a buffered merge folds (re-folded on restart), in arrival order."""
+        rows = self._read(
+            "SELECT u.device_id, u.payload FROM updates u JOIN buffered_folds f "
+            "ON u.round = f.round AND u.device_id = f.device_id "
+            "WHERE f.buffer = ? AND u.payload IS NOT NULL ORDER BY u.received",
+            (buffer,),
+        )
+        return [StoredUpdate(str(d), bytes(p)) for d, p in rows]
+
+    def buffered_digests(self, buffer: int) -> list[tuple[str, str]]:
+        """(device id, SHA-256) of every update a buffered merge folds, open or closed."""
+        rows = self._read(
+            "SELECT u.device_id, u.sha256 FROM updates u JOIN buffered_folds f "
+            "ON u.round = f.round AND u.device_id = f.device_id WHERE f.buffer = ? "
+            "ORDER BY u.received",
+            (buffer,),
+        )
+        return [(str(d), str(h)) for d, h in rows]
 
     def round_updates(self, round_index: int) -> list[StoredUpdate]:
         """The stored payloads of an open round, in arrival order (re-folded on restart)."""

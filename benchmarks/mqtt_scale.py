@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import subprocess
 import sys
 import tempfile
 import time
@@ -183,9 +184,10 @@ def run_devices(
         clients.append(client)
     ready.set()
     done.wait()
+    for client in clients:  # DISCONNECT first: each network loop then ends at once
+        client.disconnect()
     for client in clients:
         client.loop_stop()
-        client.disconnect()
 
 
 class Observer:
@@ -232,7 +234,7 @@ def events(log_path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
 
 
-def measure(devices: int, rounds: int) -> dict[str, Any]:
+def measure(devices: int, rounds: int, profile: Path | None = None) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     with (
         MosquittoBroker(extra_config=BROKER_LIMITS) as broker,
@@ -273,6 +275,13 @@ def measure(devices: int, rounds: int) -> dict[str, Any]:
             target=run_aggregator, args=(fleet.model_dump_json(), str(state_path), str(log_path))
         )
         aggregator.start()
+        spy = None
+        if profile is not None:  # py-spy samples the aggregator alone, every thread
+            command = "py-spy record --threads -r 50 -f raw -o {} --pid {}"
+            spy = subprocess.Popen(
+                command.format(profile, aggregator.pid).split(),
+                stdout=subprocess.DEVNULL,
+            )
         peak = 0.0
         watched = psutil.Process(aggregator.pid)
         while aggregator.is_alive():
@@ -282,6 +291,8 @@ def measure(devices: int, rounds: int) -> dict[str, Any]:
                 break
             time.sleep(0.05)
         aggregator.join()
+        if spy is not None:
+            spy.wait(60)
         done.set()
         for process in workers:
             process.join(60)
@@ -339,10 +350,17 @@ def main() -> None:
     parser.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record the aggregator with py-spy (raw stacks, one file per N, in --out)",
+    )
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for devices in args.devices:
-        result = measure(devices, args.rounds)
+        profile = args.out / f"mqtt_scale_profile_{devices}.txt" if args.profile else None
+        result = measure(devices, args.rounds, profile)
         results.append(result)
         last = result["rounds"][-1]
         print(

@@ -225,17 +225,23 @@ class EdgeDevice:
     def _take_part(self, announcement: RoundAnnouncement, stop: threading.Event) -> None:
         progress = self.snapshot.progress
         self._handled_round = announcement.round
+        buffered = self.fleet.service.mode == "buffered"
         if self.snapshot.pending_update is not None:
-            if progress.last_round == announcement.round and not announcement.closed:
+            last = progress.last_round
+            if buffered and last is not None and not self._round_over(last):
+                # No barrier: the update still counts; then train on the newest version.
+                self._deliver_pending(last, stop)
+            elif last == announcement.round and not announcement.closed:
                 self._deliver_pending(announcement.round, stop)
                 return
-            log.warning(
-                "round %s is over: dropping the unacknowledged update of round %s",
-                announcement.round,
-                progress.last_round,
-            )
-            self._drop_pending()
-        if announcement.closed:
+            else:
+                log.warning(
+                    "round %s is over: dropping the unacknowledged update of round %s",
+                    announcement.round,
+                    progress.last_round,
+                )
+                self._drop_pending()
+        if announcement.closed or self.snapshot.pending_update is not None:
             return  # nothing to do in a round that is over
         if progress.last_round is not None and announcement.round <= progress.last_round:
             return  # answered before a restart
@@ -257,6 +263,7 @@ class EdgeDevice:
         finally:
             self.training = False
         self._round_time_s = time.perf_counter() - started
+        self._simulate_slowdown(self._round_time_s, stop)
         self._last_round_unix = time.time()
         self._peak_rss_mb = rss.peak_mb
         if rss.peak_mb > self.profile.train_memory_mb:
@@ -333,9 +340,19 @@ class EdgeDevice:
             if not stop.is_set():
                 log.info("no receipt for the update of round %s: sending it again", round_index)
 
+    def _simulate_slowdown(self, train_s: float, stop: threading.Event) -> None:
+        """A simulated straggler (`data.slowdown` > 1) takes that many times as long."""
+        source = self.config.data
+        if isinstance(source, PartitionSource) and source.slowdown > 1.0:
+            stop.wait((source.slowdown - 1.0) * train_s)
+
     def _round_over(self, round_index: int) -> bool:
-        """A newer round is announced, or this one is announced closed."""
+        """A newer round is announced, or this one is announced closed. In buffered mode a
+        newer version does not end an update's life (the aggregator folds it with a staleness
+        weight, or refuses it with its reason): only the schedule's last round closing does."""
         current = self._announcement
+        if current is not None and self.fleet.service.mode == "buffered":
+            return current.closed and current.round >= self.last_round_index
         return current is not None and (
             current.round > round_index or (current.round == round_index and current.closed)
         )

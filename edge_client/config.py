@@ -32,6 +32,10 @@ class PartitionSource(Section):
     client_index: int = Field(ge=0)
     path: Path | None = None
     """Directory of the data set files; None uses the fleet's `data.path`."""
+    slowdown: float = Field(default=1.0, ge=1.0)
+    """A simulated device this many times slower than its host: after each local round it
+    waits `(slowdown − 1)` times that round's training time before it sends (straggler
+    benchmarks and tests; 1 on every real device)."""
 
 
 def _source_kind(value: object) -> str:

@@ -246,6 +246,19 @@ class RateLimitConfig(Section):
     burst: int = Field(default=60, ge=1)
 
 
+class BufferedConfig(Section):
+    """`service.mode: buffered` (FedBuff-style): merge every `size` updates, no round barrier."""
+
+    size: int | None = Field(default=None, ge=1)
+    """Updates folded into one new version (K); None: half of `protocol.num_clients`,
+    rounded up, so the slowest half of the fleet never holds a version back."""
+    max_staleness: int = Field(default=4, ge=0)
+    """An update trained from a version more than this many versions behind the newest is
+    refused with its reason (logged, counted, receipted as refused)."""
+    max_wait_s: float = Field(default=60.0, gt=0)
+    """A buffer holding at least one update merges after this long even when not full."""
+
+
 class ServiceConfig(Section):
     """How the aggregator paces rounds over MQTT and where it keeps its state (DESIGN §5, §7)."""
 
@@ -276,6 +289,11 @@ class ServiceConfig(Section):
     from a new id when the registry is full first expires devices silent for
     `device_expiry_s`, and is refused (logged) if none is."""
     device_expiry_s: float = Field(default=3600.0, gt=0)
+    mode: Literal["synchronous", "buffered"] = "synchronous"
+    """`synchronous`: rounds with a barrier (every participant, or a quorum at the deadline).
+    `buffered`: each update is folded against the version it was trained from and every
+    `buffered.size` updates make a new version (`aggregator.buffered`)."""
+    buffered: BufferedConfig = BufferedConfig()
     dormant_after_rounds: int = Field(default=2, ge=1)
     """A device that was neither heard from since the previous round opened nor answered any
     of the last this many rounds is left out of the next one (it returns with its next
@@ -392,6 +410,22 @@ class FleetConfig(Section):
         if self.method == "ridge" and pixels and self.model.random_features == 0:
             raise ValueError("method ridge on raw pixels needs model.random_features > 0")
         return self
+
+    @model_validator(mode="after")
+    def _buffered_merges_sums(self) -> FleetConfig:
+        if self.service.mode == "buffered" and (
+            self.method in CLOSED_FORM_METHODS or self.robustness.merge != "mean"
+        ):
+            raise ValueError(
+                "service.mode buffered folds deltas into associative sums: it needs "
+                "robustness.merge mean and a method that is not closed-form"
+            )
+        return self
+
+    @property
+    def buffer_size(self) -> int:
+        """K of `service.mode: buffered`: updates per new version."""
+        return self.service.buffered.size or -(-self.protocol.num_clients // 2)
 
     @model_validator(mode="after")
     def _experts_fit(self) -> FleetConfig:

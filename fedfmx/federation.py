@@ -187,21 +187,8 @@ class RoundKeeper:
         """
         if self.current is None:
             raise ProtocolError("no round is open")
-        header, tensors = decode_update(
-            payload,
-            lambda h: expected_update_shapes(h, self.model.weights),
-            max_bytes=MAX_UPDATE_BYTES,
-            norm_bound=self.fleet.robustness.max_update_norm,
-        )
+        header, tensors = self.decode(payload, sender)
         announcement = self.current.announcement
-        if sender is not None and header.device_id != sender:
-            raise ProtocolError(
-                f"header says device {header.device_id!r} but it came from {sender!r}"
-            )
-        if header.fleet != announcement.fleet:
-            raise ProtocolError(
-                f"update for fleet {header.fleet!r}, this is {announcement.fleet!r}"
-            )
         if header.round != announcement.round or header.base_version != self.model.version:
             raise ProtocolError(
                 f"update for round {header.round} / version {header.base_version}, "
@@ -215,8 +202,31 @@ class RoundKeeper:
             return None
         if header.includes_statistics:
             self._add_statistics(header, tensors)
-            self.current.received.add(header.device_id)
-            return header
+        else:
+            self.fold(header, tensors)
+        self.current.received.add(header.device_id)
+        return header
+
+    def decode(self, payload: bytes, sender: str | None) -> tuple[UpdateHeader, Arrays]:
+        """Decode and validate an update against the current model (shapes, dtypes, sizes,
+        finiteness, the norm bound), from `sender` and for this fleet; ProtocolError if not."""
+        header, tensors = decode_update(
+            payload,
+            lambda h: expected_update_shapes(h, self.model.weights),
+            max_bytes=MAX_UPDATE_BYTES,
+            norm_bound=self.fleet.robustness.max_update_norm,
+        )
+        if sender is not None and header.device_id != sender:
+            raise ProtocolError(
+                f"header says device {header.device_id!r} but it came from {sender!r}"
+            )
+        if header.fleet != self.fleet.name:
+            raise ProtocolError(f"update for fleet {header.fleet!r}, this is {self.fleet.name!r}")
+        return header, tensors
+
+    def fold(self, header: UpdateHeader, tensors: Mapping[str, np.ndarray]) -> None:
+        """Fold a validated delta update into the open round (clipped first when configured)."""
+        assert self.current is not None
         clip_norm = self.fleet.robustness.clip_norm
         if clip_norm is not None:
             tensors, factor = clip_update(tensors, clip_norm)
@@ -227,8 +237,6 @@ class RoundKeeper:
         else:
             kept = {n: v for n, v in tensors.items() if not n.startswith(FISHER_PREFIX)}
             self.current.updates.append((header, kept))
-        self.current.received.add(header.device_id)
-        return header
 
     def _add_statistics(self, header: UpdateHeader, tensors: Mapping[str, np.ndarray]) -> None:
         """Validate a closed-form update's statistics and add them to its device's fold."""

@@ -277,6 +277,7 @@ class MqttSession:
         self._connected_at: float | None = None
         self._broker_max_packet: int | None = None
         self._reconnect_hooks: list[Callable[[], None]] = []
+        self._idle_hooks: list[Callable[[], None]] = []
         self._ever_connected = False
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue(settings.inbox_size)
         self._worker: threading.Thread | None = None
@@ -750,6 +751,12 @@ class MqttSession:
         again: the broker may have published our Last Will while we were away)."""
         self._reconnect_hooks.append(hook)
 
+    def on_idle(self, hook: Callable[[], None]) -> None:
+        """Call `hook` on the handler thread whenever no received packet is waiting for it
+        (and at least every 0.2 s): a handler can batch work, say one SQLite commit for
+        every update that came in a burst, and finish it before the thread falls idle."""
+        self._idle_hooks.append(hook)
+
     def incomplete_messages(self) -> list[PartialMessage]:
         """Messages being assembled with their missing chunks, to ask senders to re-send."""
         with self._lock:
@@ -768,11 +775,21 @@ class MqttSession:
             try:
                 work = self._inbox.get(timeout=0.2)
             except queue.Empty:
+                self._run_idle_hooks()
                 continue
             try:
                 work()
             except Exception:
                 log.exception("session %s: a reconnect hook failed", self.settings.client_id)
+            if self._inbox.empty():
+                self._run_idle_hooks()
+
+    def _run_idle_hooks(self) -> None:
+        for hook in self._idle_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("session %s: an idle hook failed", self.settings.client_id)
 
     def _deliver(self, sub: _Subscription, topic: str, payload: bytes) -> None:
         message_id: bytes | None = None
