@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS buffered_folds (
     buffer INTEGER NOT NULL,
     PRIMARY KEY (round, device_id)
 );
+CREATE INDEX IF NOT EXISTS buffered_folds_by_buffer ON buffered_folds (buffer);
 CREATE TABLE IF NOT EXISTS skips (
     round INTEGER NOT NULL,
     device_id TEXT NOT NULL,

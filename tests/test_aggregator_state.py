@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.state import AggregatorState, Evaluation, StoredModel
+from aggregator.state import AggregatorState, Evaluation, StoredModel, UpdateRow
 from fedfmx.errors import ConfigError
 from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement
 
@@ -105,3 +105,25 @@ def test_a_state_file_of_another_fleet_or_not_sqlite_is_refused(tmp_path: Path) 
     garbage.write_bytes(b"this is not a database" * 100)
     with pytest.raises(ConfigError, match="not a usable aggregator state"):
         AggregatorState(garbage, "city")
+
+
+def test_a_buffered_merge_drops_exactly_the_payloads_it_folded(tmp_path: Path) -> None:
+    """Buffered mode: an update is keyed by the round it was trained in, folded by the open
+    buffer; closing buffer 1 drops the payloads it folded (a stale one of round 0 included)
+    and no other, so a restart re-folds exactly what no version holds yet."""
+    state = AggregatorState(tmp_path / "state.sqlite", "city")
+    state.save_first_model(model(0))
+    state.open_round(announcement(0, 0, ["d1", "d2"]))
+    assert state.store_updates([UpdateRow(0, "d1", b"u-d1-0", "a" * 64, 10, 0.5, buffer=0)])
+    state.close_round(0, model(1))
+    state.open_round(announcement(1, 1, ["d1", "d2"]))
+    stale = UpdateRow(0, "d2", b"u-d2-0", "b" * 64, 10, 0.5, buffer=1)
+    fresh = UpdateRow(1, "d1", b"u-d1-1", "c" * 64, 10, 0.5, buffer=1)
+    assert state.store_updates([stale, fresh]) == [True, True]
+    assert state.store_updates([stale]) == [False]  # a re-send: stored once, folded once
+    assert state.has_update(0, "d2") and not state.has_update(1, "d2")
+    assert [u.payload for u in state.buffered_updates(1)] == [b"u-d2-0", b"u-d1-1"]
+    assert state.buffered_updates(0) == []
+    state.close_round(1, model(2))
+    assert state.buffered_updates(1) == []
+    assert [d for d, _ in state.buffered_digests(1)] == ["d2", "d1"]  # receipts can be re-sent

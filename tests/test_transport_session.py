@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -333,6 +334,33 @@ def test_slow_handler_does_not_block_the_network_thread(
         session.publish(UPDATE, b"acked while the handler is busy", timeout_s=3.0)
     finally:
         release.set()
+
+
+def test_idle_hooks_run_on_the_handler_thread_once_the_queued_messages_are_handled(
+    mosquitto_broker: MosquittoBroker, open_session: Callable[..., MqttSession]
+) -> None:
+    """What lets the aggregator commit a burst of updates at once: the hook runs where the
+    handlers run, and a run after the last message has seen every one of them."""
+    handled: list[bytes] = []
+    seen_by_hook: list[tuple[int, str]] = []
+    release = threading.Event()
+
+    def handler(topic: str, message: bytes) -> None:
+        release.wait(WAIT_S)  # the rest queue up meanwhile
+        handled.append(message)
+
+    session = open_session(mosquitto_broker.url, "aggregator")
+    session.subscribe(UPDATE, handler)
+    session.on_idle(lambda: seen_by_hook.append((len(handled), threading.current_thread().name)))
+    sender = open_session(mosquitto_broker.url, "dev-1")
+    for index in range(5):
+        sender.publish(UPDATE, bytes([index]))
+    release.set()
+    give_up = time.monotonic() + WAIT_S
+    while not any(count == 5 for count, _ in seen_by_hook) and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert any(count == 5 for count, _ in seen_by_hook)
+    assert {name for _, name in seen_by_hook} == {"mqtt-handlers-aggregator"}
 
 
 def test_unreachable_broker_fails_within_the_timeout() -> None:
