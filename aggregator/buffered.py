@@ -28,6 +28,7 @@ from aggregator.state import AggregatorState, UpdateRow
 from fedfmx.buffered import BufferKeeper
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
+from fedfmx.messages import RoundAnnouncement
 from transport import MqttSession
 
 
@@ -66,18 +67,11 @@ class BufferedAggregator(Aggregator):
             self._staleness.append(staleness)
         log_event("buffer_resumed", round=last.announcement.round, updates=len(stored))
 
-    def _resend_receipts(self) -> None:
-        last = self.state.last_round()
-        if last is not None:
-            for device_id, digest in self.state.buffered_digests(last.announcement.round):
-                self._receipt(device_id, digest, "")
+    def _stored_digests(self, round_index: int) -> list[tuple[str, str]]:
+        return self.state.buffered_digests(round_index)
 
-    def _tick(self, now: float) -> None:
-        current = self.keeper.current
-        if current is None:
-            self._maybe_open(now)
-            return
-        announcement = current.announcement
+    def _tick_open(self, announcement: RoundAnnouncement, now: float) -> None:
+        """Merge the buffer when it is full, when nothing fresh can come, or when it is due."""
         folded = len(self._folded)
         due = now >= announcement.deadline_unix
         # Everyone answered this version (an update or a skip): no fresh update will come.

@@ -31,7 +31,7 @@ from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig
 from fedfmx.errors import FedFMXError, ProtocolError
 from fedfmx.federation import GlobalModel, RoundKeeper
-from fedfmx.messages import DeviceStatus, Hello, UpdateReceipt
+from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement, UpdateReceipt
 from fedfmx.signing import chunk_payload, load_signing_key, sign_announcement, sign_manifest
 from transport import (
     DeliveryDeferred,
@@ -191,15 +191,22 @@ class Aggregator:
         last = self.state.last_round()
         if last is None:
             return
-        for device_id, digest in self.state.update_digests(last.announcement.round):
+        for device_id, digest in self._stored_digests(last.announcement.round):
             self._receipt(device_id, digest, "")
+
+    def _stored_digests(self, round_index: int) -> list[tuple[str, str]]:
+        """(device, SHA-256) of the updates a round's merge folds."""
+        return self.state.update_digests(round_index)
 
     def _tick(self, now: float) -> None:
         current = self.keeper.current
         if current is None:
             self._maybe_open(now)
-            return
-        announcement = current.announcement
+        else:
+            self._tick_open(current.announcement, now)
+
+    def _tick_open(self, announcement: RoundAnnouncement, now: float) -> None:
+        """Close the open round when it is complete, or extend or close it at its deadline."""
         answered = self.state.answered(announcement.round) & set(announcement.participants)
         if len(answered) == len(announcement.participants):
             self._close()
