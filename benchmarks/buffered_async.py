@@ -15,8 +15,10 @@ costs neither run any time.
 Reported: accuracy after the same wall-clock budget (the shorter run's duration) and after
 the same number of device rounds (accepted updates), the curves in a PNG.
 
-    nice -n 19 python benchmarks/buffered_async.py             # both modes, ~10-15 min on 2 cores
-    nice -n 19 python benchmarks/buffered_async.py --train-per-class 600   # a quicker slice
+    nice -n 19 python benchmarks/buffered_async.py --train-per-class 600   # the README's runs
+    nice -n 19 python benchmarks/buffered_async.py --train-per-class 600 --max-staleness 16 \
+        --name buffered_async_staleness16
+    nice -n 19 python benchmarks/buffered_async.py     # the full demo data: ~40 min on 2 cores
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,13 +59,13 @@ SLOWDOWN = 5.0
 
 
 def mode_fleet(
-    mode: str, url: str, private_key: Path, train_per_class: int | None, test_per_class: int
+    mode: str, url: str, private_key: Path, data: tuple[int | None, int], max_staleness: int
 ) -> FleetConfig:
     """The demo fleet in `mode`: buffered takes 5 versions of K = 3 per task (15 device rounds
     a task, as the synchronous 3 rounds of 5)."""
     document = load_fleet(DEMO).model_dump(mode="json")
-    document["data"]["train_per_class"] = train_per_class
-    document["data"]["test_per_class"] = test_per_class  # scoring only; devices never see it
+    document["data"]["train_per_class"] = data[0]
+    document["data"]["test_per_class"] = data[1]  # scoring only; devices never see it
     service: dict[str, Any] = {
         "broker": {"url": url, "protocol": "5"},
         "signing_key": str(private_key),
@@ -70,7 +73,7 @@ def mode_fleet(
     }
     if mode == "buffered":
         document["protocol"]["rounds_per_task"] = 5
-        service |= {"mode": "buffered", "buffered": {"size": 3, "max_staleness": 4}}
+        service |= {"mode": "buffered", "buffered": {"size": 3, "max_staleness": max_staleness}}
     document["service"] = service
     return FleetConfig.model_validate(document)
 
@@ -109,12 +112,12 @@ def device_files(fleet: FleetConfig, workdir: Path, public_key: Path) -> list[Pa
     ]
 
 
-def run_mode(mode: str, train_per_class: int | None, test_per_class: int) -> dict[str, Any]:
+def run_mode(mode: str, data: tuple[int | None, int], max_staleness: int) -> dict[str, Any]:
     """One run to the end of its schedule; every version as (seconds, version, updates, payload)."""
     with MosquittoBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         private_key, public_key = signing_key_files(workdir)
-        fleet = mode_fleet(mode, broker.url, private_key, train_per_class, test_per_class)
+        fleet = mode_fleet(mode, broker.url, private_key, data, max_staleness)
         versions: list[tuple[float, int, int, bytes]] = []
         started = [0.0]
         holder: dict[str, Any] = {}
@@ -146,15 +149,17 @@ def run_mode(mode: str, train_per_class: int | None, test_per_class: int) -> dic
             for config, log in zip(device_files(fleet, workdir, public_key), logs, strict=True)
         ]
         stop = threading.Event()
+        completed = False
         try:
             completed = aggregator.run(stop)
         finally:
             wall_s = time.perf_counter() - started[0]
             for process in devices:
                 try:
-                    process.wait(30)
+                    process.wait(30 if completed else 0.1)
                 except subprocess.TimeoutExpired:
                     process.kill()
+                    process.wait()
             aggregator.session.close()
             for log in logs:
                 log.close()
@@ -195,12 +200,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-per-class", type=int, default=None)
     parser.add_argument("--test-per-class", type=int, default=300)
+    parser.add_argument(
+        "--max-staleness", type=int, default=4, help="service.buffered.max_staleness"
+    )
+    parser.add_argument("--name", default="buffered_async", help="stem of the JSON and PNG")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C: the broker and the device processes are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs = {}
     for mode in ("synchronous", "buffered"):
         load = os.getloadavg()
-        run = run_mode(mode, args.train_per_class, args.test_per_class)
+        data = (args.train_per_class, args.test_per_class)
+        run = run_mode(mode, data, args.max_staleness)
         run["load_before"] = load
         run["load_after"] = os.getloadavg()
         run["curve"] = score(run, FleetConfig.model_validate(run["fleet"]))
@@ -223,13 +235,14 @@ def main() -> None:
         "slow_device": {"id": device_id(SLOW_DEVICE), "slowdown": SLOWDOWN},
         "train_per_class": args.train_per_class,
         "test_per_class": args.test_per_class,
+        "max_staleness": args.max_staleness,
         "wall_clock_budget_s": budget_s,
         "device_rounds": device_rounds,
         "summary": summary,
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "buffered_async.json").write_text(json.dumps(document, indent=2))
+    (args.out / f"{args.name}.json").write_text(json.dumps(document, indent=2))
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for mode, run in runs.items():
         curve = run["curve"]
@@ -242,7 +255,7 @@ def main() -> None:
         axis.legend()
     figure.suptitle("demo fleet, device-000 5x slower: buffered vs synchronous (2 cores)")
     figure.tight_layout()
-    figure.savefig(args.out / "buffered_async.png", dpi=120)
+    figure.savefig(args.out / f"{args.name}.png", dpi=120)
     print(json.dumps(summary, indent=2))
 
 
