@@ -183,10 +183,13 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _spawn(config: Path, logs: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    config: Path, logs: Path, command: tuple[str, ...] = ("join", "--config")
+) -> subprocess.Popen[bytes]:
+    """`fedfmx-edge <command> <config>` as a child process logging to `<config stem>.log`."""
     with (logs / f"{config.stem}.log").open("wb") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "fedfmx_cli", "join", "--config", str(config)],
+            [sys.executable, "-m", "fedfmx_cli", *command, str(config)],
             stdout=sink,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
