@@ -299,7 +299,7 @@ class DistrictAggregator(Aggregator):
             loss_sum=totals.mean_loss * totals.updates,
         )
         self.partials.store(round_index, encode_partial(header, current.sums))
-        crash_point("partial_stored")
+        crash_point("district_partial_stored")
         self.state.close_round(round_index, None)
         log_event(
             "partial_closed",

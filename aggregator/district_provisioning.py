@@ -110,7 +110,10 @@ def provision_tree(
             "signing_key": root.signing_key,
         }
     )
-    rooted = fleet.model_copy(update={"service": service, "districts": DistrictsConfig(ids=ids)})
+    districts_section = (fleet.districts or DistrictsConfig(ids=ids)).model_copy(
+        update={"ids": ids}
+    )
+    rooted = fleet.model_copy(update={"service": service, "districts": districts_section})
     fleet_file = directory / "fleet.yaml"
     fleet_file.write_text(yaml.safe_dump(rooted.model_dump(mode="json"), sort_keys=False))
     districts: dict[str, ProvisionedFleet] = {}

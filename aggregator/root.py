@@ -91,8 +91,8 @@ class RootAggregator(Aggregator):
         fleet: FleetConfig,
         state: AggregatorState,
         session: MqttSession,
-        signing_key: Ed25519PrivateKey | None = None,
-        hooks: ServiceHooks = ServiceHooks(),
+        signing_key: Ed25519PrivateKey | None,
+        hooks: ServiceHooks,
     ) -> None:
         if fleet.districts is None:
             raise ValueError("a root aggregator needs the fleet's districts section")
@@ -248,7 +248,9 @@ class RootAggregator(Aggregator):
         try:
             report = DistrictReport.model_validate_json(message)
         except ValidationError as error:
-            self._reject(None, district, f"malformed district report ({error.error_count()} errors)")
+            self._reject(
+                None, district, f"malformed district report ({error.error_count()} errors)"
+            )
             return
         if report.district != district or report.fleet != self.fleet.name:
             self._reject(None, district, f"report of {report.fleet}/{report.district} on {topic}")
@@ -259,9 +261,7 @@ class RootAggregator(Aggregator):
     def _accept_partial(self, payload: bytes, district: str) -> PartialHeader | None:
         if not self._round_districts.get(district):
             raise ProtocolError(f"district {district!r} has no devices in the open round")
-        header = self.keeper.accept_partial(
-            payload, district, len(self._round_districts[district])
-        )
+        header = self.keeper.accept_partial(payload, district, len(self._round_districts[district]))
         if header is not None:
             self._answered[district] = header.answered
         return header
@@ -284,7 +284,7 @@ class RootAggregator(Aggregator):
             digest = hashlib.sha256(payload).hexdigest()
             loss = header.loss_sum / header.updates if header.updates else 0.0
             self.state.store_update(header.round, district, payload, digest, header.updates, loss)
-            crash_point("partial_stored")
+            crash_point("root_partial_stored")
             log_event(
                 "partial_accepted",
                 district=district,

@@ -250,7 +250,9 @@ class RoundKeeper:
         if header.district != district:
             raise ProtocolError(f"partial of {header.district!r} came from {district!r}")
         if header.fleet != announcement.fleet:
-            raise ProtocolError(f"partial for fleet {header.fleet!r}, this is {announcement.fleet!r}")
+            raise ProtocolError(
+                f"partial for fleet {header.fleet!r}, this is {announcement.fleet!r}"
+            )
         if header.round != announcement.round or header.base_version != self.model.version:
             raise ProtocolError(
                 f"partial for round {header.round} / version {header.base_version}, "

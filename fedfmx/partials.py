@@ -78,9 +78,7 @@ def encode_partial(header: PartialHeader, sums: MergeSums) -> bytes:
         tensors[f"head/{index}/den"] = weighted.denominator
     if sums.usage is not None:
         tensors["usage"] = sums.usage
-    body = save_tensors(
-        {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}
-    )
+    body = save_tensors({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()})
     return _frame(PARTIAL_MAGIC, header, body)
 
 
@@ -132,9 +130,7 @@ def decode_partial(
         if name.startswith("experts.") and f"expert/{name}/fisher.num" in stored:
             sums.experts[name] = ExpertSum(
                 fisher=_weighted(stored, f"expert/{name}/fisher.", value.shape, max_update_norm),
-                samples=_weighted(
-                    stored, f"expert/{name}/samples.", value.shape, max_update_norm
-                ),
+                samples=_weighted(stored, f"expert/{name}/samples.", value.shape, max_update_norm),
             )
         elif not name.startswith("experts.") and f"shared/{name}/num" in stored:
             sums.shared[name] = _weighted(stored, f"shared/{name}/", value.shape, max_update_norm)

@@ -155,9 +155,7 @@ def simulate(
 
             configure_logging(as_json=False, level=logging.WARNING)
             interrupted = services.stop_on_signals()
-            result = run_tree_over_mqtt(
-                fleet, dataset, districts, workdir, on_round, interrupted
-            )
+            result = run_tree_over_mqtt(fleet, dataset, districts, workdir, on_round, interrupted)
         elif transport is Transport.mqtt and fleet.method != "joint":
             configure_logging(as_json=False, level=logging.WARNING)
             # stopped by a signal, it stops every process it started

@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aggregator.events import configure_logging
 from aggregator.district import open_district
 from aggregator.district_config import load_district_config
+from aggregator.events import configure_logging
 from aggregator.monitoring import serve_metrics
 from aggregator.root import open_root
 from aggregator.service import Aggregator, ServiceHooks, open_aggregator

@@ -53,9 +53,9 @@ def spread_devices(num_devices: int, districts: int) -> dict[str, list[str]]:
 
 
 @contextmanager
-def tree_brokers(tree: ProvisionedTree, ports: dict[str | None, int]) -> Iterator[
-    dict[str | None, MosquittoBroker]
-]:
+def tree_brokers(
+    tree: ProvisionedTree, ports: dict[str | None, int]
+) -> Iterator[dict[str | None, MosquittoBroker]]:
     """Start the root's broker (key None) and every district's, bridged; stop them after."""
     brokers: dict[str | None, MosquittoBroker] = {}
     with ExitStack() as stack:
