@@ -15,13 +15,14 @@ they would to a flat fleet's broker. On top of that:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from aggregator.district_config import DistrictConfig, save_district_config
 from aggregator.provisioning import AGGREGATOR, ProvisionedFleet, provision
+from edge_client.config import DeviceConfig, PartitionSource, save_device_config
 from fedfmx.config import DistrictsConfig, FleetConfig
 from transport.district_topics import DistrictTopic, district_prefix, district_topic
 from transport.topics import fleet_prefix, mqtt_client_id
@@ -70,6 +71,18 @@ def bridge_lines(
 
 
 @dataclass(frozen=True)
+class DeviceSetup:
+    """How the device YAMLs of a tree are written."""
+
+    profile: str = "raspberry-pi-4"
+    client_index: Mapping[str, int] = field(default_factory=dict)
+    """A device's partition of the fleet's data set (default: its position)."""
+    state_root: Path | None = None
+    """Device state folders go here (default: beside each YAML)."""
+    serve_predictions: bool = True
+
+
+@dataclass(frozen=True)
 class ProvisionedTree:
     root: ProvisionedFleet
     districts: dict[str, ProvisionedFleet]
@@ -77,6 +90,8 @@ class ProvisionedTree:
     """The root's fleet YAML (with its `districts` section); districts read it too."""
     district_files: dict[str, Path]
     """One district YAML per district (`fedfmx-edge serve --district`)."""
+    device_files: dict[str, Path]
+    """One device YAML per device (`fedfmx-edge join --config`), on its district's broker."""
 
     def broker_settings(self, name: str | None = None) -> list[str]:
         """The root's (None) or a district's mosquitto.conf minus listener and persistence."""
@@ -90,10 +105,13 @@ def provision_tree(
     root_port: int,
     district_ports: Mapping[str, int],
     host: str = "127.0.0.1",
+    device_setup: DeviceSetup = DeviceSetup(),
 ) -> ProvisionedTree:
     """Write the root's and every district's credentials, broker configs (with bridges),
-    the root fleet YAML and the district YAMLs under `directory`. `devices`: district id ->
-    its device ids (each gets a client certificate of its district's CA)."""
+    the root fleet YAML, the district YAMLs and the device YAMLs under `directory`.
+    `devices`: district id -> its device ids (each gets a client certificate of its
+    district's CA); a device's partition is its position in the fleet's list of devices
+    (the districts' lists one after the other, unless `device_setup.client_index` says)."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = fleet.service.broker.max_payload_bytes
     ids = list(devices)
@@ -118,6 +136,8 @@ def provision_tree(
     fleet_file.write_text(yaml.safe_dump(rooted.model_dump(mode="json"), sort_keys=False))
     districts: dict[str, ProvisionedFleet] = {}
     district_files: dict[str, Path] = {}
+    device_files: dict[str, Path] = {}
+    order = [name for members in devices.values() for name in members]
     for district, members in devices.items():
         port = district_ports[district]
         own = provision(
@@ -137,4 +157,20 @@ def provision_tree(
             ),
             directory / district / f"{district}.yaml",
         )
-    return ProvisionedTree(root, districts, fleet_file, district_files)
+        url = f"mqtts://{host}:{port}"
+        for name in members:
+            index = device_setup.client_index.get(name, order.index(name))
+            config = DeviceConfig(
+                device_id=name,
+                fleet_file=fleet_file,
+                broker=own.broker_section(name, url),
+                profile=device_setup.profile,
+                data=PartitionSource(client_index=index),
+                state_dir=device_setup.state_root / name
+                if device_setup.state_root
+                else directory / district / f"state-{name}",
+                fleet_public_key=root.verify_key,
+                serve_predictions=device_setup.serve_predictions,
+            )
+            device_files[name] = save_device_config(config, directory / district / f"{name}.yaml")
+    return ProvisionedTree(root, districts, fleet_file, district_files, device_files)

@@ -18,18 +18,16 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from aggregator.district_provisioning import ProvisionedTree, provision_tree
+from aggregator.district_provisioning import DeviceSetup, ProvisionedTree, provision_tree
 from aggregator.root import open_root
 from aggregator.service import ServiceHooks
 from aggregator.state import RoundTotals
-from edge_client.config import DeviceConfig, save_device_config
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.datasets import ImageDataset
 from fedfmx.errors import ConfigError, FedFMXError
 from fedfmx.simulation import RoundLog, SimulationResult, device_id, task_evaluator
 from fedfmx_cli.fleet_simulation import (
     _device_profile,
-    _device_source,
     _DeviceWatch,
     _result,
     _spawn,
@@ -82,26 +80,17 @@ def write_tree(
     ports: dict[str | None, int] = {None: free_port(), **{d: free_port() for d in members}}
     service = fleet.service.model_copy(update={"state_path": workdir / "root.sqlite"})
     fleet = fleet.model_copy(update={"service": service})
-    tree = provision_tree(
-        fleet, members, workdir / "tree", ports[None], {d: ports[d] for d in members}, LOCALHOST
+    setup = DeviceSetup(
+        profile=str(_device_profile(fleet, workdir)),
+        client_index={name: int(name.rsplit("-", 1)[1]) for d in members.values() for name in d},
+        state_root=workdir / "devices",
+        serve_predictions=False,  # as the flat run's devices
     )
-    profile = str(_device_profile(fleet, workdir))
-    configs = []
-    for district, devices in members.items():
-        url = f"mqtts://{LOCALHOST}:{ports[district]}"
-        for name in devices:
-            index = int(name.rsplit("-", 1)[1])
-            config = DeviceConfig(
-                device_id=name,
-                fleet_file=tree.fleet_file,
-                broker=tree.districts[district].broker_section(name, url),
-                profile=profile,
-                data=_device_source(fleet, workdir, index),
-                state_dir=workdir / "devices" / name,
-                fleet_public_key=tree.root.verify_key,
-                serve_predictions=False,
-            )
-            configs.append(save_device_config(config, workdir / f"{name}.yaml"))
+    tree = provision_tree(
+        fleet, members, workdir / "tree", ports[None], {d: ports[d] for d in members}, LOCALHOST,
+        setup,
+    )  # fmt: skip
+    configs = list(tree.device_files.values())
     return tree, ports, configs
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from aggregator.district_provisioning import bridge_lines, district_acl_lines
 from fedfmx.aggregation import MergeSums, WeightedSum
@@ -212,3 +213,25 @@ def test_bridge_maps_the_districts_round_onto_its_own_round_topic(tmp_path: Path
     assert "topic round in 1 fedfmx/v1/tree/ fedfmx/v1/tree/districts/district-00/" in lines
     assert "topic fedfmx/v1/tree/model/# in 1" in lines
     assert f"bridge_certfile {root.clients['district-00'].cert}" in lines
+
+
+def test_provision_writes_a_tree_of_bridged_brokers(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedfmx_cli.main import app
+
+    out = tmp_path / "tree"
+    outcome = CliRunner().invoke(
+        app,
+        ["provision", "--out", str(out), "--devices", "4", "--districts", "2", "--port", "9000"],
+    )
+    assert outcome.exit_code == 0, outcome.output
+    root_acl = (out / "root" / "acl").read_text()
+    assert "user district-01" in root_acl and "districts/district-01/partial" in root_acl
+    conf = (out / "district-01" / "mosquitto.conf").read_text()
+    assert "address localhost:9000" in conf and "listener 9002" in conf
+    assert f"bridge_certfile {out / 'root' / 'district-01.crt'}" in conf
+    device = yaml.safe_load((out / "district-01" / "device-001.yaml").read_text())
+    assert device["broker"]["url"] == "mqtts://localhost:9002"
+    assert device["data"]["client_index"] == 1
+    assert device["fleet_public_key"].endswith("root/aggregator-signing.pub")

@@ -46,7 +46,7 @@ def test_two_districts_end_with_the_flat_runs_model(tmp_path: Path) -> None:
         # float64 sums added in another order, rounded to float32: at most a few ulps apart
         np.testing.assert_allclose(tree.weights[name], value, rtol=1e-5, atol=1e-7)
     # the tree really ran: two districts, each device behind its own district's broker
-    device = (workdir / "device-001.yaml").read_text()
+    device = (workdir / "tree" / "district-01" / "device-001.yaml").read_text()
     district = (workdir / "tree" / "district-01" / "district-01.yaml").read_text()
     port = yaml.safe_load(district)["broker"]["url"].rsplit(":", 1)[1]
     assert f":{port}" in device and "district-01" in device
