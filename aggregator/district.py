@@ -335,15 +335,16 @@ class DistrictAggregator(Aggregator):
         log_event("partial_sent", district=self.district, round=round_index, bytes=len(payload))
 
     def _report(self, now: float) -> None:
-        """Tell the root which devices may take part next (retained; when it changed, and
-        every `report_interval_s` at most)."""
+        """Tell the root which devices may take part next (retained): looked up every
+        `report_interval_s` (the registry query is not free), sent when it changed."""
+        if self._reported is not None and now - self._reported[1] < self.config.report_interval_s:
+            return
         last = self.state.last_round()
         index = 0 if last is None else last.announcement.round + 1
         devices = self._participants(index, None if last is None else last.opened)
-        if self._reported is not None:
-            previous, sent = self._reported
-            if previous == devices or now - sent < self.config.report_interval_s:
-                return
+        if self._reported is not None and self._reported[0] == devices:
+            self._reported = (devices, now)
+            return
         report = DistrictReport(
             fleet=self.fleet.name,
             district=self.district,

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -52,14 +52,17 @@ def spread_devices(num_devices: int, districts: int) -> dict[str, list[str]]:
 
 @contextmanager
 def tree_brokers(
-    tree: ProvisionedTree, ports: dict[str | None, int]
+    tree: ProvisionedTree, ports: dict[str | None, int], extra: Sequence[str] = ()
 ) -> Iterator[dict[str | None, MosquittoBroker]]:
-    """Start the root's broker (key None) and every district's, bridged; stop them after."""
+    """Start the root's broker (key None) and every district's, bridged; stop them after.
+    `extra`: more mosquitto.conf lines for every broker (a benchmark's limits)."""
     brokers: dict[str | None, MosquittoBroker] = {}
     with ExitStack() as stack:
         for name in [None, *tree.districts]:
             broker = MosquittoBroker(
-                allow_anonymous=False, extra_config=tree.broker_settings(name), port=ports[name]
+                allow_anonymous=False,
+                extra_config=[*extra, *tree.broker_settings(name)],
+                port=ports[name],
             )
             stack.callback(broker.close)
             broker.start()
