@@ -115,6 +115,7 @@ class DistrictAggregator(Aggregator):
         self._bodies: dict[int, bytes] = {}
         self._manifests: dict[int, bytes] = {}
         self._reported: tuple[list[str], float] | None = None
+        """The devices last reported, and when."""
         self._partial_sent = 0.0
 
     # -- start and resume -------------------------------------------------------------------
@@ -335,16 +336,14 @@ class DistrictAggregator(Aggregator):
         log_event("partial_sent", district=self.district, round=round_index, bytes=len(payload))
 
     def _report(self, now: float) -> None:
-        """Tell the root which devices may take part next (retained): looked up every
-        `report_interval_s` (the registry query is not free), sent when it changed."""
+        """Tell the root which devices may take part next (retained), every
+        `report_interval_s`: the report is also the district's heartbeat (the root leaves out
+        a district neither heard from nor answering, as the flat fleet does a device)."""
         if self._reported is not None and now - self._reported[1] < self.config.report_interval_s:
             return
         last = self.state.last_round()
         index = 0 if last is None else last.announcement.round + 1
         devices = self._participants(index, None if last is None else last.opened)
-        if self._reported is not None and self._reported[0] == devices:
-            self._reported = (devices, now)
-            return
         report = DistrictReport(
             fleet=self.fleet.name,
             district=self.district,

@@ -20,6 +20,7 @@ import logging
 import math
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 from aggregator.crash_points import crash_point
 from aggregator.events import log_event
 from aggregator.service import Aggregator, ServiceHooks
-from aggregator.state import AggregatorState
+from aggregator.state import AggregatorState, StoredRound
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import DistrictReport
@@ -100,6 +101,8 @@ class RootAggregator(Aggregator):
         self.assignments = DistrictRounds(state.path)
         super().__init__(fleet, state, session, signing_key, hooks)
         self._reports: dict[str, DistrictReport] = {}
+        self._heard: dict[str, float] = {}
+        """When each district's report last arrived (the root's clock)."""
         self._round_districts: Assignment = {}
         self._answered: dict[str, int] = {}
         """Devices each district's accepted partial says answered (the quorum's count)."""
@@ -182,7 +185,8 @@ class RootAggregator(Aggregator):
         seen: set[str] = set()
         for district in self.districts.ids:
             report = self._reports.get(district)
-            devices = [] if report is None else [d for d in report.devices if d not in seen]
+            alive = report is not None and self._alive(report, index, last)
+            devices = [d for d in report.devices if d not in seen] if report and alive else []
             seen |= set(devices)
             assignment[district] = devices
         participants = sorted(seen)
@@ -204,6 +208,16 @@ class RootAggregator(Aggregator):
             participants=len(participants),
             districts=sum(1 for devices in assignment.values() if devices),
         )
+
+    def _alive(self, report: DistrictReport, index: int, last: StoredRound | None) -> bool:
+        """The flat fleet's rule for a device, for a district: heard from (its report is its
+        heartbeat; by the root's clock) since the previous round opened, or answered one of the last
+        `service.dormant_after_rounds` rounds. A district that went down stops holding up
+        rounds after that many; it returns with its next report."""
+        if last is None or self._heard.get(report.district, 0.0) >= last.opened:
+            return True
+        answered = self.state.last_answers().get(report.district, -1)
+        return answered >= index - self.fleet.service.dormant_after_rounds
 
     def _announce(self) -> None:
         """(Re)publish the round's signed announcement to every district, each naming only
@@ -257,6 +271,7 @@ class RootAggregator(Aggregator):
             return
         with self._lock:
             self._reports[district] = report
+            self._heard[district] = time.time()
 
     def _accept_partial(self, payload: bytes, district: str) -> PartialHeader | None:
         if not self._round_districts.get(district):

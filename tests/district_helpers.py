@@ -41,21 +41,26 @@ DEVICES = 4
 ROUNDS = 2
 
 
-def tree_fleet(deadline_s: float = 60.0, grace_s: float = 2.0) -> FleetConfig:
-    """The ci-digits model, 4 devices, 2 rounds of 1 task each."""
+def tree_fleet(
+    deadline_s: float = 60.0, grace_s: float = 2.0, rounds: int = ROUNDS, dormant_after: int = 2
+) -> FleetConfig:
+    """The ci-digits model, 4 devices, `rounds` rounds of 1 task each."""
     return FleetConfig.model_validate(
         {
             "name": "tree",
             "data": {"dataset": "digits"},
             "protocol": {
-                "num_clients": DEVICES, "num_tasks": ROUNDS, "rounds_per_task": 1, "max_lag": 0,
+                "num_clients": DEVICES, "num_tasks": rounds, "rounds_per_task": 1, "max_lag": 0,
             },
             "model": {
                 "backbone_channels": [16, 32], "feature_dim": 64, "num_experts": 4,
                 "expert_hidden": 16,
             },
             "fedfmx": {"k_max": 2, "max_experts_per_round": 2},
-            "service": {"round_deadline_s": deadline_s, "max_extensions": 0},
+            "service": {
+                "round_deadline_s": deadline_s, "max_extensions": 0,
+                "dormant_after_rounds": dormant_after,
+            },
             "districts": {"ids": ["district-00", "district-01"], "partial_grace_s": grace_s},
         }
     )  # fmt: skip

@@ -125,7 +125,8 @@ def test_the_run_completes_across_district_and_root_broker_restarts(tmp_path: Pa
 
 @needs_mosquitto
 def test_a_district_that_stays_down_does_not_stall_the_root(tmp_path: Path) -> None:
-    fleet = tree_fleet(deadline_s=8.0, grace_s=1.0)  # quorum 0.5: district-00's 2 of 4 devices
+    # quorum 0.5: district-00's 2 of 4 devices close a round at its deadline
+    fleet = tree_fleet(deadline_s=6.0, grace_s=1.0, rounds=3, dormant_after=1)
     with running_tree(tmp_path, fleet) as tree:
         for district in tree.tree.districts:
             tree.start_district(district)
@@ -133,10 +134,14 @@ def test_a_district_that_stays_down_does_not_stall_the_root(tmp_path: Path) -> N
         tree.processes["district-01"].kill()  # and never restarted
         assert tree.wait_until(lambda: finished(tree), 60)
         present = ["device-000", "device-002"]  # district-00's: device i in district i mod 2
-        expected = flat_models(tree.fleet, [ALL, present])[-1]
+        expected = flat_models(tree.fleet, [ALL, present, present])[-1]
         assert_same_model(tree.root.keeper.model, expected)
         totals = tree.root.state.round_totals()
-        assert [t.updates for t in totals] == [2, 1] and totals[1].participants == DEVICES
+        assert [t.updates for t in totals] == [2, 1, 1]
+        # round 1 still named district-01's devices and closed at its deadline; by round 2
+        # the district was neither heard from nor answering: left out
+        assert [t.participants for t in totals] == [4, 4, 2]
+        assert (totals[1].closed or 0) - totals[1].opened >= 6.0
 
 
 @needs_mosquitto
