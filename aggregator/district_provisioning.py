@@ -106,12 +106,15 @@ def provision_tree(
     district_ports: Mapping[str, int],
     host: str = "127.0.0.1",
     device_setup: DeviceSetup = DeviceSetup(),
+    district_hosts: Mapping[str, str] | None = None,
 ) -> ProvisionedTree:
     """Write the root's and every district's credentials, broker configs (with bridges),
     the root fleet YAML, the district YAMLs and the device YAMLs under `directory`.
     `devices`: district id -> its device ids (each gets a client certificate of its
     district's CA); a device's partition is its position in the fleet's list of devices
-    (the districts' lists one after the other, unless `device_setup.client_index` says)."""
+    (the districts' lists one after the other, unless `device_setup.client_index` says).
+    `host` is the root broker's address; `district_hosts` each district broker's (default:
+    `host`, a tree on one machine)."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = fleet.service.broker.max_payload_bytes
     ids = list(devices)
@@ -140,9 +143,10 @@ def provision_tree(
     order = [name for members in devices.values() for name in members]
     for district, members in devices.items():
         port = district_ports[district]
+        site = (district_hosts or {}).get(district, host)
         own = provision(
             fleet.name, list(members), directory / district, port=port,
-            max_payload_bytes=payload, broker_hosts=[host],
+            max_payload_bytes=payload, broker_hosts=[site],
         )  # fmt: skip
         with own.mosquitto_conf.open("a") as conf:
             conf.write("\n".join(bridge_lines(fleet.name, district, host, root_port, root)) + "\n")
@@ -151,13 +155,13 @@ def provision_tree(
             DistrictConfig(
                 district=district,
                 fleet_file=fleet_file,
-                broker=own.broker_section(AGGREGATOR, f"mqtts://{host}:{port}"),
+                broker=own.broker_section(AGGREGATOR, f"mqtts://{site}:{port}"),
                 state_path=directory / district / "district.sqlite",
                 fleet_public_key=root.verify_key,
             ),
             directory / district / f"{district}.yaml",
         )
-        url = f"mqtts://{host}:{port}"
+        url = f"mqtts://{site}:{port}"
         for name in members:
             index = device_setup.client_index.get(name, order.index(name))
             config = DeviceConfig(

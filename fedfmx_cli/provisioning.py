@@ -58,13 +58,23 @@ def provision(
             "ports, each bridged to the root (mutual TLS, ACL); devices spread over them.",
         ),
     ] = None,
+    district_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --districts: the host of district k's broker (repeat, in order); "
+            "default: --broker-host."
+        ),
+    ] = None,
 ) -> None:
     """Write a fleet CA, broker and device certificates, passwords, ACL and mosquitto.conf."""
     if (devices is None) == (not device):
         raise ConfigError("give either --devices N or one or more --device ID")
     if districts is not None:
         ids = list(device or []) or [f"device-{index:03d}" for index in range(devices or 0)]
-        _provision_tree(load_fleet(fleet_file), ids, districts, out, port, broker_host, profile)
+        hosts = list(district_host or [])
+        _provision_tree(
+            load_fleet(fleet_file), ids, districts, out, port, broker_host, profile, hosts
+        )
         return
     if devices == 0 and enrol_port is None:
         raise ConfigError("--devices 0 needs --enrol-port (devices then enrol themselves)")
@@ -106,15 +116,21 @@ def _provision_tree(
     port: int,
     host: str,
     profile: str,
+    district_hosts: list[str],
 ) -> None:
     """`provision --districts K`: the root's and each district's credentials and configs."""
     if not ids:
         raise ConfigError("--districts needs --devices N or --device ID (no live enrolment)")
     names = [f"district-{k:02d}" for k in range(districts)]
+    if len(district_hosts) > districts:
+        raise ConfigError(f"{len(district_hosts)} --district-host for {districts} districts")
     members = {name: ids[k::districts] for k, name in enumerate(names)}
     ports = {name: port + 1 + k for k, name in enumerate(names)}
     index = {name: position for position, name in enumerate(ids)}
-    tree = provision_tree(fleet, members, out, port, ports, host, DeviceSetup(profile, index))
+    sites = dict(zip(names, district_hosts, strict=False))
+    tree = provision_tree(
+        fleet, members, out, port, ports, host, DeviceSetup(profile, index), sites
+    )
     out_console = Console()
     out_console.print(f"root broker: mosquitto -c {tree.root.mosquitto_conf}")
     out_console.print(f"root aggregator: fedfmx-edge serve --fleet {tree.fleet_file}")

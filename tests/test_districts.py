@@ -228,8 +228,11 @@ def test_provision_writes_a_tree_of_bridged_brokers(tmp_path: Path) -> None:
     out = tmp_path / "tree"
     outcome = CliRunner().invoke(
         app,
-        ["provision", "--out", str(out), "--devices", "4", "--districts", "2", "--port", "9000"],
-    )
+        [
+            "provision", "--out", str(out), "--devices", "4", "--districts", "2", "--port", "9000",
+            "--district-host", "site-a", "--district-host", "site-b",
+        ],
+    )  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     root_acl = (out / "root" / "acl").read_text()
     assert "user district-01" in root_acl and "districts/district-01/partial" in root_acl
@@ -237,6 +240,6 @@ def test_provision_writes_a_tree_of_bridged_brokers(tmp_path: Path) -> None:
     assert "address localhost:9000" in conf and "listener 9002" in conf
     assert f"bridge_certfile {out / 'root' / 'district-01.crt'}" in conf
     device = yaml.safe_load((out / "district-01" / "device-001.yaml").read_text())
-    assert device["broker"]["url"] == "mqtts://localhost:9002"
+    assert device["broker"]["url"] == "mqtts://site-b:9002"
     assert device["data"]["client_index"] == 1
     assert device["fleet_public_key"].endswith("root/aggregator-signing.pub")
