@@ -17,8 +17,6 @@ an open round re-folds its stored updates, a closed one re-sends its stored part
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from aggregator.crash_points import crash_point
 from aggregator.district_config import DistrictConfig
 from aggregator.events import log_event
 from aggregator.service import Aggregator, ServiceHooks
+from aggregator.side_tables import SideTable
 from aggregator.state import AggregatorState, StoredModel
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
@@ -42,7 +41,6 @@ from fedfmx.signing import (
     verify_announcement,
     verify_manifest,
 )
-from fedfmx.storage import transaction
 from transport import (
     MqttSession,
     TopicKind,
@@ -67,32 +65,23 @@ CREATE TABLE IF NOT EXISTS district_partials (
 """
 
 
-class PartialStore:
-    """The district's partials, one per round, in its state file (a table of its own)."""
+class PartialStore(SideTable):
+    """The district's partials, one per round, in its state file: stored before the round is
+    closed there, so a district killed between the two re-sends the stored one."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_PARTIALS_SCHEMA)
-        self._lock = threading.Lock()
+        super().__init__(path, _PARTIALS_SCHEMA)
 
     def store(self, round_index: int, payload: bytes) -> None:
-        with self._lock, transaction(self._db) as db:
+        with self._transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO district_partials VALUES (?, ?, ?)",
                 (round_index, payload, time.time()),
             )
 
     def get(self, round_index: int) -> bytes | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT payload FROM district_partials WHERE round = ?", (round_index,)
-            ).fetchone()
+        row = self._one("SELECT payload FROM district_partials WHERE round = ?", (round_index,))
         return None if row is None else bytes(row[0])
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
 
 class DistrictAggregator(Aggregator):

@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -29,13 +27,13 @@ from pydantic import ValidationError
 from aggregator.crash_points import crash_point
 from aggregator.events import log_event
 from aggregator.service import Aggregator, ServiceHooks
+from aggregator.side_tables import SideTable
 from aggregator.state import AggregatorState, StoredRound
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import DistrictReport
 from fedfmx.partials import PartialHeader
 from fedfmx.signing import load_signing_key, sign_announcement
-from fedfmx.storage import transaction
 from transport import MqttSession, model_filters, mqtt_client_id, session_settings
 from transport.district_topics import (
     DistrictTopic,
@@ -55,33 +53,23 @@ Assignment = dict[str, list[str]]
 """District id -> its devices taking part in a round."""
 
 
-class DistrictRounds:
+class DistrictRounds(SideTable):
     """Which devices each district brought to each round (root's state file, own table):
     stored before the round opens, so a restarted root re-announces the same split."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_ASSIGNMENTS_SCHEMA)
-        self._lock = threading.Lock()
+        super().__init__(path, _ASSIGNMENTS_SCHEMA)
 
     def store(self, round_index: int, assignment: Assignment) -> None:
-        with self._lock, transaction(self._db) as db:
+        with self._transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO district_rounds VALUES (?, ?)",
                 (round_index, json.dumps(assignment)),
             )
 
     def get(self, round_index: int) -> Assignment:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT assignment FROM district_rounds WHERE round = ?", (round_index,)
-            ).fetchone()
+        row = self._one("SELECT assignment FROM district_rounds WHERE round = ?", (round_index,))
         return {} if row is None else dict(json.loads(str(row[0])))
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
 
 class RootAggregator(Aggregator):

@@ -24,15 +24,9 @@ from aggregator.service import ServiceHooks
 from aggregator.state import RoundTotals
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.datasets import ImageDataset
-from fedfmx.errors import ConfigError, FedFMXError
+from fedfmx.errors import ConfigError
 from fedfmx.simulation import RoundLog, SimulationResult, device_id, task_evaluator
-from fedfmx_cli.fleet_simulation import (
-    _device_profile,
-    _DeviceWatch,
-    _result,
-    _spawn,
-    round_log,
-)
+from fedfmx_cli.fleet_simulation import _device_profile, _spawn, round_log, run_to_the_end
 from transport import MosquittoBroker, free_port
 
 LOCALHOST = "127.0.0.1"
@@ -132,15 +126,7 @@ def run_tree_over_mqtt(
                     for path in tree.district_files.values()
                 }
                 processes |= {c.stem: _spawn(c, logs) for c in configs}
-                watch = _DeviceWatch(processes, logs, interrupted)
-                completed = False
-                try:
-                    completed = root.run(watch.stop)
-                finally:
-                    watch.finish(completed)
-                if not completed:
-                    raise FedFMXError(watch.failure or "the simulation was stopped")
-                result = _result(rooted, dataset, root)
+                result = run_to_the_end(root, processes, logs, interrupted, rooted, dataset)
                 result.wall_time_s = time.perf_counter() - started
             finally:
                 root.session.close()
