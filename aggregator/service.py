@@ -318,7 +318,7 @@ class Aggregator:
     def _publish_model(self) -> None:
         """Publish the current version (body chunks, then the manifest) and retire old ones."""
         version = self.keeper.model.version
-        payload = self.keeper.model_payload()
+        payload = self.keeper.device_payload()
         fleet = self.fleet.name
         chunks = self.session.publish_retained_chunks(model_body_topic(fleet, version), payload)
         crash_point("model_chunks_published")
