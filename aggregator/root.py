@@ -257,6 +257,15 @@ class RootAggregator(Aggregator):
         if report.district != district or report.fleet != self.fleet.name:
             self._reject(None, district, f"report of {report.fleet}/{report.district} on {topic}")
             return
+        if len(report.devices) > self.fleet.device_capacity:
+            # its announcement must fit one retained chunk (`FleetConfig.device_capacity`)
+            self._reject(
+                None,
+                district,
+                f"report names {len(report.devices)} devices, a district may bring at most "
+                f"{self.fleet.device_capacity}",
+            )
+            return
         with self._lock:
             self._reports[district] = report
             self._heard[district] = time.time()

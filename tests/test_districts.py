@@ -4,7 +4,6 @@ stays down does not stall the root, hostile partials are refused with a reason."
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import time
@@ -162,8 +161,18 @@ def test_hostile_partials_are_refused_with_a_logged_reason(
         )  # fmt: skip
         status = district_topic(fleet.name, "district-00", DistrictTopic.STATUS)
         session.publish(status, report.model_dump_json().encode(), retain=True)
+        too_many = report.model_copy(
+            update={"devices": [f"x{i}" for i in range(fleet.device_capacity + 1)]}
+        )
+        other = district_topic(fleet.name, "district-01", DistrictTopic.STATUS)
+        with pytest.raises(FedFMXError, match="Not authorized"):  # the root's ACL
+            session.publish(other, report.model_dump_json().encode())
+        session.publish(status, too_many.model_dump_json().encode())
+        session.publish(status, report.model_dump_json().encode(), retain=True)
         tree.start_district("district-01")
         assert tree.wait_until(lambda: tree.root.keeper.current is not None, 60)
+        assert tree.root.keeper.current is not None
+        assert len(tree.root.keeper.current.announcement.participants) == DEVICES
         weights = tree.root.keeper.model.weights
         name = next(n for n in weights if n.startswith("router."))
         shape = weights[name].shape
@@ -192,21 +201,22 @@ def test_hostile_partials_are_refused_with_a_logged_reason(
             session.publish(topic, payload)
         # the root's ACL: district-00 cannot publish as district-01
         forged = district_topic(fleet.name, "district-01", DistrictTopic.PARTIAL)
-        with contextlib.suppress(FedFMXError, TimeoutError):
+        with pytest.raises(FedFMXError, match="Not authorized"):
             session.publish(forged, b"forged", timeout_s=5)
         session.close()
 
         def reasons() -> list[str]:
             return [reason for _, _, reason in tree.root.state.rejections()]
 
-        assert tree.wait_until(lambda: len(reasons()) >= len(payloads), 30), reasons()
+        assert tree.wait_until(lambda: len(reasons()) >= len(payloads) + 1, 30), reasons()
+        assert any("a district may bring at most" in reason for reason in reasons())
         for expected in payloads:
             assert any(expected in reason for reason in reasons()), (expected, reasons())
         assert {who for _, who, _ in tree.root.state.rejections()} == {"district-00"}
         current = tree.root.keeper.current
         assert current is not None and "district-00" not in current.received
     logged = [r for r in caplog.records if getattr(r, "event", "") == "update_rejected"]
-    assert len(logged) >= len(payloads)
+    assert len(logged) == len(payloads)  # the partials (the report's is a message_rejected)
     assert all(r.fields["reason"].startswith("partial: ") for r in logged)  # type: ignore[attr-defined]
 
 
