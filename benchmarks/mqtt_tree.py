@@ -115,8 +115,13 @@ def device_worker(
     last_misc = 0.0
     while not done.is_set():
         for key, _ in selector.select(timeout=0.2):
-            key.data.loop_read()
+            key.data.loop_read(max_packets=100)
         for client in clients.values():
+            sock = client.socket()
+            # TLS: decrypted bytes already read off the socket wait in the SSL object, and
+            # select() does not see them
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                client.loop_read(max_packets=100)
             if client.want_write():
                 client.loop_write()
         if time.monotonic() - last_misc > 1.0:
