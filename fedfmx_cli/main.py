@@ -153,6 +153,12 @@ def simulate(
         if districts is not None:
             from fedfmx_cli.tree_simulation import run_tree_over_mqtt
 
+            if broker_url is not None or transport is Transport.inproc:
+                raise ConfigError(
+                    "--districts starts its own brokers (mutual TLS, bridged): drop "
+                    "--broker-url and --transport inproc"
+                )
+
             configure_logging(as_json=False, level=logging.WARNING)
             interrupted = services.stop_on_signals()
             result = run_tree_over_mqtt(fleet, dataset, districts, workdir, on_round, interrupted)

@@ -59,3 +59,13 @@ def test_more_districts_than_devices_is_one_line(tmp_path: Path) -> None:
     )
     assert outcome.exit_code != 0
     assert "--districts 9" in outcome.output and "Traceback" not in outcome.output
+
+
+def test_districts_with_an_external_broker_is_one_line(tmp_path: Path) -> None:
+    outcome = CliRunner().invoke(
+        app,
+        ["simulate", "--fleet", str(FLEET), "--districts", "2", "--broker-url", "mqtt://x:1"],
+    )
+    assert outcome.exit_code != 0
+    assert "--districts starts its own brokers" in outcome.output
+    assert "Traceback" not in outcome.output
