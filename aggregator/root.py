@@ -278,13 +278,28 @@ class RootAggregator(Aggregator):
             self._answered[district] = header.answered
         return header
 
+    def _counted_round(self, district: str, digest: str) -> int | None:
+        """The round (the latest or the one before) that already counts this very partial."""
+        last = self.state.last_round()
+        if last is None:
+            return None
+        for round_index in (last.announcement.round, last.announcement.round - 1):
+            if (district, digest) in self.state.update_digests(round_index):
+                return round_index
+        return None
+
     def _on_partial(self, topic: str, payload: bytes) -> None:
         district = self._district(topic)
         if district is None:
             return
+        digest = hashlib.sha256(payload).hexdigest()
         with self._lock:
             current = self.keeper.current
             round_index = None if current is None else current.announcement.round
+            counted = self._counted_round(district, digest)
+            if counted is not None:  # re-sent before the district saw the round close
+                log_event("partial_duplicate", district=district, round=counted)
+                return
             try:
                 header = self._accept_partial(payload, district)
             except ProtocolError as error:
@@ -293,7 +308,6 @@ class RootAggregator(Aggregator):
             if header is None:
                 log_event("partial_duplicate", district=district, round=round_index)
                 return
-            digest = hashlib.sha256(payload).hexdigest()
             loss = header.loss_sum / header.updates if header.updates else 0.0
             self.state.store_update(header.round, district, payload, digest, header.updates, loss)
             crash_point("root_partial_stored")
