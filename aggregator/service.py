@@ -174,6 +174,8 @@ class Aggregator:
             if stop is None:
                 time.sleep(TICK_S)
             with self._lock:
+                # Every update folded in is stored before a tick may merge (in any subclass).
+                self._commit_accepted()
                 self._tick(time.time())
         return True
 
@@ -289,7 +291,6 @@ class Aggregator:
     def _close(self) -> None:
         assert self.keeper.current is not None
         announcement = self.keeper.current.announcement
-        self._commit_accepted()  # everything folded in is stored before the merge
         before = self.keeper.model.version
         merge_started = time.perf_counter()
         model = self.keeper.close_round()
@@ -342,7 +343,7 @@ class Aggregator:
     def _publish_model(self) -> None:
         """Publish the current version (body chunks, then the manifest) and retire old ones."""
         version = self.keeper.model.version
-        payload = self.keeper.model_payload()
+        payload = self.keeper.device_payload()
         fleet = self.fleet.name
         chunks = self.session.publish_retained_chunks(model_body_topic(fleet, version), payload)
         crash_point("model_chunks_published")
@@ -355,14 +356,14 @@ class Aggregator:
         self.session.publish(
             model_manifest_topic(fleet, version), manifest.model_dump_json().encode(), retain=True
         )
-        self.state.mark_published(version, chunks)
+        self.state.mark_published(version, chunks, len(payload))
         retired = version - 2
         retired_chunks = self.state.published_chunks(retired) if retired >= 0 else None
         if retired_chunks:
             for index in range(retired_chunks):
                 self.session.clear_retained(f"{model_body_topic(fleet, retired)}/{index}")
             self.session.clear_retained(model_manifest_topic(fleet, retired))
-            self.state.mark_published(retired, 0)
+            self.state.mark_retired(retired)
         log_event("model_published", model_version=version, bytes=len(payload), chunks=chunks)
 
     # -- messages from devices --------------------------------------------------------------
@@ -525,8 +526,8 @@ class Aggregator:
         them: a receipt still follows its update's commit (a device drops an update only once
         it is durably stored), but a burst of updates costs one commit, not one each. Runs
         when the session's handler thread has nothing queued, every `COMMIT_BATCH` updates
-        and before a merge. A crash before the commit loses only folds made in memory; their
-        devices, unreceipted, send again."""
+        and at the start of every tick (so before any merge). A crash before the commit loses
+        only folds made in memory; their devices, unreceipted, send again."""
         if not self._accepted:
             return  # the handler thread's idle call, most of the time
         with self._lock:

@@ -33,6 +33,7 @@ from fedfmx.aggregation import (
 )
 from fedfmx.analytic import FeatureStatistics
 from fedfmx.analytic_state import (
+    device_view,
     fold_of,
     refit,
     rows_held,
@@ -43,6 +44,7 @@ from fedfmx.codec import decode_update, encode_model
 from fedfmx.config import FleetConfig, RobustnessConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
+from fedfmx.partials import PartialHeader, decode_partial
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ class RoundKeeper:
         self.model = model
         self.current: OpenRound | None = None
         self._model_payload: tuple[int, bytes] | None = None
+        self._device_payload: tuple[int, bytes] | None = None
         self._center = robust_center(fleet.robustness)
 
     def open_round(
@@ -172,13 +175,22 @@ class RoundKeeper:
         )
 
     def model_payload(self) -> bytes:
-        """The current version, encoded once and reused for every device."""
+        """The current version as the aggregator stores it, encoded once per version."""
         if self._model_payload is None or self._model_payload[0] != self.model.version:
             self._model_payload = (
                 self.model.version,
                 encode_model(self.model_header(), self.model.weights),
             )
         return self._model_payload[1]
+
+    def device_payload(self) -> bytes:
+        """The current version as devices are sent it (`device_view`), encoded once per version."""
+        if self._device_payload is None or self._device_payload[0] != self.model.version:
+            self._device_payload = (
+                self.model.version,
+                encode_model(self.model_header(), device_view(self.model.weights)),
+            )
+        return self._device_payload[1]
 
     def accept(self, payload: bytes, sender: str | None = None) -> UpdateHeader | None:
         """Validate and fold one update in; returns None for a duplicate (QoS 1 redelivery).
@@ -237,6 +249,46 @@ class RoundKeeper:
         else:
             kept = {n: v for n, v in tensors.items() if not n.startswith(FISHER_PREFIX)}
             self.current.updates.append((header, kept))
+
+    def accept_partial(
+        self, payload: bytes, district: str, participants: int
+    ) -> PartialHeader | None:
+        """Validate a district's partial and add its sums like an update's; None for a
+        second partial of the same district and round (a re-send after a restart: keyed by
+        (round, district), it counts once). `participants`: the district's devices in the
+        round, which bound what it may claim to have counted."""
+        if self.current is None:
+            raise ProtocolError("no round is open")
+        header, sums = decode_partial(
+            payload,
+            self.model.weights,
+            len(self.model.expert_usage),
+            self.fleet.robustness.max_update_norm,
+        )
+        announcement = self.current.announcement
+        if header.district != district:
+            raise ProtocolError(f"partial of {header.district!r} came from {district!r}")
+        if header.fleet != announcement.fleet:
+            raise ProtocolError(
+                f"partial for fleet {header.fleet!r}, this is {announcement.fleet!r}"
+            )
+        if header.round != announcement.round or header.base_version != self.model.version:
+            raise ProtocolError(
+                f"partial for round {header.round} / version {header.base_version}, "
+                f"open is round {announcement.round} / version {self.model.version}"
+            )
+        if header.answered > participants:
+            raise ProtocolError(
+                f"partial counts {header.answered} answers, the district has {participants} "
+                "participants"
+            )
+        if district in self.current.received:
+            return None
+        known = set(self.model.class_names)
+        sums.new_classes = [name for name in sums.new_classes if name not in known]
+        self.current.sums.add(sums)
+        self.current.received.add(district)
+        return header
 
     def _add_statistics(self, header: UpdateHeader, tensors: Mapping[str, np.ndarray]) -> None:
         """Validate a closed-form update's statistics and add them to its device's fold."""
