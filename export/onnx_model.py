@@ -14,12 +14,14 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
-import torch
 
 from export.metadata import METADATA_KEY, ExportMetadata
-from fedfmx.model import FedFMXModel
+
+if TYPE_CHECKING:  # torch only to export: a serving device quantizes and reads files only
+    from fedfmx.model import FedFMXModel
 
 OPSET = 18
 INPUT_NAME = "images"
@@ -30,6 +32,8 @@ def export_onnx(
     model: FedFMXModel, metadata: ExportMetadata, out: Path, opset: int = OPSET
 ) -> Path:
     """Trace `model` with `torch.onnx.export(dynamo=True)` and write one ONNX file to `out`."""
+    import torch
+
     spec = metadata.input
     example = torch.zeros(2, spec.channels, spec.height, spec.width)
     batch = torch.export.Dim("batch", min=1)
