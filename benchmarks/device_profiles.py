@@ -13,7 +13,8 @@ profile's thread count, not on the device itself.
 `--method` and `--backbone` measure another method (a closed-form one sends statistics and
 trains nothing) or the frozen pretrained trunk (with the device's feature cache, filled during
 these rounds). `--int8-trunk` computes the cache's misses with the device's int8 ONNX trunk
-(`export.trunk`, calibrated on its first 256 images) instead of the torch trunk.
+(`export.trunk`, calibrated on its first 256 images, made in a child process as
+`edge_client.device_trunk` makes it) instead of the torch trunk.
 `--serving-only` measures a `role: serve` device instead (`edge_client.serving_model`, no
 torch): the template and fp32 trunk are written first (with torch, as `export-serving` does),
 then a child process that never imports torch makes its int8 trunk, fills, quantizes and
@@ -76,9 +77,9 @@ def process_memory_mb() -> dict[str, float]:
 def measure(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> dict[str, object]:
     import torch
 
-    from edge_client.device_trunk import calibration_images
+    from edge_client.device_trunk import calibration_images, make_trunk_in_child
     from export.checkpoint import InputSpec
-    from export.trunk import TrunkRuntime, device_trunk
+    from export.trunk import TrunkRuntime
     from fedfmx.benchmark import time_device_rounds
     from fedfmx.device import DeviceLearner
     from fedfmx.simulation import load_fleet_dataset, own_partition
@@ -94,7 +95,7 @@ def measure(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> 
         if int8_trunk:
             size = fleet.model.trunk_input_size
             images = calibration_images(samples, stream, fleet.protocol.num_rounds)
-            path = device_trunk(Path(folder), InputSpec.of_fleet(fleet), size, images)
+            path = make_trunk_in_child(Path(folder), InputSpec.of_fleet(fleet), size, images)
             trunk = TrunkRuntime.load(path, size, profile.threads)
         before = process_memory_mb()
         device = DeviceLearner("device-000", fleet, samples, stream, seed=0, trunk=trunk)
