@@ -79,7 +79,7 @@ def measure(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> 
 
     from edge_client.device_trunk import calibration_images, make_trunk_in_child
     from export.checkpoint import InputSpec
-    from export.trunk import TrunkRuntime
+    from export.trunk_runtime import TrunkRuntime
     from fedfmx.benchmark import time_device_rounds
     from fedfmx.device import DeviceLearner
     from fedfmx.simulation import load_fleet_dataset, own_partition

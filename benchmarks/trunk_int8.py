@@ -35,11 +35,11 @@ from export.checkpoint import InputSpec
 from export.trunk import (
     QUANTIZED_OPS,
     TrunkFeatures,
-    TrunkRuntime,
     export_trunk,
     quantize_trunk,
     trunk_parity,
 )
+from export.trunk_runtime import TrunkRuntime
 from fedfmx.datasets import load_dataset
 from fedfmx.profiles import load_profile
 from fedfmx.trunk_spec import INPUT_SIZE

@@ -18,7 +18,7 @@ import numpy as np
 from edge_client.config import DeviceConfig
 from edge_client.device_data import DeviceData
 from export.checkpoint import InputSpec
-from export.trunk import TrunkRuntime
+from export.trunk_runtime import TrunkRuntime
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ConfigError
 from fedfmx.stream import DeviceStream, SampleTable
@@ -56,7 +56,13 @@ def open_device_trunk(config: DeviceConfig, fleet: FleetConfig, data: DeviceData
     return TrunkRuntime.load(path, size, fleet.training.threads)
 
 
-def make_trunk_in_child(folder: Path, spec: InputSpec, input_size: int, images: np.ndarray) -> Path:
+def make_trunk_in_child(
+    folder: Path,
+    spec: InputSpec,
+    input_size: int,
+    images: np.ndarray,
+    fp32_folder: Path | None = None,
+) -> Path:
     """`export.trunk.device_trunk` run in a fresh Python process (its memory goes with it)."""
     folder.mkdir(parents=True, exist_ok=True)
     calibration = folder / "calibration.npy"
@@ -65,11 +71,13 @@ def make_trunk_in_child(folder: Path, spec: InputSpec, input_size: int, images: 
         "import sys, numpy as np; from pathlib import Path; "
         "from export.checkpoint import InputSpec; from export.trunk import device_trunk; "
         "print(device_trunk(Path(sys.argv[1]), InputSpec.model_validate_json(sys.argv[2]), "
-        "int(sys.argv[3]), np.load(sys.argv[4])))"
+        "int(sys.argv[3]), np.load(sys.argv[4]), Path(sys.argv[5])))"
     )
     command = [sys.executable, "-c", code, str(folder), spec.model_dump_json()]
     done = subprocess.run(
-        [*command, str(input_size), str(calibration)], capture_output=True, text=True
+        [*command, str(input_size), str(calibration), str(fp32_folder or folder)],
+        capture_output=True,
+        text=True,
     )
     calibration.unlink(missing_ok=True)
     if done.returncode != 0:

@@ -7,7 +7,8 @@ dynamic int8 when the profile asks for int8 (`export.quantize`, ONNX Runtime onl
 against the fp32 file on the device's own recent labelled images (`export.parity`: ≥ 99 % top-1
 agreement, ≤ 1 point), and swapped in atomically; a version that fails is refused and the one
 before keeps serving. With a frozen pretrained trunk the frames first cross the device's int8
-trunk (`export.trunk`, made once from its own images), whose features the template classifies.
+trunk (`export.trunk`, made once from its own images in a child process, under `work`), whose
+features the template classifies.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edge_client.device_trunk import make_trunk_in_child
 from edge_client.predictions import Served
 from export.checkpoint import InputSpec
 from export.errors import ParityError
@@ -28,7 +30,7 @@ from export.metadata import ExportMetadata
 from export.parity import ParityReport, batched_logits, compare_logits, require_parity
 from export.quantize import quantize_onnx
 from export.template import fill_template
-from export.trunk import TrunkRuntime, device_trunk
+from export.trunk_runtime import TrunkRuntime
 from fedfmx.aggregation import Arrays
 from fedfmx.errors import FedFMXError
 from fedfmx.messages import ModelHeader
@@ -126,7 +128,7 @@ class ServingModel:
         if self.input_size is None:
             return images
         if self.trunk is None:
-            trunk = device_trunk(self.files, self.spec, self.input_size, images)
+            trunk = make_trunk_in_child(self.work, self.spec, self.input_size, images, self.files)
             self.trunk = TrunkRuntime.load(trunk, self.input_size, self.profile.threads)
         return self.trunk.features(images)
 

@@ -22,7 +22,6 @@ int8 recipe (static QDQ; `benchmarks/trunk_int8.py` measures each step):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -43,17 +42,13 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from export.checkpoint import InputSpec
-from export.inference import open_session
 from export.onnx_model import INPUT_NAME, OPSET
 from export.quantize import quiet_quantizer
+from export.trunk_runtime import FEATURES_NAME
 from fedfmx.analytic import FeatureStatistics, ridge_scale, solve_head
 from fedfmx.errors import DataError
 from fedfmx.trunk_spec import backbone_id
 
-FEATURES_NAME = "features"
-TRUNK_BATCH = 16
-"""Images run through the trunk at a time: activations at batch 64 cost a Pi-4 process more
-than 100 MB at its peak in torch, batch 16 a quarter of that (`benchmarks/README.md`)."""
 QUANTIZED_OPS = ["Conv", "Clip", "Add", "ReduceMean"]
 WEIGHT_LEVELS = 127
 """ONNX Runtime's symmetric int8 weights take −127…127."""
@@ -192,36 +187,6 @@ def correct_biases(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.Mode
     return model
 
 
-@dataclass(frozen=True, eq=False)
-class TrunkRuntime:
-    """One trunk file in an ONNX Runtime session: images in, float32 features out."""
-
-    path: Path
-    session: ort.InferenceSession
-    feature_id: str
-    """What the device's feature cache files its features under: the trunk's backbone id plus
-    the file's own hash (an int8 trunk calibrated on other images is another extractor)."""
-
-    @classmethod
-    def load(cls, path: Path, input_size: int, threads: int = 1) -> TrunkRuntime:
-        session = open_session(path, ["CPUExecutionProvider"], threads, arena=False)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        return cls(path, session, f"{backbone_id(input_size)}-onnx-{digest}")
-
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """Features of `images` [N, C, H, W], `TRUNK_BATCH` at a time (bounded memory)."""
-        parts = [
-            np.asarray(
-                self.session.run(
-                    None, {INPUT_NAME: np.ascontiguousarray(images[start : start + TRUNK_BATCH])}
-                )[0],
-                np.float32,
-            )
-            for start in range(0, len(images), TRUNK_BATCH)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-
 @dataclass(frozen=True)
 class TrunkParity:
     """What swapping the fp32 trunk for the int8 one changes, judged by a ridge head.
@@ -282,17 +247,25 @@ def fp32_trunk_path(folder: Path, input_size: int) -> Path:
     return folder / f"{backbone_id(input_size)}.fp32.onnx"
 
 
-def device_trunk(folder: Path, spec: InputSpec, input_size: int, calibration: np.ndarray) -> Path:
+def device_trunk(
+    folder: Path,
+    spec: InputSpec,
+    input_size: int,
+    calibration: np.ndarray,
+    fp32_folder: Path | None = None,
+) -> Path:
     """The device's int8 trunk under `folder`, made once from its own `calibration` images.
 
     The fp32 trunk is exported here when torch is installed; a serving-only device (no torch)
-    reads the one `fedfmx-edge export-serving` wrote into `folder`. Files are written under a
+    reads the one `fedfmx-edge export-serving` wrote into `fp32_folder` (default: `folder`;
+    it may be read-only, as /etc is under systemd's ProtectSystem). Files are written under a
     temporary name and renamed, so a crash never leaves half a trunk behind.
     """
     int8 = folder / f"{backbone_id(input_size)}.int8.onnx"
     if int8.is_file():
         return int8
-    fp32 = fp32_trunk_path(folder, input_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = fp32_trunk_path(fp32_folder or folder, input_size)
     if not fp32.is_file():
         try:
             import torch  # noqa: F401  (only to say clearly what is missing)

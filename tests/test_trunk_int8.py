@@ -14,13 +14,13 @@ from export.checkpoint import InputSpec
 from export.trunk import (
     WEIGHT_LEVELS,
     TrunkFeatures,
-    TrunkRuntime,
     correct_biases,
     export_trunk,
     quantize_trunk,
     rounded_weights,
     trunk_parity,
 )
+from export.trunk_runtime import TrunkRuntime
 from fedfmx.datasets import load_dataset
 from fedfmx.errors import ConfigError, DataError
 
