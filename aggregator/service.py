@@ -318,7 +318,7 @@ class Aggregator:
     def _publish_model(self) -> None:
         """Publish the current version (body chunks, then the manifest) and retire old ones."""
         version = self.keeper.model.version
-        payload = self.keeper.model_payload()
+        payload = self.keeper.device_payload()
         fleet = self.fleet.name
         chunks = self.session.publish_retained_chunks(model_body_topic(fleet, version), payload)
         crash_point("model_chunks_published")
@@ -331,14 +331,14 @@ class Aggregator:
         self.session.publish(
             model_manifest_topic(fleet, version), manifest.model_dump_json().encode(), retain=True
         )
-        self.state.mark_published(version, chunks)
+        self.state.mark_published(version, chunks, len(payload))
         retired = version - 2
         retired_chunks = self.state.published_chunks(retired) if retired >= 0 else None
         if retired_chunks:
             for index in range(retired_chunks):
                 self.session.clear_retained(f"{model_body_topic(fleet, retired)}/{index}")
             self.session.clear_retained(model_manifest_topic(fleet, retired))
-            self.state.mark_published(retired, 0)
+            self.state.mark_retired(retired)
         log_event("model_published", model_version=version, bytes=len(payload), chunks=chunks)
 
     # -- messages from devices --------------------------------------------------------------

@@ -33,6 +33,7 @@ from fedfmx.aggregation import (
 )
 from fedfmx.analytic import FeatureStatistics
 from fedfmx.analytic_state import (
+    device_view,
     fold_of,
     refit,
     rows_held,
@@ -129,6 +130,7 @@ class RoundKeeper:
         self.model = model
         self.current: OpenRound | None = None
         self._model_payload: tuple[int, bytes] | None = None
+        self._device_payload: tuple[int, bytes] | None = None
         self._center = robust_center(fleet.robustness)
 
     def open_round(
@@ -172,13 +174,22 @@ class RoundKeeper:
         )
 
     def model_payload(self) -> bytes:
-        """The current version, encoded once and reused for every device."""
+        """The current version as the aggregator stores it, encoded once per version."""
         if self._model_payload is None or self._model_payload[0] != self.model.version:
             self._model_payload = (
                 self.model.version,
                 encode_model(self.model_header(), self.model.weights),
             )
         return self._model_payload[1]
+
+    def device_payload(self) -> bytes:
+        """The current version as devices are sent it (`device_view`), encoded once per version."""
+        if self._device_payload is None or self._device_payload[0] != self.model.version:
+            self._device_payload = (
+                self.model.version,
+                encode_model(self.model_header(), device_view(self.model.weights)),
+            )
+        return self._device_payload[1]
 
     def accept(self, payload: bytes, sender: str | None = None) -> UpdateHeader | None:
         """Validate and fold one update in; returns None for a duplicate (QoS 1 redelivery).
