@@ -20,12 +20,14 @@ from fleet_helpers import device_yaml, run_to_end, small_fleet, write_fleet
 from stream_images import write_digits
 
 from aggregator.service import ServiceHooks, open_aggregator
+from edge_client.config import DeviceConfig
+from edge_client.serving_device import open_serving_device
 from export.checkpoint import Checkpoint, InputSpec
 from export.inference import read_onnx_metadata
 from export.onnx_model import INPUT_NAME
 from export.template import export_template, fill_template
 from fedfmx.config import load_fleet
-from fedfmx.errors import ProtocolError
+from fedfmx.errors import ConfigError, ProtocolError
 from fedfmx.messages import ModelHeader
 from fedfmx.model import build_model, state_to_numpy
 from fedfmx_cli.serving import export_serving
@@ -71,6 +73,17 @@ def test_fill_refuses_weights_of_another_model(tmp_path: Path) -> None:
     del weights[name]
     with pytest.raises(ProtocolError, match="lacks"):
         fill_template(onnx.load_model(str(path)), weights, metadata, "t")
+
+
+def test_a_serving_device_needs_its_own_source(tmp_path: Path) -> None:
+    config = DeviceConfig(
+        device_id="viewer",
+        data={"client_index": 0},  # type: ignore[arg-type]
+        state_dir=tmp_path,
+        role="serve",
+    )
+    with pytest.raises(ConfigError, match="own source"):
+        open_serving_device(config)
 
 
 def _wait_for(predicate: object, timeout_s: float) -> bool:
