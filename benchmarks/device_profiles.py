@@ -77,9 +77,6 @@ def process_memory_mb() -> dict[str, float]:
 def measure(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> dict[str, object]:
     import torch
 
-    from edge_client.device_trunk import calibration_images, make_trunk_in_child
-    from export.checkpoint import InputSpec
-    from export.trunk_runtime import TrunkRuntime
     from fedfmx.benchmark import time_device_rounds
     from fedfmx.device import DeviceLearner
     from fedfmx.simulation import load_fleet_dataset, own_partition
@@ -92,7 +89,11 @@ def measure(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> 
     del dataset  # a device holds its own rows only
     trunk = None
     with tempfile.TemporaryDirectory(prefix="device-trunk-") as folder:
-        if int8_trunk:
+        if int8_trunk:  # imported only here: ONNX Runtime is ~20 MB of a torch-trunk device
+            from edge_client.device_trunk import calibration_images, make_trunk_in_child
+            from export.checkpoint import InputSpec
+            from export.trunk_runtime import TrunkRuntime
+
             size = fleet.model.trunk_input_size
             images = calibration_images(samples, stream, fleet.protocol.num_rounds)
             path = make_trunk_in_child(Path(folder), InputSpec.of_fleet(fleet), size, images)

@@ -13,7 +13,6 @@ out): the trunk is its own int8 file (`export.trunk`) that never changes.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from onnx import numpy_helper
 
 from export.checkpoint import Checkpoint
 from export.metadata import ExportMetadata
-from export.onnx_model import INPUT_NAME, OPSET, OUTPUT_NAME, write_onnx_metadata
+from export.onnx_model import OPSET, OUTPUT_NAME, trace_onnx, write_onnx_metadata
 from fedfmx.aggregation import HEAD_WEIGHT, Arrays
 from fedfmx.errors import DataError, ProtocolError
 from fedfmx.trunk_spec import TRUNK_FEATURES
@@ -43,22 +42,7 @@ def export_template(checkpoint: Checkpoint, out: Path) -> Path:
         if pretrained
         else torch.zeros(2, spec.channels, spec.height, spec.width)
     )
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        optimize=False,
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        opset_version=OPSET,
-        external_data=False,
-        verbose=False,
-    )
-    if program is None:
-        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
-    proto = program.model_proto
+    proto = trace_onnx(model, example, OUTPUT_NAME, optimize=False)
     shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
     props = {PARAMETERS_KEY: json.dumps(shapes)}
     onnx.helper.set_model_props(proto, props)

@@ -22,9 +22,7 @@ int8 recipe (static QDQ; `benchmarks/trunk_int8.py` measures each step):
 
 from __future__ import annotations
 
-import logging
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,6 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
@@ -42,8 +39,8 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from export.checkpoint import InputSpec
-from export.onnx_model import INPUT_NAME, OPSET
-from export.quantize import quiet_quantizer
+from export.onnx_model import INPUT_NAME, trace_onnx
+from export.quantize import ImageCalibration, quiet_quantizer
 from export.trunk_runtime import FEATURES_NAME
 from fedfmx.analytic import FeatureStatistics, ridge_scale, solve_head
 from fedfmx.errors import DataError
@@ -55,18 +52,6 @@ WEIGHT_LEVELS = 127
 CALIBRATION_BATCH = 32
 PARITY_RIDGE = 0.01
 """λ of the parity check's ridge head, in units of tr(G)/d."""
-
-
-class _Batches(CalibrationDataReader):
-    def __init__(self, images: np.ndarray) -> None:
-        self._batches: Iterator[np.ndarray] = (
-            np.ascontiguousarray(images[start : start + CALIBRATION_BATCH], dtype=np.float32)
-            for start in range(0, len(images), CALIBRATION_BATCH)
-        )
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
 
 
 def export_trunk(spec: InputSpec, input_size: int, out: Path) -> Path:
@@ -88,24 +73,11 @@ def export_trunk(spec: InputSpec, input_size: int, out: Path) -> Path:
             return maps.mean(dim=(2, 3))
 
     example = torch.zeros(2, spec.channels, spec.height, spec.width)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    program = torch.onnx.export(
-        TrunkFeatures().eval(),
-        (example,),
-        dynamo=True,
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-        input_names=[INPUT_NAME],
-        output_names=[FEATURES_NAME],
-        opset_version=OPSET,
-        external_data=False,
-        verbose=False,
-    )
-    if program is None:
-        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
+    proto = trace_onnx(TrunkFeatures().eval(), example, FEATURES_NAME)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         traced = Path(scratch) / "traced.onnx"
-        onnx.save_model(program.model_proto, str(traced))
+        onnx.save_model(proto, str(traced))
         quant_pre_process(str(traced), str(out))
     return out
 
@@ -130,7 +102,7 @@ def quantize_trunk(
         quantize_static(
             corrected,
             out,
-            _Batches(calibration),
+            ImageCalibration(calibration, CALIBRATION_BATCH),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
