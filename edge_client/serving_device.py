@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -25,7 +26,7 @@ from edge_client.sample_store import SampleStore
 from edge_client.serving_model import ServingModel
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.errors import ConfigError, ProtocolError
+from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
 from fedfmx.messages import DeviceActivity, DeviceStatus
 from fedfmx.preprocessing import fleet_image_input
 from fedfmx.profiles import DeviceProfile, load_profile
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 TURN_S = 1.0
 """Longest the loop waits before looking at the stop event again."""
 KEPT_MANIFESTS = 3
+MODEL_FETCH_S = 60.0
+"""How long a version's retained body may take to arrive before its manifest is dropped."""
 
 
 class ServingDevice:
@@ -80,6 +83,7 @@ class ServingDevice:
         self._fetching: int | None = None
         """The version whose body is subscribed to."""
         self._body: bytes | None = None
+        self._fetch_started = 0.0
         self.training = False
         """Never inside a local training (what a stop signal would abandon)."""
 
@@ -122,6 +126,12 @@ class ServingDevice:
             self._follow(wanted)
             return
         if body is None:
+            if time.monotonic() - self._fetch_started > MODEL_FETCH_S:
+                log.warning("no body of model version %s arrived: manifest dropped", wanted)
+                with self._changed:  # an unsigned fleet's junk manifest must not pin us
+                    self._manifests.pop(wanted, None)
+                    self._fetching = None
+                self.session.unsubscribe(model_body_filter(self.fleet.name, wanted))
             return
         try:
             verified = verify_manifest(
@@ -138,7 +148,7 @@ class ServingDevice:
                 log.info("model version %s waits for local images to check it on", wanted)
                 return
             version = self.model.refresh(header, weights, images, names)
-        except ProtocolError as error:
+        except FedFMXError as error:  # junk on the wire, or a version this device cannot serve
             log.warning("refused model version %s: %s", wanted, error)
             with self._changed:  # the genuine pair may still come (retained, restored)
                 self._manifests.pop(wanted, None)
@@ -153,6 +163,7 @@ class ServingDevice:
             self.session.unsubscribe(model_body_filter(self.fleet.name, self._fetching))
         with self._changed:
             self._fetching, self._body = version, None
+        self._fetch_started = time.monotonic()
         self.session.subscribe(model_body_filter(self.fleet.name, version), self._on_body)
 
     def _on_manifest(self, topic: str, message: bytes) -> None:
@@ -188,7 +199,7 @@ class ServingDevice:
             self.session.publish_raw(
                 topic, status.model_dump_json().encode(), retain=True, timeout_s=3.0
             )
-        except (TimeoutError, OSError, ProtocolError) as error:
+        except (TimeoutError, FedFMXError) as error:
             log.warning("status %s not delivered: %s", state, error)
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import onnxruntime as ort
 
 from export.inference import open_session
-from export.onnx_model import INPUT_NAME
 from fedfmx.trunk_spec import backbone_id
 
 FEATURES_NAME = "features"
@@ -41,10 +40,11 @@ class TrunkRuntime:
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """Features of `images` [N, C, H, W], `TRUNK_BATCH` at a time (bounded memory)."""
+        name = self.session.get_inputs()[0].name
         parts = [
             np.asarray(
                 self.session.run(
-                    None, {INPUT_NAME: np.ascontiguousarray(images[start : start + TRUNK_BATCH])}
+                    None, {name: np.ascontiguousarray(images[start : start + TRUNK_BATCH])}
                 )[0],
                 np.float32,
             )
