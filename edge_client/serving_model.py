@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 TEMPLATE_FILE = "template.onnx"
 PARITY_ROWS = 512
 """Local images the parity check (and the trunk's calibration) use."""
+PARITY_BATCH = 32
+"""Rows per parity run, in sessions without a memory arena: the check's peak stays small."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,13 +104,14 @@ class ServingModel:
         if int8:
             served_path = self.work / f"model-v{header.version}.onnx"
             quantize_onnx(fp32_path, served_path, "dynamic", metadata, preprocess=False)
-            reference = self._classifier(fp32_path, metadata)
-            candidate = self._classifier(served_path, metadata)
+            reference = self._classifier(fp32_path, metadata, arena=False)
+            candidate = self._classifier(served_path, metadata, arena=False)
             report = compare_logits(
-                batched_logits(reference.logits, inputs),
-                batched_logits(candidate.logits, inputs),
+                batched_logits(reference.logits, inputs, PARITY_BATCH),
+                batched_logits(candidate.logits, inputs, PARITY_BATCH),
                 targets,
             )
+            del reference, candidate  # their sessions go before the served one opens
             try:
                 require_parity(report, True, f"model version {header.version} int8")
             except ParityError as error:
@@ -132,8 +135,10 @@ class ServingModel:
             self.trunk = TrunkRuntime.load(trunk, self.input_size, self.profile.threads)
         return self.trunk.features(images)
 
-    def _classifier(self, path: Path, metadata: ExportMetadata) -> OnnxClassifier:
-        session = open_session(path, ["CPUExecutionProvider"], self.profile.threads)
+    def _classifier(
+        self, path: Path, metadata: ExportMetadata, arena: bool = True
+    ) -> OnnxClassifier:
+        session = open_session(path, ["CPUExecutionProvider"], self.profile.threads, arena)
         return OnnxClassifier(path, session, metadata)
 
     def served(self) -> Served:
