@@ -84,6 +84,8 @@ class ServingDevice:
         """The version whose body is subscribed to."""
         self._body: bytes | None = None
         self._fetch_started = 0.0
+        self._waiting: int | None = None
+        """The version last said to wait for local images (said once)."""
         self.training = False
         """Never inside a local training (what a stop signal would abandon)."""
 
@@ -145,7 +147,9 @@ class ServingDevice:
                 raise ProtocolError(f"model header says {header.fleet} v{header.version}")
             images, names = self.feed.recent_images()
             if not len(images):
-                log.info("model version %s waits for local images to check it on", wanted)
+                if self._waiting != wanted:
+                    log.info("model version %s waits for local images to check it on", wanted)
+                    self._waiting = wanted
                 return
             version = self.model.refresh(header, weights, images, names)
         except FedFMXError as error:  # junk on the wire, or a version this device cannot serve
@@ -154,9 +158,13 @@ class ServingDevice:
                 self._manifests.pop(wanted, None)
                 self._body = None
             return
-        if version is not None and self.feed.predictor is not None:
+        if version is None:  # refused (parity, no classes): wait for the next version
+            with self._changed:
+                self._manifests.pop(wanted, None)
+            return
+        if self.feed.predictor is not None:
             self.feed.predictor.serve(self.model.served(), images, names)
-            self._publish_status("online")
+        self._publish_status("online")
 
     def _follow(self, version: int) -> None:
         if self._fetching is not None:
