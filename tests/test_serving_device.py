@@ -86,6 +86,19 @@ def test_a_serving_device_needs_its_own_source(tmp_path: Path) -> None:
         open_serving_device(config)
 
 
+def test_serving_code_paths_import_no_torch() -> None:
+    """Everything `join` loads for `role: serve` (CLI, serving device, template fill, int8
+    quantizers, trunk runtime) imports without torch, in a fresh interpreter."""
+    code = (
+        "import sys; import fedfmx_cli.main, edge_client.serving_device, export.template, "
+        "export.trunk, export.quantize, edge_client.device_trunk; "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def _wait_for(predicate: object, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
