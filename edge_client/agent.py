@@ -574,6 +574,11 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
     torch.set_num_threads(fleet.training.threads)
     seed = fleet.seed * 1000 + device_number(config)
     data = open_device_data(config, fleet, seed)
+    trunk = None
+    if config.int8_trunk:
+        from edge_client.device_trunk import open_device_trunk  # ONNX Runtime
+
+        trunk = open_device_trunk(config, fleet, data)
     inference = None
     if config.serves:
         # The export stack (onnx, onnxruntime: ~50 MB resident) loads only on serving devices.
@@ -589,6 +594,7 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
         data.stream,
         seed=seed,
         cache_dir=config.state_dir / "features",  # pretrained trunk features survive restarts
+        trunk=trunk,
     )
     offline = DeviceStatus(device_id=config.device_id, state="offline", profile=profile.name)
     will = LastWill(

@@ -75,6 +75,17 @@ class DeviceConfig(Section):
     predictions: PredictionsConfig = PredictionsConfig()
     """Where predictions on unlabelled frames go, and the to-label queue."""
 
+    int8_trunk: bool = False
+    """A frozen pretrained trunk runs int8 through ONNX Runtime (made once from this device's own
+    images, `edge_client.device_trunk`): the features it trains on, faster and lighter than the
+    torch trunk. Every device of a fleet should say the same (one feature extractor)."""
+    role: Literal["train", "serve"] = "train"
+    """`serve`: a device that only serves the fleet's newest model on its own frames, through
+    ONNX Runtime without torch (`edge_client.serving_device`); it never trains or sends."""
+    serving_files: Path | None = None
+    """`role: serve`: the folder `fedfmx-edge export-serving` wrote (the model template, and
+    the fp32 trunk of a pretrained backbone); None: `state_dir/serving`."""
+
     exit_after_last_round: bool = True
     """Stop once the fleet's last scheduled round is answered (simulations); False keeps the
     device waiting for more rounds."""
@@ -113,6 +124,7 @@ def load_device_config(path: Path) -> DeviceConfig:
             "fleet_file": _resolve(config.fleet_file, base),
             "state_dir": _resolve(config.state_dir, base),
             "fleet_public_key": _resolve(config.fleet_public_key, base),
+            "serving_files": _resolve(config.serving_files, base),
             "data": _resolve_source(config.data, base),
             "predictions": config.predictions.model_copy(
                 update={"to_label_dir": _resolve(config.predictions.to_label_dir, base)}

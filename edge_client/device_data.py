@@ -14,7 +14,6 @@ from edge_client.feed import StreamFeed
 from edge_client.predictions import StreamPredictor
 from edge_client.sample_store import SampleStore
 from edge_client.sources.base import SampleSource
-from edge_client.sources.partition import open_partition
 from edge_client.store_stream import StoreStream
 from edge_client.stream_config import CameraSourceConfig, FolderSourceConfig
 from fedfmx.config import FleetConfig
@@ -31,7 +30,7 @@ class DeviceData:
     """None for a fleet partition (nothing arrives while the device runs)."""
 
 
-def _sources(source: FolderSourceConfig | CameraSourceConfig) -> list[SampleSource]:
+def device_sources(source: FolderSourceConfig | CameraSourceConfig) -> list[SampleSource]:
     from edge_client.sources.folder import FolderSource  # watchdog: only for folders
 
     if isinstance(source, FolderSourceConfig):
@@ -56,6 +55,8 @@ def _trunk(config: DeviceConfig, fleet: FleetConfig) -> FeatureFn | None:
 def open_device_data(config: DeviceConfig, fleet: FleetConfig, seed: int) -> DeviceData:
     source = config.data
     if isinstance(source, PartitionSource):
+        from edge_client.sources.partition import open_partition  # torch: a fleet simulation
+
         samples, stream = open_partition(source, fleet)
         return DeviceData(samples, stream, None)
     spec = fleet_image_input(fleet)
@@ -66,5 +67,5 @@ def open_device_data(config: DeviceConfig, fleet: FleetConfig, seed: int) -> Dev
     if config.serves:
         predictor = StreamPredictor(config.device_id, spec, config.predictions, config.state_dir)
     store_stream = StoreStream(store)
-    feed = StreamFeed(_sources(source), store, spec, predictor)
+    feed = StreamFeed(device_sources(source), store, spec, predictor)
     return DeviceData(store_stream, store_stream, feed)

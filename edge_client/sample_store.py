@@ -45,8 +45,8 @@ from fedfmx.config import ClassPolicyConfig, ImageInputConfig
 from fedfmx.errors import DataError
 from fedfmx.feature_cache import FeatureFn
 from fedfmx.preprocessing import decode_image, fit_pixels, normalise
-from fedfmx.pretrained import TRUNK_FEATURES
 from fedfmx.storage import transaction
+from fedfmx.trunk_spec import TRUNK_FEATURES
 
 log = logging.getLogger(__name__)
 

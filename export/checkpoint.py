@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,8 +23,10 @@ from fedfmx.config import FleetConfig, ImageInputConfig
 from fedfmx.datasets import ImageDataset
 from fedfmx.errors import DataError
 from fedfmx.messages import ModelHeader
-from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
 from fedfmx.preprocessing import fleet_image_input
+
+if TYPE_CHECKING:  # torch only to build or read a model: a serving device reads specs only
+    from fedfmx.model import FedFMXModel
 
 CHECKPOINT_FORMAT = "fedfmx-checkpoint/1"
 PIXEL_MAX = {"fashion_mnist": 255.0, "digits": 16.0}
@@ -92,6 +94,8 @@ class Checkpoint:
 
     def build(self) -> FedFMXModel:
         """The torch model in eval mode, routed exactly as the fleet trains it."""
+        from fedfmx.model import build_model, load_numpy_state
+
         model = build_model(
             self.fleet.network, self.fleet.routing, len(self.header.class_names), self.fleet.seed
         )
@@ -102,6 +106,8 @@ class Checkpoint:
     def of_model(
         cls, model: FedFMXModel, fleet: FleetConfig, header: ModelHeader, spec: InputSpec
     ) -> Checkpoint:
+        from fedfmx.model import state_to_numpy
+
         return cls(fleet=fleet, header=header, input=spec, weights=state_to_numpy(model))
 
 

@@ -63,8 +63,13 @@ def execution_providers(
     return ["CPUExecutionProvider"]
 
 
-def open_session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
-    """An ORT session on `threads` intra-op threads; a missing or corrupt file is a DataError."""
+def open_session(
+    path: Path, providers: list[str], threads: int, arena: bool = True
+) -> ort.InferenceSession:
+    """An ORT session on `threads` intra-op threads; a missing or corrupt file is a DataError.
+
+    `arena=False` returns activation memory after each run instead of keeping it pooled (a
+    trunk run in batches beside torch on a Pi's memory budget)."""
     if not path.is_file():
         raise DataError(f"{path}: no such model file")
     refuse_oversize(path, MAX_MODEL_FILE_BYTES, "a model")
@@ -73,6 +78,7 @@ def open_session(path: Path, providers: list[str], threads: int) -> ort.Inferenc
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = arena
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except _LOAD_ERRORS as error:

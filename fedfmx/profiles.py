@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import psutil
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedfmx.config import FleetConfig, read_yaml, validate_document
 from fedfmx.errors import ConfigError
+
+if TYPE_CHECKING:  # torch only to train: a serving-only device reads its profile without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
 
 def training_device(profile: DeviceProfile) -> torch.device:
     """The device to train on; says clearly when the profile's GPU is missing."""
+    import torch
+
     if not profile.use_gpu:
         return torch.device("cpu")
     if torch.cuda.is_available():

@@ -20,7 +20,15 @@ from aggregator.events import configure_logging
 from fedfmx.compat import StrEnum
 from fedfmx.config import FleetConfig, load_fleet, validate_document
 from fedfmx.errors import ConfigError
-from fedfmx_cli import deploy, enrolment, operations, provisioning, services, stream_commands
+from fedfmx_cli import (
+    deploy,
+    enrolment,
+    operations,
+    provisioning,
+    services,
+    serving,
+    stream_commands,
+)
 from fedfmx_cli.console import console, one_line_errors
 from transport.brokers import BrokerChoice
 
@@ -192,6 +200,7 @@ services.register(app)
 operations.register(app)
 enrolment.register(app)
 stream_commands.register(app)
+serving.register(app)
 
 bench = typer.Typer(no_args_is_help=True, help="Reproducible benchmarks (JSON + PNG).")
 app.add_typer(bench, name="bench")

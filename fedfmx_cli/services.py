@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -31,6 +31,10 @@ from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError
 from fedfmx_cli.console import one_line_errors
 from fedfmx_cli.systemd import SystemdNotifier
+
+if TYPE_CHECKING:
+    from edge_client.agent import EdgeDevice
+    from edge_client.serving_device import ServingDevice
 
 FleetOption = Annotated[
     Path | None, typer.Option("--fleet", help="Fleet YAML; default: the embedded demo fleet.")
@@ -157,11 +161,19 @@ def join(
     config: Annotated[Path, typer.Option("--config", help="The device YAML.")],
     json_logs: JsonLogs = False,
 ) -> None:
-    """Run one edge device: train on its local stream when a round includes it, send updates."""
-    from edge_client.agent import open_device  # torch: the device trains
-
+    """Run one edge device: train on its local stream when a round includes it, send updates
+    (`role: serve` in its YAML: only serve the fleet's newest model, without torch)."""
     configure_logging(json_logs)
-    device = open_device(load_device_config(config))
+    device_config = load_device_config(config)
+    device: EdgeDevice | ServingDevice
+    if device_config.role == "serve":
+        from edge_client.serving_device import open_serving_device  # ONNX Runtime, no torch
+
+        device = open_serving_device(device_config)
+    else:
+        from edge_client.agent import open_device  # torch: the device trains
+
+        device = open_device(device_config)
     notifier = SystemdNotifier()
     try:
         # READY=1 on the loop's first turn

@@ -1,0 +1,167 @@
+"""The frozen EfficientNet-Lite0 trunk in int8 through ONNX Runtime: parity, size and speed.
+
+    nice -n 19 python benchmarks/trunk_int8.py   # → results/trunk_int8.{json,png}  (~4 min)
+
+Each recipe quantizes the same fp32 trunk (`export.trunk.export_trunk`, 64 px, the fleets'
+default) with calibration images from Fashion-MNIST's *training* split (the device's own images:
+256 of them); a ridge head is fitted on 2,000 other training images and judged on 2,000 test
+images (`export.trunk.trunk_parity`). Recipes, each adding one lever to the one before:
+
+- `conv-only`: the first attempt's op types (Conv/Gemm/MatMul), per-channel weights, MinMax;
+- `+clip`: ReLU6 (`Clip`) quantized with its convolution, plus residual Adds and the pooling;
+- `+bias-correction`: the shipped recipe (`export.trunk.quantize_trunk`).
+
+Latency: batch 1 and batch 16 with the `raspberry-pi-4` profile's 3 threads and with 1
+thread, on *this* machine (2 cores shared with other jobs: the load is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from export.checkpoint import InputSpec
+from export.trunk import (
+    QUANTIZED_OPS,
+    TrunkFeatures,
+    export_trunk,
+    quantize_trunk,
+    trunk_parity,
+)
+from export.trunk_runtime import TrunkRuntime
+from fedfmx.datasets import load_dataset
+from fedfmx.profiles import load_profile
+from fedfmx.trunk_spec import INPUT_SIZE
+
+RESULTS = Path(__file__).parent / "results"
+RECIPES: dict[str, tuple[list[str], bool]] = {
+    "conv-only": (["Conv", "Gemm", "MatMul"], False),
+    "+clip": (QUANTIZED_OPS, False),
+    "+bias-correction": (QUANTIZED_OPS, True),
+}
+
+
+def latency_ms(runtime: TrunkRuntime, images: np.ndarray, batch: int, runs: int) -> float:
+    """Median wall time of one `batch`-image run, in ms (after a warm-up)."""
+    feed = {runtime.session.get_inputs()[0].name: np.ascontiguousarray(images[:batch])}
+    for _ in range(5):
+        runtime.session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        runtime.session.run(None, feed)
+        times.append(time.perf_counter() - begin)
+    return float(np.median(times) * 1e3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=200)
+    args = parser.parse_args()
+    threads = load_profile("raspberry-pi-4").threads
+    dataset = load_dataset("fashion_mnist")
+    rng = np.random.default_rng(0)
+    train = rng.permutation(len(dataset.train_x))
+    calibration = dataset.train_x[train[:256]]
+    fit_rows, judge_rows = train[256:2256], rng.permutation(len(dataset.test_x))[:2000]
+    names = np.array(dataset.class_names)
+    spec = InputSpec.of_dataset(dataset)
+    rows: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="trunk-int8-") as folder:
+        fp32_path = export_trunk(spec, INPUT_SIZE, Path(folder) / "fp32.onnx")
+        fp32 = TrunkRuntime.load(fp32_path, INPUT_SIZE, threads)
+        fit_fp32 = fp32.features(dataset.train_x[fit_rows])
+        judge_fp32 = fp32.features(dataset.test_x[judge_rows])
+        files = {"fp32": fp32_path}
+        for name, (op_types, correct) in RECIPES.items():
+            out = Path(folder) / f"{name}.onnx"
+            started = time.perf_counter()
+            quantize_trunk(fp32_path, out, calibration, op_types, correct)
+            seconds = time.perf_counter() - started
+            files[name] = out
+            runtime = TrunkRuntime.load(out, INPUT_SIZE, threads)
+            fit = TrunkFeatures(
+                fit_fp32,
+                runtime.features(dataset.train_x[fit_rows]),
+                names[dataset.train_y[fit_rows]],
+            )
+            judge = TrunkFeatures(
+                judge_fp32,
+                runtime.features(dataset.test_x[judge_rows]),
+                names[dataset.test_y[judge_rows]],
+            )
+            parity = trunk_parity(fit, judge)
+            error = judge.int8 - judge.fp32
+            rows[name] = {
+                "quantize_seconds": seconds,
+                "sqnr_db": float(10 * np.log10((judge.fp32**2).sum() / (error**2).sum())),
+                **parity.__dict__,
+                "same_head_drop": parity.same_head_drop,
+                "own_head_drop": parity.own_head_drop,
+            }
+            print(name, json.dumps(rows[name]), flush=True)
+        for name, path in files.items():
+            cell = rows.setdefault(name, {})
+            cell["file_bytes"] = path.stat().st_size
+            cell["size_vs_fp32"] = path.stat().st_size / fp32_path.stat().st_size
+            for count in (threads, 1):
+                runtime = TrunkRuntime.load(path, INPUT_SIZE, count)
+                images = dataset.test_x[:16]
+                cell[f"batch1_ms_{count}t"] = latency_ms(runtime, images, 1, args.runs)
+                cell[f"batch16_ms_{count}t"] = latency_ms(runtime, images, 16, args.runs // 4)
+            print(name, {k: v for k, v in cell.items() if "ms" in k or "size" in k}, flush=True)
+    document = {
+        "benchmark": "trunk_int8",
+        "machine": f"{platform.platform()}, {os.cpu_count()} cores",
+        "load_average": os.getloadavg(),
+        "profile_threads": threads,
+        "input_size": INPUT_SIZE,
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "trunk_int8.json").write_text(json.dumps(document, indent=2))
+    _plot(rows, threads, RESULTS / "trunk_int8.png")
+
+
+def _plot(rows: dict[str, dict[str, object]], threads: int, path: Path) -> None:
+    recipes = list(RECIPES)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(recipes))
+    for offset, key, label in (
+        (-0.2, "same_head_agreement", "top-1 agreement, same head"),
+        (0.2, "own_head_accuracy", "accuracy, head fitted on int8"),
+    ):
+        left.bar(x + offset, [100 * float(rows[r][key]) for r in recipes], 0.4, label=label)  # type: ignore[arg-type]
+    left.axhline(99, color="k", linestyle="--", linewidth=1, label="99% agreement bound")
+    left.axhline(
+        100 * float(rows["+bias-correction"]["fp32_accuracy"]),  # type: ignore[arg-type]
+        color="grey",
+        linestyle=":",
+        label="fp32 accuracy",
+    )
+    left.set_xticks(x, recipes)
+    left.set_ylim(75, 100)
+    left.set_ylabel("%")
+    left.legend(fontsize=8)
+    left.set_title("int8 trunk vs fp32 trunk (Fashion-MNIST test)")
+    names = ["fp32", *recipes]
+    right.bar(names, [float(rows[n][f"batch1_ms_{threads}t"]) for n in names])  # type: ignore[arg-type]
+    right.set_ylabel(f"batch-1 latency, ms ({threads} threads)")
+    right.set_title("ONNX Runtime, this machine")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
