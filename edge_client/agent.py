@@ -484,10 +484,12 @@ class EdgeDevice:
             body = self._bodies.pop(manifest.version)
         try:
             payload = assemble_verified(manifest, chunk_payload(body, manifest.chunk_bytes))
-            return self._checked_model(manifest.version, payload)
+            model = self._checked_model(manifest.version, payload)
         except ProtocolError as error:
             log.warning("refused a body of model version %s: %s", manifest.version, error)
             return None
+        log.info("model version %s in full (%d bytes)", manifest.version, len(payload))
+        return model
 
     def _verified_delta(self, manifest: Manifest) -> GlobalVersion | None:
         """The version the received delta gives when applied to the held one, if the delta is
