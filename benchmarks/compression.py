@@ -7,7 +7,8 @@
 Writes benchmarks/results/compression.json and compression.png (accuracy vs uplink bytes,
 log x) and prints a markdown table. The reference is `fedavg`'s uplink: the whole model in fp32.
 
-`--demo` runs the README's demo fleet (in process, full data, seed 0) with the old wire
+`--demo` runs the README's demo fleet (in process, full data, seed 0; `--fleet`, `--method`
+for another) with the old wire
 (float32 updates, every version in full float32) and with the defaults (int8 + zstd updates,
 each version as an int8 + zstd delta against the previous one, `fedfmx.model_delta`), and
 writes compression_demo.{json,png}: downlink and uplink bytes per device per round, accuracy.
@@ -30,7 +31,7 @@ from fedfmx.benchmark import (
     stat,
     summarise,
 )
-from fedfmx.config import FleetConfig
+from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.messages import CodecSettings
 from fedfmx.plots import plot_accuracy_vs_bytes, plot_wire_bytes
 from fedfmx.simulation import load_fleet_dataset, run_simulation
@@ -49,8 +50,8 @@ CODECS: dict[str, CodecSettings] = {
 
 
 WIRES: dict[str, dict[str, object]] = {
-    "old: fp32 up, full fp32 down": {"codec": {}, "downlink": {"delta": False}},
-    "defaults: int8+zstd up, int8 delta down": {},
+    "old wire": {"codec": {}, "downlink": {"delta": False}},
+    "defaults": {},
 }
 """The demo fleet's wire before this change, and its defaults now (fleet sections)."""
 
@@ -71,11 +72,11 @@ class WireCell:
     downlink: dict[str, object]
 
 
-def demo_wires() -> None:
-    """The demo fleet with the old wire and with the defaults: bytes per device-round, accuracy."""
+def demo_wires(base: FleetConfig, name: str) -> None:
+    """`base` with the old wire and with the defaults: bytes per device-round, accuracy."""
     cells: dict[str, WireCell] = {}
     for label, sections in WIRES.items():
-        fleet = FleetConfig.model_validate(sections)
+        fleet = FleetConfig.model_validate(base.model_dump() | sections)
         result = run_simulation(fleet, load_fleet_dataset(fleet))
         device_rounds = fleet.protocol.num_clients * len(result.rounds)
         cells[label] = WireCell(
@@ -92,12 +93,12 @@ def demo_wires() -> None:
         )
         print(f"{label}: final {100 * result.final_accuracy:.1f}%", flush=True)
     document = {
-        "benchmark": "compression_demo",
-        "fleet": "demo (built-in, in process, seed 0)",
+        "benchmark": name,
+        "fleet": f"{base.name}, method {base.method}, in process, seed {base.seed}",
         "results": {label: asdict(cell) for label, cell in cells.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compression_demo.json").write_text(json.dumps(document, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(document, indent=2))
     bars = {
         label: (
             cell.downlink_bytes_per_device_round,
@@ -106,7 +107,9 @@ def demo_wires() -> None:
         )
         for label, cell in cells.items()
     }
-    plot_wire_bytes(bars, RESULTS / "compression_demo.png", "demo fleet: bytes per device-round")
+    plot_wire_bytes(
+        bars, RESULTS / f"{name}.png", f"{base.name} ({base.method}): bytes per device-round"
+    )
     print(
         "| wire | final acc (%) | AIA (%) | downlink / device / round (KB) "
         "| uplink / device / round (KB) |\n|---|---|---|---|---|"
@@ -131,9 +134,16 @@ def main() -> None:
     parser.add_argument(
         "--demo", action="store_true", help="the demo fleet, old vs new wire defaults"
     )
+    parser.add_argument("--fleet", type=Path, help="with --demo: another fleet YAML")
+    parser.add_argument("--method", help="with --demo: another method")
     args = parser.parse_args()
     if args.demo:
-        demo_wires()
+        base = load_fleet(args.fleet)
+        name = "compression_demo"
+        if args.fleet is not None or args.method is not None:
+            base = base.model_copy(update={"method": args.method or base.method})
+            name = f"compression_demo_{base.name}_{base.method}"
+        demo_wires(base, name)
         return
     grid = FULL if args.full else REDUCED
     base = FleetConfig.model_validate(BENCH_FLEET)
