@@ -326,7 +326,7 @@ class Aggregator:
         """Publish the current version (its delta and body chunks, then the manifest naming
         both) and retire old ones."""
         version = self.keeper.model.version
-        payload = self.keeper.model_payload()
+        payload = self.keeper.device_payload()
         fleet = self.fleet.name
         chunk_bytes = self.fleet.service.broker.max_payload_bytes
         delta = self._publish_delta(version, chunk_bytes)
@@ -338,14 +338,14 @@ class Aggregator:
         self.session.publish(
             model_manifest_topic(fleet, version), manifest.model_dump_json().encode(), retain=True
         )
-        self.state.mark_published(version, chunks)
+        self.state.mark_published(version, chunks, len(payload))
         retired = version - 2
         retired_chunks = self.state.published_chunks(retired) if retired >= 0 else None
         if retired_chunks:
             for index in range(retired_chunks):
                 self.session.clear_retained(f"{model_body_topic(fleet, retired)}/{index}")
             self.session.clear_retained(model_manifest_topic(fleet, retired))
-            self.state.mark_published(retired, 0)
+            self.state.mark_retired(retired)
         if retired >= 0:
             delta_chunks = self.state.published_delta_chunks(retired)
             for index in range(delta_chunks):

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
     version INTEGER PRIMARY KEY,
     payload BLOB,
-    payload_bytes INTEGER NOT NULL,
+    payload_bytes INTEGER NOT NULL, -- what a device is sent once published, stored bytes before
     class_names TEXT NOT NULL,
     expert_usage TEXT NOT NULL,
     published_chunks INTEGER,
@@ -258,10 +258,20 @@ class AggregatorState:
         rows = self._read("SELECT published_chunks FROM models WHERE version = ?", (version,))
         return None if not rows or rows[0][0] is None else int(rows[0][0])
 
-    def mark_published(self, version: int, chunks: int) -> None:
+    def mark_published(self, version: int, chunks: int, sent_bytes: int) -> None:
+        """The version is on the broker: `chunks` retained chunks holding `sent_bytes`."""
         self._write(
-            [("UPDATE models SET published_chunks = ? WHERE version = ?", (chunks, version))]
+            [
+                (
+                    "UPDATE models SET published_chunks = ?, payload_bytes = ? WHERE version = ?",
+                    (chunks, sent_bytes, version),
+                )
+            ]
         )
+
+    def mark_retired(self, version: int) -> None:
+        """The version's retained chunks are cleared from the broker."""
+        self._write([("UPDATE models SET published_chunks = 0 WHERE version = ?", (version,))])
 
     def mark_delta_published(self, version: int, chunks: int, payload_bytes: int) -> None:
         """A version's delta is retained on the broker in `chunks` chunks (0: cleared)."""

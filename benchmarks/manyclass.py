@@ -51,6 +51,8 @@ FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"
 BACKBONES = ("cnn", "efficientnet_lite0")
 METHODS = ("fedfmx", "fedavg", "fedprox", "fedewc", "fedlwf", "fedavg_replay", "joint")
 """FedFMX, the benchmark issue's baselines and the centralised upper bound."""
+ALL_METHODS = (*METHODS, "fedavg_replay_wa", "ridge", "fedfmx_cf", "fedfmx_cf_no_experts")
+"""Every method a grid may run (`--methods`); each keeps its colour in every plot."""
 SETTING = Setting(alpha=0.5, max_lag=1)
 
 
@@ -275,8 +277,8 @@ def write_plot(document: Mapping[str, object], path: Path) -> None:
     figure, axes = plt.subplots(
         len(rows), len(BACKBONES), figsize=(11, 3.2 * len(rows)), squeeze=False
     )
-    palette = matplotlib.colormaps["tab10"]
-    colours = {method: palette(i) for i, method in enumerate(METHODS)}
+    palette = matplotlib.colormaps["tab20"]
+    colours = {method: palette(i) for i, method in enumerate(ALL_METHODS)}
     labels: dict[str, Line2D] = {}
     for r, name in enumerate(rows):
         for c, backbone in enumerate(BACKBONES):
@@ -320,7 +322,7 @@ def markdown_table(document: Mapping[str, object]) -> str:
             "| Lite0 final acc (%) | Lite0 forgetting (pts) |",
             "|---|---|---|---|---|",
         ]
-        for method in METHODS:
+        for method in ALL_METHODS:
             cells = [backbones.get(b, {}).get(method) for b in BACKBONES]
             if all(cell is None for cell in cells):
                 continue
@@ -437,7 +439,9 @@ def main() -> None:
     parser.add_argument("--grid", choices=["reduced", "full"], default="reduced")
     parser.add_argument("--datasets", nargs="*", choices=list(DATASETS), default=list(DATASETS))
     parser.add_argument("--backbones", nargs="*", choices=BACKBONES, default=list(BACKBONES))
-    parser.add_argument("--methods", nargs="*", help="subset of methods (default: all)")
+    parser.add_argument(
+        "--methods", nargs="*", choices=ALL_METHODS, help="methods (default: METHODS)"
+    )
     parser.add_argument("--seeds", nargs="*", type=int, help="seeds (default: 0 1 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--untuned", action="store_true", help="ignore results/tuning.json")

@@ -12,7 +12,10 @@ without new rows.
 hash of its id) beside the weights, so they persist and resume with the model version:
 `analytic.fold<k>.gram` (packed triangle of `G`), `analytic.fold<k>.moments` ([C, d], rows in
 registry order), `analytic.fold<k>.counts` ([C]) and `analytic.lambda` (the `λ` in use). The
-folds give `choose_lambda` held-out devices; the head is solved on their sum.
+folds give `choose_lambda` held-out devices; the head is solved on their sum. The sums stay on
+the aggregator: a device needs the head, the candidates and its row count, never the fleet's
+`G` (d²/2 float64 per fold, ~34 MB at d = 2,048), so `device_view` drops them from the
+version the devices are sent.
 
 `λ` is chosen by *prequential* accuracy: the model also carries the head of every candidate
 `λ` (`analytic.candidates`, [L, C, d]); before a device adds rows to the sums it counts, for
@@ -56,6 +59,7 @@ LAMBDA = CLOSED_FORM_PREFIX + "lambda"
 CANDIDATES = CLOSED_FORM_PREFIX + "candidates"
 HITS = CLOSED_FORM_PREFIX + "hits"
 ROWS_PREFIX = CLOSED_FORM_PREFIX + "rows."
+FLEET_SUMS_PREFIX = CLOSED_FORM_PREFIX + "fold"
 HEAD_WEIGHT = "head.weight"
 
 Arrays = dict[str, np.ndarray]
@@ -104,6 +108,11 @@ def statistics_of_update(
     return stats
 
 
+def device_view(weights: Mapping[str, np.ndarray]) -> Arrays:
+    """The model's tensors a device is sent: all but the fleet's sums (module docstring)."""
+    return {n: np.asarray(v) for n, v in weights.items() if not n.startswith(FLEET_SUMS_PREFIX)}
+
+
 def rows_held(weights: Mapping[str, np.ndarray], device_id: str) -> int:
     """How many of the device's rows the fleet's sums hold."""
     count = weights.get(ROWS_PREFIX + device_id)
@@ -122,7 +131,7 @@ def fleet_folds(
     dim = weights[HEAD_WEIGHT].shape[1]
     result = []
     for k in range(folds):
-        prefix = f"{CLOSED_FORM_PREFIX}fold{k}."
+        prefix = f"{FLEET_SUMS_PREFIX}{k}."
         if prefix + "gram" not in weights:
             result.append(FeatureStatistics.empty(dim))
             continue
@@ -160,7 +169,7 @@ def refit(
     for device, rows in round_rows.items():
         state[ROWS_PREFIX + device] = np.array([float(rows_held(weights, device) + rows)])
     for k, fold in enumerate(folds):
-        prefix = f"{CLOSED_FORM_PREFIX}fold{k}."
+        prefix = f"{FLEET_SUMS_PREFIX}{k}."
         state[prefix + "gram"] = pack_triangle(fold.gram)
         state[prefix + "moments"] = (
             np.stack([fold.moments.get(n, np.zeros(fold.dim)) for n in registry])

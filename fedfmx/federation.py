@@ -33,6 +33,7 @@ from fedfmx.aggregation import (
 )
 from fedfmx.analytic import FeatureStatistics
 from fedfmx.analytic_state import (
+    device_view,
     fold_of,
     refit,
     rows_held,
@@ -131,6 +132,7 @@ class RoundKeeper:
         self.current: OpenRound | None = None
         self._model_payload: tuple[int, bytes] | None = None
         self._delta: tuple[int, EncodedDelta] | None = None
+        self._device_payload: tuple[int, bytes] | None = None
         self._center = robust_center(fleet.robustness)
 
     def open_round(
@@ -174,7 +176,7 @@ class RoundKeeper:
         )
 
     def model_payload(self) -> bytes:
-        """The current version, encoded once and reused for every device."""
+        """The current version as the aggregator stores it, encoded once per version."""
         if self._model_payload is None or self._model_payload[0] != self.model.version:
             self._model_payload = (
                 self.model.version,
@@ -191,13 +193,16 @@ class RoundKeeper:
 
     def _published(self, merged: GlobalModel) -> GlobalModel:
         """The merged version as it is published: `base + decoded(delta)` (`fedfmx.model_delta`),
-        so that every device ends on the same bits whether it applies the delta or not."""
+        so that every device ends on the same bits whether it applies the delta or not. The
+        delta is between the versions as devices are sent them (`device_view`)."""
         downlink = self.fleet.downlink
         if not downlink.delta:
             return merged
-        base_digest = payload_digest(self.model_payload())
+        base_digest = payload_digest(self.device_payload())
         lossless = downlink.quantize == "none" or self.fleet.closed_form
-        published = publishable(self.model.weights, merged.weights, lossless)
+        published = publishable(
+            device_view(self.model.weights), device_view(merged.weights), lossless
+        )
         header = DeltaHeader(
             fleet=self.fleet.name,
             version=merged.version,
@@ -207,9 +212,17 @@ class RoundKeeper:
             tensors=published.tensors,
         )
         self._delta = (merged.version, encode_delta(header, published.parts, downlink.zstd_level))
-        return GlobalModel(
-            merged.version, published.weights, merged.class_names, merged.expert_usage
-        )
+        weights = merged.weights | published.weights
+        return GlobalModel(merged.version, weights, merged.class_names, merged.expert_usage)
+
+    def device_payload(self) -> bytes:
+        """The current version as devices are sent it (`device_view`), encoded once per version."""
+        if self._device_payload is None or self._device_payload[0] != self.model.version:
+            self._device_payload = (
+                self.model.version,
+                encode_model(self.model_header(), device_view(self.model.weights)),
+            )
+        return self._device_payload[1]
 
     def accept(self, payload: bytes, sender: str | None = None) -> UpdateHeader | None:
         """Validate and fold one update in; returns None for a duplicate (QoS 1 redelivery).

@@ -322,7 +322,7 @@ def run_inproc(
     for round_index in range(plan.num_rounds):
         participants = [d.device_id for d in devices]
         announcement = keeper.open_round(round_index, participants, deadline_unix=0.0)
-        payload = keeper.model_payload()
+        payload = keeper.device_payload()
         delta = keeper.delta_payload()
         header, weights = decode_model(payload, max_bytes=MAX_MODEL_BYTES)
         log = RoundLog(round_index, announcement.task, 0, 0, 0, 0.0)

@@ -55,6 +55,12 @@ def test_a_round_resumes_with_its_stored_updates_and_closes_with_its_model(tmp_p
     assert (totals.updates, totals.skips, totals.uplink_bytes) == (1, 1, len(b"update-1"))
     assert totals.downlink_bytes > 3 * len(model(0).payload)
 
+    reopened.mark_published(0, 1, 10_000)  # devices are sent another form of version 0
+    assert reopened.round_totals()[0].downlink_bytes > 3 * 10_000
+    reopened.mark_retired(0)
+    assert reopened.published_chunks(0) == 0
+    assert reopened.round_totals()[0].downlink_bytes > 3 * 10_000
+
 
 def test_old_model_payloads_are_pruned_but_their_rows_stay(tmp_path: Path) -> None:
     state = AggregatorState(tmp_path / "state.sqlite", "city")

@@ -73,8 +73,11 @@ FILE_COMMANDS: list[tuple[str, str]] = [
     ("rollback --fleet", "rollback --to 0 --fleet {f}"),
     ("rollback --state", "rollback --to 0 --state {f}"),
     ("devices list --credentials", "devices list --credentials {f}"),
-    ("enrol --ca", "enrol --device-id d1 --fleet-name f --enrol-url mqtts://127.0.0.1:9 --ca {f} "
-     "--token t --out {tmp}/e --wait 1"),
+    (
+        "enrol --ca",
+        "enrol --device-id d1 --fleet-name f --enrol-url mqtts://127.0.0.1:9 --ca {f} "
+        "--token t --out {tmp}/e --wait 1",
+    ),
     ("camera-demo --data-path", "camera-demo {tmp}/demo --data-path {f}"),
 ]
 """Each command line with `{f}` where the bad file goes."""

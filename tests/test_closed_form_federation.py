@@ -9,14 +9,17 @@ import torch
 
 from fedfmx.analytic import FeatureStatistics, solve_head
 from fedfmx.analytic_state import (
+    CANDIDATES,
+    FLEET_SUMS_PREFIX,
     GRAM,
     LAMBDA,
     MOMENTS,
+    ROWS_PREFIX,
     fleet_folds,
     prequential_hits,
     statistics_tensors,
 )
-from fedfmx.codec import encode_update
+from fedfmx.codec import MAX_MODEL_BYTES, decode_model, encode_update
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ProtocolError
 from fedfmx.federation import RoundKeeper
@@ -104,6 +107,23 @@ def test_statistics_cross_the_codec_and_merge_into_the_exact_head(
     assert (
         np.max(np.abs(model.weights["head.weight"] - exact)) <= 50 * tolerance * np.abs(exact).max()
     )
+
+
+def test_devices_are_sent_the_head_but_not_the_fleets_sums() -> None:
+    config = fleet(dim=256)
+    keeper = keeper_for(config)
+    stats = device_statistics(4, dim=256)
+    assert keeper.accept(payload(config, stats)) is not None
+    keeper.close_round()
+    _, stored = decode_model(keeper.model_payload(), max_bytes=MAX_MODEL_BYTES)
+    _, sent = decode_model(keeper.device_payload(), max_bytes=MAX_MODEL_BYTES)
+    sums = {name for name in stored if name.startswith(FLEET_SUMS_PREFIX)}
+    assert sums and not sums & set(sent)
+    assert set(stored) - sums == set(sent)
+    for name in ("head.weight", CANDIDATES, LAMBDA, ROWS_PREFIX + "device-000"):
+        np.testing.assert_array_equal(sent[name], stored[name])
+    saved = sum(stored[name].nbytes for name in sums)
+    assert len(keeper.device_payload()) <= len(keeper.model_payload()) - saved
 
 
 def test_compact_forms_shrink_the_payload() -> None:

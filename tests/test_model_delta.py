@@ -180,7 +180,7 @@ def test_the_keeper_publishes_base_plus_decoded_delta_and_only_when_it_merged(
     first = initial_model(fleet)
     keeper = RoundKeeper(fleet, first)
     assert keeper.delta_payload() is None  # version 0 has no base
-    base_payload = keeper.model_payload()
+    base_payload = keeper.device_payload()
     keeper.open_round(0, ["device-000"], 0.0)
     keeper.accept(_update(fleet, first, "device-000"))
     model = keeper.close_round()
@@ -188,7 +188,7 @@ def test_the_keeper_publishes_base_plus_decoded_delta_and_only_when_it_merged(
     assert delta is not None and delta.base_version == 0
     header, decoded = decode_delta(delta.payload, first.weights, decoded_bytes=delta.decoded_bytes)
     assert header.base_sha256 == payload_digest(base_payload)
-    full = keeper.model_payload()
+    full = keeper.device_payload()
     assert encode_model(keeper.model_header(), decoded) == full  # the full version's exact bytes
     assert model.class_names == header.class_names == ["a", "b"]
     # A keeper restored on that version (an aggregator restart) has no delta to offer.
