@@ -339,7 +339,16 @@ def main() -> None:
     parser.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--districts", type=int, help="Run the tree instead (see mqtt_tree.py): K districts."
+    )
+    parser.add_argument("--tree-devices", type=int, nargs="+", default=[10_000])
     args = parser.parse_args()
+    if args.districts is not None:
+        from mqtt_tree import main as tree_main  # benchmarks/ is this script's folder
+
+        tree_main(args.districts, args.tree_devices, args.rounds, args.out)
+        return
     results = []
     for devices in args.devices:
         result = measure(devices, args.rounds)

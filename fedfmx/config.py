@@ -328,6 +328,34 @@ UPLINK_DEFAULT_CLOSED_FORM = CodecSettings(zstd_level=3)
 21 points (benchmarks/README, closed-form wire)."""
 
 
+class DistrictsConfig(Section):
+    """The root of a tree of district aggregators (`aggregator.root`, docs/decisions.md).
+
+    Each district serves its own devices behind its own Mosquitto, bridged to the root's, and
+    forwards one partial merge per round. The root's quorum counts *devices* through their
+    districts' partials: a round closes once every participating district's partial arrived,
+    or `partial_grace_s` after the devices' deadline once the partials cover
+    `service.quorum_fraction` of the round's participants (else the deadline is extended, up
+    to `service.max_extensions` times, as in a flat fleet).
+    """
+
+    ids: list[str] = Field(min_length=1, max_length=1000)
+    """The districts that may send partials (each id is its certificate's CN on the root's
+    broker and one topic level: `[A-Za-z0-9_-]{1,64}`)."""
+    partial_grace_s: float = Field(default=30.0, gt=0)
+    """How long after the devices' deadline the root waits for partials before its quorum
+    rule applies (a district closes at the deadline and needs a moment to forward)."""
+
+    @model_validator(mode="after")
+    def _ids_are_topic_levels(self) -> DistrictsConfig:
+        for district in self.ids:
+            if not district.replace("-", "").replace("_", "").isalnum() or len(district) > 64:
+                raise ValueError(f"district id {district!r}: use letters, digits, '-' and '_'")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("district ids must be unique")
+        return self
+
+
 class ClassPolicyConfig(Section):
     """Which class names devices may bring into the fleet, and when (class discovery)."""
 
@@ -362,6 +390,8 @@ class FleetConfig(Section):
     """Norm clipping and robust merges against hostile or broken updates."""
     classes: ClassPolicyConfig = ClassPolicyConfig()
     """Allowed class names and the samples a device needs before it reports a class."""
+    districts: DistrictsConfig | None = None
+    """Set on the root of a tree of district aggregators; None: a flat fleet."""
 
     @property
     def routing(self) -> FedFMXConfig:
@@ -427,6 +457,24 @@ class FleetConfig(Section):
         pixels = self.model.backbone != "efficientnet_lite0"
         if self.method == "ridge" and pixels and self.model.random_features == 0:
             raise ValueError("method ridge on raw pixels needs model.random_features > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _districts_merge_associatively(self) -> FleetConfig:
+        """A tree forwards sums: only merges that are sums survive it (docs/decisions.md)."""
+        if self.districts is None:
+            return self
+        if self.robustness.merge != "mean":
+            raise ValueError(
+                f"robustness.merge {self.robustness.merge} is not associative: a median or "
+                "trimmed mean of district partials is not the fleet's; use merge: mean with "
+                "districts (clip_norm and max_update_norm apply at each district)"
+            )
+        if self.method in CLOSED_FORM_METHODS:
+            raise ValueError(
+                f"method {self.method} with districts: closed-form statistics are not "
+                "forwarded by districts yet; run it as a flat fleet"
+            )
         return self
 
     @model_validator(mode="after")

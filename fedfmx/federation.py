@@ -45,6 +45,7 @@ from fedfmx.config import FleetConfig, RobustnessConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import DeltaHeader, ModelHeader, RoundAnnouncement, UpdateHeader
 from fedfmx.model_delta import EncodedDelta, encode_delta, payload_digest, publishable
+from fedfmx.partials import PartialHeader, decode_partial
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,46 @@ class RoundKeeper:
             kept = {n: v for n, v in tensors.items() if not n.startswith(FISHER_PREFIX)}
             self.current.updates.append((header, kept))
         self.current.received.add(header.device_id)
+        return header
+
+    def accept_partial(
+        self, payload: bytes, district: str, participants: int
+    ) -> PartialHeader | None:
+        """Validate a district's partial and add its sums like an update's; None for a
+        second partial of the same district and round (a re-send after a restart: keyed by
+        (round, district), it counts once). `participants`: the district's devices in the
+        round, which bound what it may claim to have counted."""
+        if self.current is None:
+            raise ProtocolError("no round is open")
+        header, sums = decode_partial(
+            payload,
+            self.model.weights,
+            len(self.model.expert_usage),
+            self.fleet.robustness.max_update_norm,
+        )
+        announcement = self.current.announcement
+        if header.district != district:
+            raise ProtocolError(f"partial of {header.district!r} came from {district!r}")
+        if header.fleet != announcement.fleet:
+            raise ProtocolError(
+                f"partial for fleet {header.fleet!r}, this is {announcement.fleet!r}"
+            )
+        if header.round != announcement.round or header.base_version != self.model.version:
+            raise ProtocolError(
+                f"partial for round {header.round} / version {header.base_version}, "
+                f"open is round {announcement.round} / version {self.model.version}"
+            )
+        if header.answered > participants:
+            raise ProtocolError(
+                f"partial counts {header.answered} answers, the district has {participants} "
+                "participants"
+            )
+        if district in self.current.received:
+            return None
+        known = set(self.model.class_names)
+        sums.new_classes = [name for name in sums.new_classes if name not in known]
+        self.current.sums.add(sums)
+        self.current.received.add(district)
         return header
 
     def _add_statistics(self, header: UpdateHeader, tensors: Mapping[str, np.ndarray]) -> None:

@@ -229,3 +229,15 @@ class EnrolmentReply(Message):
     fleet_yaml: str = Field(max_length=1_000_000)
     fleet_public_key_pem: str | None = Field(default=None, max_length=PEM_LIMIT)
     broker_url: str = Field(max_length=1024)
+
+
+class DistrictReport(Message):
+    """A district aggregator tells the root which of its devices may take part (retained on
+    its `districts/<id>/status`); the root's announcement for the district names them."""
+
+    fleet: Name
+    district: Name
+    devices: list[Name] = Field(max_length=100_000)
+    """Registered devices alive by the flat fleet's rule (`Aggregator._participants`)."""
+    registered: int = Field(ge=0)
+    sent_unix: float

@@ -183,10 +183,13 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _spawn(config: Path, logs: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    config: Path, logs: Path, command: tuple[str, ...] = ("join", "--config")
+) -> subprocess.Popen[bytes]:
+    """`fedfmx-edge <command> <config>` as a child process logging to `<config stem>.log`."""
     with (logs / f"{config.stem}.log").open("wb") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "fedfmx_cli", "join", "--config", str(config)],
+            [sys.executable, "-m", "fedfmx_cli", *command, str(config)],
             stdout=sink,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -275,6 +278,27 @@ def _result(fleet: FleetConfig, dataset: ImageDataset, aggregator: Aggregator) -
     return result
 
 
+def run_to_the_end(
+    aggregator: Aggregator,
+    processes: dict[str, subprocess.Popen[bytes]],
+    logs: Path,
+    interrupted: threading.Event,
+    fleet: FleetConfig,
+    dataset: ImageDataset,
+) -> SimulationResult:
+    """Drive the started aggregator until the schedule is done, watching `processes` (a
+    failing one stops the run, named); then stop them all and read the results back."""
+    watch = _DeviceWatch(processes, logs, interrupted)
+    completed = False
+    try:
+        completed = aggregator.run(watch.stop)
+    finally:
+        watch.finish(completed)
+    if not completed:
+        raise FedFMXError(watch.failure or "the simulation was stopped")
+    return _result(fleet, dataset, aggregator)
+
+
 def round_log(totals: RoundTotals) -> RoundLog:
     return RoundLog(
         totals.round,
@@ -335,15 +359,7 @@ def run_over_mqtt(
             try:
                 aggregator.start()
                 devices = {c.stem: _spawn(c, logs) for c in configs}
-                watch = _DeviceWatch(devices, logs, interrupted)
-                completed = False
-                try:
-                    completed = aggregator.run(watch.stop)
-                finally:
-                    watch.finish(completed)
-                if not completed:
-                    raise FedFMXError(watch.failure or "the simulation was stopped")
-                result = _result(fleet, dataset, aggregator)
+                result = run_to_the_end(aggregator, devices, logs, interrupted, fleet, dataset)
                 result.wall_time_s = time.perf_counter() - started
             finally:
                 aggregator.session.close()

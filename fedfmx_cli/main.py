@@ -114,6 +114,14 @@ def simulate(
     checkpoint_out: Annotated[
         Path | None, typer.Option(help="Save the final global model here (for `export`).")
     ] = None,
+    districts: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Run a tree: this many district aggregators, each behind its own Mosquitto "
+            "bridged to the root's (mutual TLS), devices spread over them.",
+        ),
+    ] = None,
 ) -> None:
     """Run a whole class-incremental federation: every task, every round, every device."""
     from export.checkpoint import Checkpoint, InputSpec, save_checkpoint
@@ -142,7 +150,19 @@ def simulate(
             if not sys.stderr.isatty():
                 console.print(f"round {log.round + 1}/{total}: {status}", highlight=False)
 
-        if transport is Transport.mqtt and fleet.method != "joint":
+        if districts is not None:
+            from fedfmx_cli.tree_simulation import run_tree_over_mqtt
+
+            if broker_url is not None or transport is Transport.inproc:
+                raise ConfigError(
+                    "--districts starts its own brokers (mutual TLS, bridged): drop "
+                    "--broker-url and --transport inproc"
+                )
+
+            configure_logging(as_json=False, level=logging.WARNING)
+            interrupted = services.stop_on_signals()
+            result = run_tree_over_mqtt(fleet, dataset, districts, workdir, on_round, interrupted)
+        elif transport is Transport.mqtt and fleet.method != "joint":
             configure_logging(as_json=False, level=logging.WARNING)
             # stopped by a signal, it stops every process it started
             interrupted = services.stop_on_signals()

@@ -17,8 +17,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from aggregator.district import open_district
+from aggregator.district_config import load_district_config
 from aggregator.events import configure_logging
 from aggregator.monitoring import serve_metrics
+from aggregator.root import open_root
 from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
 from aggregator.state_lock import exclusive_state
@@ -84,9 +87,18 @@ def serve(
     listen: Annotated[
         str, typer.Option(help="Address the metrics and the page listen on (0.0.0.0: all).")
     ] = "127.0.0.1",
+    district: Annotated[
+        Path | None,
+        typer.Option(help="Serve as this district (its YAML) of a fleet with districts."),
+    ] = None,
 ) -> None:
-    """Run the fleet's aggregator: rounds, merges and model versions, resumable from its state."""
+    """Run the fleet's aggregator: rounds, merges and model versions, resumable from its state.
+
+    A fleet with a `districts` section runs its root; `--district` runs one district."""
     configure_logging(json_logs)
+    if district is not None:
+        _serve_district(district)
+        return
     fleet = _with_broker_url(load_fleet(fleet_file), broker_url)
     hooks = ServiceHooks()
     if evaluate:
@@ -96,7 +108,11 @@ def serve(
     state_path = state or fleet.service.state_file(fleet.name)
     with ExitStack() as served:
         served.enter_context(exclusive_state(state_path, "serving it again"))
-        aggregator = open_aggregator(fleet, state_path, hooks)
+        aggregator = (
+            open_aggregator(fleet, state_path, hooks)
+            if fleet.districts is None
+            else open_root(fleet, state_path, hooks)
+        )
         served.callback(aggregator.state.close)  # last: after the page and metrics stopped
         stop = stop_on_signals()
         notifier = SystemdNotifier()
@@ -108,6 +124,18 @@ def serve(
             )
             served.enter_context(page)
         _run_aggregator(aggregator, stop, notifier)
+
+
+def _serve_district(config_file: Path) -> None:
+    """`serve --district`: one district aggregator on its own broker, bridged to the root."""
+    config = load_district_config(config_file)
+    with exclusive_state(config.state_path, "serving it again"):
+        district = open_district(config)
+        try:
+            _run_aggregator(district, stop_on_signals(), SystemdNotifier())
+        finally:
+            district.partials.close()
+            district.state.close()
 
 
 def _run_aggregator(

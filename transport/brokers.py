@@ -75,13 +75,15 @@ class MosquittoBroker:
         extra_config: Sequence[str] = (),
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
+        port: int | None = None,
     ) -> None:
+        """`port`: one chosen beforehand (a bridge to this broker names it); None: a free one."""
         binary = find_mosquitto()
         if binary is None:
             raise FedFMXError("mosquitto not found: run `sudo apt-get install -y mosquitto`")
         self.binary = binary
         self.host = LOOPBACK
-        self.port = free_port()
+        self.port = port or free_port()
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.directory = Path(tempfile.mkdtemp(prefix="fedfmx-mosquitto-"))

@@ -1,0 +1,151 @@
+"""A district's partial merge on the wire: its devices' `MergeSums`, and the root's validation.
+
+A district aggregator folds its devices' validated updates into the same associative sums the
+flat aggregator keeps (`fedfmx.aggregation.MergeSums`) and forwards them, unmerged, as one
+partial per round; the root adds partials like updates, so the tree's merge is the flat merge
+up to the order of float64 additions (DESIGN §8).
+
+Wire layout (as `fedfmx.codec`): ``FMXP | header length | PartialHeader JSON | safetensors``,
+every tensor float64, named
+
+    expert/<param>/fisher.num, fisher.den, samples.num, samples.den   an `ExpertSum`
+    shared/<param>/num, den                                            router, backbone
+    head/<i>/num, den                                                  row of head_classes[i]
+    usage                                                              summed expert usage
+
+`decode_partial` checks everything before a sum is folded in: framing, header, the exact names
+and shapes the root's model has, finite values, non-negative weights (`Σw ≥ 0`), and the bound
+every honest partial meets: each device's delta was within `max_update_norm`, so every
+coordinate's weighted sum obeys `|Σ w·δ| ≤ max_update_norm · Σ w`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from pydantic import Field, ValidationError
+from safetensors.numpy import save as save_tensors
+
+from fedfmx.aggregation import HEAD_WEIGHT, ExpertSum, MergeSums, WeightedSum
+from fedfmx.codec import frame, load_body, unframe
+from fedfmx.errors import ProtocolError
+from fedfmx.messages import Message, Name
+
+PARTIAL_MAGIC = b"FMXP"
+MAX_PARTIAL_BYTES = 512 * 1024 * 1024
+"""Largest partial the root decodes: float64 sums are ~32 bytes per model parameter."""
+BOUND_SLACK = 1e-9
+"""Relative slack on `|Σ w·δ| ≤ C·Σ w` for float64 rounding of honest sums."""
+
+
+class PartialHeader(Message):
+    """Which round a partial belongs to and what it counts (the tensors carry the sums)."""
+
+    fleet: Name
+    district: Name
+    round: int = Field(ge=0)
+    base_version: int = Field(ge=0)
+    updates: int = Field(ge=0)
+    """Device updates folded into the sums."""
+    answered: int = Field(ge=0)
+    """Participants of the district that answered: updates plus skips (the root's quorum)."""
+    head_classes: list[Name] = Field(max_length=100_000)
+    """Class of each `head/<i>` row sum."""
+    new_classes: list[Name] = Field(max_length=100_000)
+    """Classes the district's devices brought that the base registry lacks."""
+    update_bytes: int = Field(ge=0)
+    """Bytes of the device updates behind this partial (the root's totals)."""
+    loss_sum: float = 0.0
+    """Σ train loss of the folded updates (the root reports the fleet's mean loss)."""
+
+
+def encode_partial(header: PartialHeader, sums: MergeSums) -> bytes:
+    """One district round's sums as a partial (header's `updates`, `head_classes` are checked
+    against the sums so a district cannot send a header that does not describe its body)."""
+    if header.updates != sums.updates or header.head_classes != list(sums.head):
+        raise ValueError("partial header does not describe the sums")
+    tensors: dict[str, np.ndarray] = {}
+    for name, expert in sums.experts.items():
+        for part, weighted in (("fisher", expert.fisher), ("samples", expert.samples)):
+            tensors[f"expert/{name}/{part}.num"] = weighted.numerator
+            tensors[f"expert/{name}/{part}.den"] = weighted.denominator
+    for name, weighted in sums.shared.items():
+        tensors[f"shared/{name}/num"] = weighted.numerator
+        tensors[f"shared/{name}/den"] = weighted.denominator
+    for index, weighted in enumerate(sums.head.values()):
+        tensors[f"head/{index}/num"] = weighted.numerator
+        tensors[f"head/{index}/den"] = weighted.denominator
+    if sums.usage is not None:
+        tensors["usage"] = sums.usage
+    body = save_tensors({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()})
+    return frame(PARTIAL_MAGIC, header, body)
+
+
+def _weighted(
+    stored: dict[str, np.ndarray], prefix: str, shape: tuple[int, ...], max_norm: float
+) -> WeightedSum:
+    """`prefix`num / `prefix`den, checked: float64 of `shape`, finite, `den ≥ 0`, bounded."""
+    values = []
+    for suffix in ("num", "den"):
+        name = prefix + suffix
+        value = stored.pop(name, None)
+        if value is None:
+            raise ProtocolError(f"partial lacks {name}")
+        if value.dtype != np.float64 or value.shape != shape:
+            raise ProtocolError(
+                f"{name}: expected float64{list(shape)}, got {value.dtype.name}{list(value.shape)}"
+            )
+        if not np.all(np.isfinite(value)):
+            raise ProtocolError(f"{name}: not finite")
+        values.append(value)
+    numerator, denominator = values
+    if np.any(denominator < 0):
+        raise ProtocolError(f"{prefix}den: negative weight")
+    if np.any(np.abs(numerator) > max_norm * denominator * (1 + BOUND_SLACK) + 1e-300):
+        raise ProtocolError(f"{prefix}num: beyond max_update_norm times its weight")
+    return WeightedSum(numerator, denominator)
+
+
+def decode_partial(
+    payload: bytes, weights: Mapping[str, np.ndarray], num_experts: int, max_update_norm: float
+) -> tuple[PartialHeader, MergeSums]:
+    """Validate a partial against the root's current model; ProtocolError says why not."""
+    text, body = unframe(payload, PARTIAL_MAGIC, MAX_PARTIAL_BYTES)
+    try:
+        header = PartialHeader.model_validate_json(text)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "header"
+        raise ProtocolError(f"invalid partial header: {where}: {first['msg']}") from None
+    if len(set(header.head_classes)) != len(header.head_classes):
+        raise ProtocolError("partial names a head class twice")
+    if header.updates > header.answered:
+        raise ProtocolError(f"{header.updates} updates but only {header.answered} answered")
+    stored = load_body(body)
+    sums = MergeSums(updates=header.updates, new_classes=list(dict.fromkeys(header.new_classes)))
+    for name, value in weights.items():
+        if name == HEAD_WEIGHT:
+            continue
+        if name.startswith("experts.") and f"expert/{name}/fisher.num" in stored:
+            sums.experts[name] = ExpertSum(
+                fisher=_weighted(stored, f"expert/{name}/fisher.", value.shape, max_update_norm),
+                samples=_weighted(stored, f"expert/{name}/samples.", value.shape, max_update_norm),
+            )
+        elif not name.startswith("experts.") and f"shared/{name}/num" in stored:
+            sums.shared[name] = _weighted(stored, f"shared/{name}/", value.shape, max_update_norm)
+    row = (weights[HEAD_WEIGHT].shape[1],)
+    for index, class_name in enumerate(header.head_classes):
+        sums.head[class_name] = _weighted(stored, f"head/{index}/", row, max_update_norm)
+    usage = stored.pop("usage", None)
+    if usage is not None:
+        if usage.dtype != np.float64 or usage.shape != (num_experts,):
+            raise ProtocolError(f"usage: expected float64[{num_experts}]")
+        if not np.all(np.isfinite(usage)) or np.any(usage < 0):
+            raise ProtocolError("usage: must be finite and non-negative")
+        sums.usage = usage
+    if stored:
+        raise ProtocolError(f"partial carries unexpected tensor {sorted(stored)[0]!r}")
+    if header.updates and usage is None:
+        raise ProtocolError("partial with updates lacks usage")
+    return header, sums
