@@ -178,8 +178,8 @@ class DistrictAggregator(Aggregator):
         except ProtocolError:
             return
         version = address.model_version
-        if version is None or not message:
-            return
+        if version is None or not message or address.kind is TopicKind.MODEL_DELTA:
+            return  # a district keeps full versions; its devices take the bridged deltas
         with self._lock:
             if address.kind is TopicKind.MODEL_BODY:
                 self._bodies[version] = message

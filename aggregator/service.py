@@ -32,7 +32,13 @@ from fedfmx.config import FleetConfig
 from fedfmx.errors import FedFMXError, ProtocolError
 from fedfmx.federation import GlobalModel, RoundKeeper
 from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement, UpdateReceipt
-from fedfmx.signing import chunk_payload, load_signing_key, sign_announcement, sign_manifest
+from fedfmx.signing import (
+    DeltaPayload,
+    chunk_payload,
+    load_signing_key,
+    sign_announcement,
+    sign_manifest,
+)
 from transport import (
     DeliveryDeferred,
     MqttSession,
@@ -40,6 +46,7 @@ from transport import (
     client_topic,
     clients_filter,
     model_body_topic,
+    model_delta_topic,
     model_filters,
     model_manifest_topic,
     mqtt_client_id,
@@ -341,17 +348,17 @@ class Aggregator:
         )
 
     def _publish_model(self) -> None:
-        """Publish the current version (body chunks, then the manifest) and retire old ones."""
+        """Publish the current version (its delta and body chunks, then the manifest naming
+        both) and retire old ones."""
         version = self.keeper.model.version
         payload = self.keeper.device_payload()
         fleet = self.fleet.name
+        chunk_bytes = self.fleet.service.broker.max_payload_bytes
+        delta = self._publish_delta(version, chunk_bytes)
         chunks = self.session.publish_retained_chunks(model_body_topic(fleet, version), payload)
         crash_point("model_chunks_published")
         manifest = sign_manifest(
-            self.signing_key,
-            fleet,
-            version,
-            chunk_payload(payload, self.fleet.service.broker.max_payload_bytes),
+            self.signing_key, fleet, version, chunk_payload(payload, chunk_bytes), delta
         )
         self.session.publish(
             model_manifest_topic(fleet, version), manifest.model_dump_json().encode(), retain=True
@@ -364,7 +371,32 @@ class Aggregator:
                 self.session.clear_retained(f"{model_body_topic(fleet, retired)}/{index}")
             self.session.clear_retained(model_manifest_topic(fleet, retired))
             self.state.mark_retired(retired)
-        log_event("model_published", model_version=version, bytes=len(payload), chunks=chunks)
+        if retired >= 0:
+            delta_chunks = self.state.published_delta_chunks(retired)
+            for index in range(delta_chunks):
+                self.session.clear_retained(f"{model_delta_topic(fleet, retired)}/{index}")
+            if delta_chunks:
+                self.state.retire_delta(retired)
+        log_event(
+            "model_published",
+            model_version=version,
+            bytes=len(payload),
+            chunks=chunks,
+            delta_bytes=None if delta is None else sum(len(c) for c in delta.chunks),
+        )
+
+    def _publish_delta(self, version: int, chunk_bytes: int) -> DeltaPayload | None:
+        """Publish the version's delta against the previous one, when the keeper merged it
+        (after a restart only the full version goes out: devices take that)."""
+        delta = self.keeper.delta_payload()
+        if delta is None:
+            return None
+        topic = model_delta_topic(self.fleet.name, version)
+        count = self.session.publish_retained_chunks(topic, delta.payload)
+        self.state.mark_delta_published(version, count, len(delta.payload))
+        return DeltaPayload(
+            chunk_payload(delta.payload, chunk_bytes), delta.base_version, delta.decoded_bytes
+        )
 
     # -- messages from devices --------------------------------------------------------------
 

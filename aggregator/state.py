@@ -40,6 +40,11 @@ CREATE TABLE IF NOT EXISTS models (
     published_chunks INTEGER,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deltas (
+    version INTEGER PRIMARY KEY,
+    published_chunks INTEGER NOT NULL,
+    payload_bytes INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
     announcement TEXT NOT NULL,
@@ -146,7 +151,8 @@ class RoundTotals:
     skips: int
     uplink_bytes: int
     downlink_bytes: int
-    """Announcement plus the round's starting model, for every participant."""
+    """Announcement plus the round's starting model, for every participant: its delta for
+    those that answered the round before (they hold its base), else the full version."""
     mean_loss: float
     opened: float
     closed: float | None
@@ -293,6 +299,19 @@ class AggregatorState:
     def mark_retired(self, version: int) -> None:
         """The version's retained chunks are cleared from the broker."""
         self._write([("UPDATE models SET published_chunks = 0 WHERE version = ?", (version,))])
+
+    def mark_delta_published(self, version: int, chunks: int, payload_bytes: int) -> None:
+        """A version's delta is retained on the broker in `chunks` chunks (0: cleared)."""
+        self._write(
+            [("INSERT OR REPLACE INTO deltas VALUES (?, ?, ?)", (version, chunks, payload_bytes))]
+        )
+
+    def published_delta_chunks(self, version: int) -> int:
+        rows = self._read("SELECT published_chunks FROM deltas WHERE version = ?", (version,))
+        return int(rows[0][0]) if rows else 0
+
+    def retire_delta(self, version: int) -> None:
+        self._write([("UPDATE deltas SET published_chunks = 0 WHERE version = ?", (version,))])
 
     def open_round(self, announcement: RoundAnnouncement) -> None:
         self._write(
@@ -608,13 +627,24 @@ class AggregatorState:
             "(SELECT COALESCE(SUM(bytes), 0) FROM updates u WHERE u.round = r.round), "
             "(SELECT COALESCE(AVG(train_loss), 0) FROM updates u WHERE u.round = r.round), "
             "(SELECT payload_bytes FROM models m WHERE m.version = "
+            "json_extract(r.announcement, '$.model_version')), "
+            "(SELECT payload_bytes FROM deltas d WHERE d.version = "
             "json_extract(r.announcement, '$.model_version')) "
             "FROM rounds r ORDER BY r.round"
         )
         totals = []
-        for index, text, opened, closed, updates, skips, uplink, loss, model_bytes in rows:
+        answered_before: set[str] = set()
+        for index, text, opened, closed, updates, skips, uplink, loss, model_bytes, delta in rows:
             announcement = RoundAnnouncement.model_validate_json(str(text))
-            per_device = len(text) + (model_bytes or 0)
+            # A participant that answered the round before holds the version the delta starts
+            # from and takes the delta; any other takes the full version.
+            takers = len(answered_before & set(announcement.participants)) if delta else 0
+            downlink = (
+                len(text) * len(announcement.participants)
+                + (model_bytes or 0) * (len(announcement.participants) - takers)
+                + (delta or 0) * takers
+            )
+            answered_before = self.answered(int(index))
             totals.append(
                 RoundTotals(
                     int(index),
@@ -623,7 +653,7 @@ class AggregatorState:
                     int(updates),
                     int(skips),
                     int(uplink),
-                    per_device * len(announcement.participants),
+                    downlink,
                     float(loss),
                     float(opened),
                     None if closed is None else float(closed),

@@ -106,7 +106,7 @@ def realistic_update(
         expert_usage=[250.0, 250.0] + [0.0] * (fleet.model.num_experts - 2),
         includes_backbone=True,
         includes_fisher=True,
-        codec=fleet.codec,
+        codec=fleet.uplink_codec,
         train_loss=0.5,
     )
     head_weights = dict(weights)

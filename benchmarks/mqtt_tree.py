@@ -36,7 +36,7 @@ from aggregator.district_provisioning import DeviceSetup, ProvisionedTree, provi
 from aggregator.provisioning import AGGREGATOR
 from aggregator.service import first_model
 from aggregator.state import AggregatorState, StoredModel
-from fedfmx.codec import UPDATE_MAGIC, _frame, _unframe
+from fedfmx.codec import UPDATE_MAGIC, frame, unframe
 from fedfmx.config import FleetConfig
 from fedfmx.federation import RoundKeeper
 from fedfmx.messages import Hello, UpdateHeader
@@ -83,7 +83,7 @@ def device_worker(
         fields, body = template[round_index]
         header = UpdateHeader.model_validate(fields | {"device_id": name})
         topic = client_topic(fleet_name, name, TopicKind.UPDATE)
-        for chunk in split_message(_frame(UPDATE_MAGIC, header, body), CHUNK):
+        for chunk in split_message(frame(UPDATE_MAGIC, header, body), CHUNK):
             client.publish(topic, chunk, qos=1)
 
     for name, host, port, ca, cert in devices:
@@ -192,7 +192,7 @@ def template_updates(fleet: FleetConfig, rounds: int) -> dict[int, tuple[dict[st
     template = {}
     for r in range(rounds):
         payload = realistic_update(fleet, weights, "d00000", r, rng)
-        text, body = _unframe(payload, UPDATE_MAGIC, len(payload))
+        text, body = unframe(payload, UPDATE_MAGIC, len(payload))
         template[r] = (json.loads(text), body)
     return template
 
@@ -304,7 +304,7 @@ def measure_tree(
                         "root_partial_bytes": observer.partial_bytes.get(r, 0),
                     }
                 )
-        update_bytes = len(_frame(UPDATE_MAGIC, UpdateHeader.model_validate(
+        update_bytes = len(frame(UPDATE_MAGIC, UpdateHeader.model_validate(
             template[0][0] | {"device_id": names[0]}), template[0][1]))  # fmt: skip
         return {
             "devices": devices,

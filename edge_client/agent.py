@@ -17,7 +17,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from edge_client.device_data import open_device_data
 from edge_client.health import free_disk_mb, process_rss_mb, source_state
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
 from fedfmx.aggregation import Arrays
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model
+from fedfmx.codec import MAX_MODEL_BYTES, decode_model, encode_model
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.device import DeviceLearner, validate_announcement
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
@@ -41,8 +41,10 @@ from fedfmx.messages import (
     RoundAnnouncement,
     UpdateReceipt,
 )
+from fedfmx.model_delta import decode_delta, payload_digest
 from fedfmx.profiles import DeviceProfile, PeakRss, apply_profile, load_profile, training_device
 from fedfmx.signing import (
+    Manifest,
     assemble_verified,
     chunk_payload,
     load_verify_key,
@@ -55,6 +57,7 @@ from transport import (
     TopicKind,
     client_topic,
     model_body_filter,
+    model_delta_filter,
     model_manifest_topic,
     mqtt_client_id,
     parse_topic,
@@ -68,8 +71,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+Fetched = TypeVar("Fetched")
+
 MODEL_FETCH_S = 60.0
 """How long to wait for a model version's retained chunks before giving the round up."""
+DELTA_FETCH_S = 10.0
+"""How long to wait for a version's delta (published before its manifest) before taking the
+full version instead."""
 STOP_POLL_S = 0.25
 """Longest a wait goes without looking at the stop event."""
 HELLO_REPEAT_S = 30.0
@@ -129,6 +137,7 @@ class EdgeDevice:
         self._receipts: dict[str, UpdateReceipt] = {}
         self._bodies: dict[int, bytes] = {}
         self._manifests: dict[int, bytes] = {}
+        self._deltas: dict[int, bytes] = {}
         self._peak_rss_mb: float | None = None
         self._round_time_s: float | None = None
         self._last_round_unix: float | None = None
@@ -378,39 +387,46 @@ class EdgeDevice:
         self, announcement: RoundAnnouncement, stop: threading.Event
     ) -> GlobalVersion | None:
         """The round's starting version: the one held, or fetched and verified (None: none
-        verified in time). A manifest or body that fails verification is dropped and the
-        device keeps waiting: the aggregator restores its retained messages when junk
-        replaces them, and the genuine pair may still come."""
+        verified in time). The signed manifest comes first; when it names a delta against
+        the version held, the delta is fetched and its result checked against the manifest's
+        full version; else, or when the delta fails, the full version. A manifest or full
+        body that fails verification is dropped and the device keeps waiting: the aggregator
+        restores its retained messages when junk replaces them, and the genuine pair may
+        still come."""
         version = announcement.model_version
         if self.model is not None and self.model.header.version == version:
             return self.model
-        fleet = self.fleet.name
-        body_filter = model_body_filter(fleet, version)
-        manifest_topic = model_manifest_topic(fleet, version)
-        self.session.subscribe(body_filter, self._on_model_part)
-        self.session.subscribe(manifest_topic, self._on_model_part)
         give_up = time.monotonic() + MODEL_FETCH_S
-
-        def arrived() -> bool:
-            return (version in self._bodies and version in self._manifests) or self._round_over(
-                announcement.round
-            )
-
+        manifest = self._fetch(
+            model_manifest_topic(self.fleet.name, version),
+            self._manifests,
+            lambda: self._verified_manifest(version),
+            announcement,
+            give_up,
+            stop,
+        )
         verified = None
-        try:
-            while verified is None and not stop.is_set():
-                left = give_up - time.monotonic()
-                if left <= 0 or not self._wait(arrived, left, stop):
-                    break
-                if self._round_over(announcement.round):
-                    break
-                verified = self._verified_model(version)
-        finally:
-            self.session.unsubscribe(body_filter)
-            self.session.unsubscribe(manifest_topic)
-            with self._changed:
-                self._bodies.pop(version, None)
-                self._manifests.pop(version, None)
+        if manifest is not None and self._holds_delta_base(manifest):
+            verified = self._fetch(
+                model_delta_filter(self.fleet.name, version),
+                self._deltas,
+                lambda: self._verified_delta(manifest),
+                announcement,
+                min(give_up, time.monotonic() + DELTA_FETCH_S),
+                stop,
+                retry=False,
+            )
+            if verified is None and not stop.is_set():
+                log.warning("taking the full model version %s instead of its delta", version)
+        if manifest is not None and verified is None:
+            verified = self._fetch(
+                model_body_filter(self.fleet.name, version),
+                self._bodies,
+                lambda: self._verified_body(manifest),
+                announcement,
+                give_up,
+                stop,
+            )
         if verified is None:
             log.warning(
                 "no verified model version %s arrived; skipping round %s",
@@ -421,33 +437,121 @@ class EdgeDevice:
         self.model = verified
         return verified
 
-    def _verified_model(self, version: int) -> GlobalVersion | None:
-        """The received manifest and body of `version` if they verify (signature, chunk
-        hashes, header, tensor shapes); else the part at fault is dropped (logged) and None."""
-        fleet = self.fleet.name
+    def _fetch(
+        self,
+        topic_filter: str,
+        inbox: dict[int, bytes],
+        verify: Callable[[], Fetched | None],
+        announcement: RoundAnnouncement,
+        give_up: float,
+        stop: threading.Event,
+        *,
+        retry: bool = True,
+    ) -> Fetched | None:
+        """Subscribe `topic_filter` until what arrives in `inbox` verifies (None: the round
+        ended, the time ran out, or, without `retry`, the first arrival failed)."""
+        version = announcement.model_version
+
+        def arrived() -> bool:
+            return version in inbox or self._round_over(announcement.round)
+
+        self.session.subscribe(topic_filter, self._on_model_part)
+        try:
+            while not stop.is_set():
+                left = give_up - time.monotonic()
+                if left <= 0 or not self._wait(arrived, left, stop):
+                    return None
+                if self._round_over(announcement.round):
+                    return None
+                result = verify()
+                if result is not None or not retry:
+                    return result
+        finally:
+            self.session.unsubscribe(topic_filter)
+            with self._changed:
+                inbox.pop(version, None)
+        return None
+
+    def _holds_delta_base(self, manifest: Manifest) -> bool:
+        return (
+            manifest.delta is not None
+            and self.model is not None
+            and self.model.header.version == manifest.delta.base_version
+        )
+
+    def _verified_manifest(self, version: int) -> Manifest | None:
+        """The received manifest of `version` if it verifies (signature, fleet, newer than the
+        running version); else it is dropped (logged) and None."""
         running = None if self.model is None else self.model.header.version
         with self._changed:
-            body, manifest_text = self._bodies[version], self._manifests[version]
+            text = self._manifests.pop(version)
         try:
-            manifest = verify_manifest(manifest_text, self.public_key, fleet, running)
+            manifest = verify_manifest(text, self.public_key, self.fleet.name, running)
             if manifest.version != version:
                 raise ProtocolError(f"manifest of version {manifest.version} on {version}")
         except ProtocolError as error:
             log.warning("refused a manifest of model version %s: %s", version, error)
-            with self._changed:
-                self._manifests.pop(version, None)
             return None
+        return manifest
+
+    def _verified_body(self, manifest: Manifest) -> GlobalVersion | None:
+        """The received full body if it is the one `manifest` names and fits the learner's
+        model; else it is dropped (logged) and None."""
+        with self._changed:
+            body = self._bodies.pop(manifest.version)
         try:
             payload = assemble_verified(manifest, chunk_payload(body, manifest.chunk_bytes))
-            header, weights = decode_model(payload, max_bytes=MAX_MODEL_BYTES)
-            if header.version != version or header.fleet != fleet:
-                raise ProtocolError(f"model header says {header.fleet} v{header.version}")
-            self.learner.check_model(header, weights)
+            model = self._checked_model(manifest.version, payload)
         except ProtocolError as error:
-            log.warning("refused a body of model version %s: %s", version, error)
-            with self._changed:
-                self._bodies.pop(version, None)
+            log.warning("refused a body of model version %s: %s", manifest.version, error)
             return None
+        log.info("model version %s in full (%d bytes)", manifest.version, len(payload))
+        return model
+
+    def _verified_delta(self, manifest: Manifest) -> GlobalVersion | None:
+        """The version the received delta gives when applied to the held one, if the delta is
+        the one `manifest` names and its result is, bit for bit, the full version the
+        manifest names; else None (logged: the caller takes the full version)."""
+        delta, held = manifest.delta, self.model
+        assert delta is not None and held is not None
+        with self._changed:
+            body = self._deltas.pop(manifest.version)
+        try:
+            payload = assemble_verified(delta, chunk_payload(body, delta.chunk_bytes))
+            header, weights = decode_delta(payload, held.weights, decoded_bytes=delta.decoded_bytes)
+            if header.base_version != held.header.version or header.base_sha256 != (
+                payload_digest(held.payload)
+            ):
+                raise ProtocolError(f"delta is not against the held version {held.header.version}")
+            full = encode_model(
+                ModelHeader(
+                    fleet=header.fleet, version=header.version, class_names=header.class_names
+                ),
+                weights,
+            )
+            try:
+                assemble_verified(manifest, chunk_payload(full, manifest.chunk_bytes))
+            except ProtocolError:
+                raise ProtocolError("the decoded delta is not the signed full version") from None
+            model = self._checked_model(manifest.version, full)
+        except ProtocolError as error:
+            log.warning("refused the delta of model version %s: %s", manifest.version, error)
+            return None
+        log.info(
+            "model version %s from its delta against %s (%d bytes instead of %d)",
+            manifest.version,
+            held.header.version,
+            delta.total_bytes,
+            manifest.total_bytes,
+        )
+        return model
+
+    def _checked_model(self, version: int, payload: bytes) -> GlobalVersion:
+        """Decode a verified full payload and check it fits the fleet and the learner."""
+        header, weights = decode_model(payload, max_bytes=MAX_MODEL_BYTES)
+        if header.version != version or header.fleet != self.fleet.name:
+            raise ProtocolError(f"model header says {header.fleet} v{header.version}")
+        self.learner.check_model(header, weights)
         return GlobalVersion(header, weights, payload)
 
     # -- messages ----------------------------------------------------------------------------
@@ -485,10 +589,11 @@ class EdgeDevice:
         version = address.model_version
         assert version is not None  # only model topics are subscribed to this handler
         with self._changed:
-            if address.kind is TopicKind.MODEL_BODY:
-                self._bodies[version] = message
-            else:
-                self._manifests[version] = message
+            inbox = {
+                TopicKind.MODEL_BODY: self._bodies,
+                TopicKind.MODEL_DELTA: self._deltas,
+            }.get(address.kind, self._manifests)
+            inbox[version] = message
             self._changed.notify_all()
 
     def _say_hello(self) -> None:

@@ -34,6 +34,7 @@ import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import zstandard
@@ -66,7 +67,7 @@ class EncodedUpdate:
     """Error-feedback residual to keep on the device (empty unless top-k is on)."""
 
 
-def _frame(magic: bytes, header: BaseModel, body: bytes) -> bytes:
+def frame(magic: bytes, header: BaseModel, body: bytes) -> bytes:
     text = header.model_dump_json().encode()
     return magic + struct.pack(">I", len(text)) + text + body
 
@@ -146,10 +147,10 @@ def encode_update(
     body = save_tensors(stored)
     if header.codec.zstd_level is not None:
         body = zstandard.ZstdCompressor(level=header.codec.zstd_level).compress(body)
-    return EncodedUpdate(_frame(UPDATE_MAGIC, header, body), new_residual)
+    return EncodedUpdate(frame(UPDATE_MAGIC, header, body), new_residual)
 
 
-def _unframe(payload: bytes, magic: bytes, max_bytes: int) -> tuple[bytes, bytes]:
+def unframe(payload: bytes, magic: bytes, max_bytes: int) -> tuple[bytes, bytes]:
     if len(payload) > max_bytes:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
     if len(payload) < 8 or payload[:4] != magic:
@@ -161,7 +162,12 @@ def _unframe(payload: bytes, magic: bytes, max_bytes: int) -> tuple[bytes, bytes
 
 
 def _decompress(body: bytes, max_bytes: int) -> bytes:
-    limit = DECOMPRESSION_FACTOR * max_bytes
+    return decompress_bounded(body, DECOMPRESSION_FACTOR * max_bytes)
+
+
+def decompress_bounded(body: bytes, limit: int) -> bytes:
+    """Decompress a zstd body, refusing one that grows beyond `limit` bytes (reads at most
+    `limit + 1`, so a bomb never costs more memory than that)."""
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(body)
         data = reader.read(limit + 1)
@@ -172,14 +178,17 @@ def _decompress(body: bytes, max_bytes: int) -> bytes:
     return data
 
 
-def _load_body(body: bytes) -> Arrays:
+def load_body(body: bytes) -> Arrays:
     try:
         return dict(load_tensors(body))
     except Exception as error:  # safetensors raises several types for malformed input
         raise ProtocolError(f"body is not valid safetensors: {type(error).__name__}") from None
 
 
-def _parse_header(text: bytes, model: type[UpdateHeader] | type[ModelHeader]) -> BaseModel:
+Header = TypeVar("Header", bound=BaseModel)
+
+
+def parse_header(text: bytes, model: type[Header]) -> Header:
     try:
         return model.model_validate_json(text)
     except ValidationError as error:
@@ -188,7 +197,7 @@ def _parse_header(text: bytes, model: type[UpdateHeader] | type[ModelHeader]) ->
         raise ProtocolError(f"invalid header: {where}: {first['msg']}") from None
 
 
-def _expect(stored: Arrays, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+def expect_tensor(stored: Arrays, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     value = stored[name]
     if value.dtype != dtype or value.shape != shape:
         want = f"{np.dtype(dtype).name}{list(shape)}"
@@ -203,8 +212,8 @@ def _parts(name: str, codec: CodecSettings) -> set[str]:
     return sparse | {f"{name}.scale"} if codec.quantize == "int8" else sparse
 
 
-def _scale(stored: Arrays, name: str, rows: int) -> np.ndarray:
-    scale = _expect(stored, f"{name}.scale", np.float32, (rows,))
+def checked_scale(stored: Arrays, name: str, rows: int) -> np.ndarray:
+    scale = expect_tensor(stored, f"{name}.scale", np.float32, (rows,))
     if not np.all(np.isfinite(scale)) or np.any(scale < 0):
         raise ProtocolError(f"{name}: scales must be finite and non-negative")
     return scale
@@ -216,19 +225,21 @@ def _decode_tensor(
     size = int(np.prod(shape))
     if codec.topk_fraction is None or not is_delta(name):
         if codec.quantize != "int8":
-            return _expect(stored, name, _plain_dtype(codec, name), shape).astype(np.float32)
-        q = _expect(stored, f"{name}.q", np.int8, shape)
-        return dequantize_rows(q, _scale(stored, name, _rows(q).shape[0]))
+            return expect_tensor(stored, name, _plain_dtype(codec, name), shape).astype(np.float32)
+        q = expect_tensor(stored, f"{name}.q", np.int8, shape)
+        return dequantize_rows(q, checked_scale(stored, name, _rows(q).shape[0]))
     k = topk_count(codec.topk_fraction, size)
-    index = _expect(stored, f"{name}.idx", np.int32, (k,))
+    index = expect_tensor(stored, f"{name}.idx", np.int32, (k,))
     if k and (index[0] < 0 or index[-1] >= size or np.any(np.diff(index) <= 0)):
         raise ProtocolError(f"{name}: top-k indices out of range or not strictly increasing")
     if codec.quantize == "int8":
         values = dequantize_rows(
-            _expect(stored, f"{name}.v", np.int8, (k,)), _scale(stored, name, 1)
+            expect_tensor(stored, f"{name}.v", np.int8, (k,)), checked_scale(stored, name, 1)
         )
     else:
-        values = _expect(stored, f"{name}.v", _plain_dtype(codec, name), (k,)).astype(np.float32)
+        values = expect_tensor(stored, f"{name}.v", _plain_dtype(codec, name), (k,)).astype(
+            np.float32
+        )
     dense = np.zeros(size, dtype=np.float32)
     dense[index] = values
     return dense.reshape(shape)
@@ -238,9 +249,8 @@ def decode_update(
     payload: bytes, expected_shapes: ExpectedShapes, *, max_bytes: int, norm_bound: float
 ) -> tuple[UpdateHeader, Arrays]:
     """Validate and decode an update; ProtocolError with the reason for anything malformed."""
-    text, body = _unframe(payload, UPDATE_MAGIC, max_bytes)
-    header = _parse_header(text, UpdateHeader)
-    assert isinstance(header, UpdateHeader)
+    text, body = unframe(payload, UPDATE_MAGIC, max_bytes)
+    header = parse_header(text, UpdateHeader)
     if len(set(header.expert_ids)) != len(header.expert_ids):
         raise ProtocolError("expert ids repeat")
     if (
@@ -250,7 +260,7 @@ def decode_update(
         raise ProtocolError("class_counts must give one non-negative count per head class")
     if header.codec.zstd_level is not None:
         body = _decompress(body, max_bytes)
-    stored = _load_body(body)
+    stored = load_body(body)
     try:
         shapes = dict(expected_shapes(header))
     except ProtocolError:
@@ -287,17 +297,16 @@ def encode_model(
     )
     if zstd_level is not None:
         body = zstandard.ZstdCompressor(level=zstd_level).compress(body)
-    return _frame(MODEL_MAGIC, header, body)
+    return frame(MODEL_MAGIC, header, body)
 
 
 def decode_model(payload: bytes, *, max_bytes: int) -> tuple[ModelHeader, Arrays]:
     """Validate and decode a model version (shapes are the caller's to check)."""
-    text, body = _unframe(payload, MODEL_MAGIC, max_bytes)
-    header = _parse_header(text, ModelHeader)
-    assert isinstance(header, ModelHeader)
+    text, body = unframe(payload, MODEL_MAGIC, max_bytes)
+    header = parse_header(text, ModelHeader)
     if body[:4] == ZSTD_MAGIC:
         body = _decompress(body, max_bytes)
-    tensors = _load_body(body)
+    tensors = load_body(body)
     for name, value in tensors.items():
         if value.dtype != np.float32 or not np.all(np.isfinite(value)):
             raise ProtocolError(f"model tensor {name}: must be finite float32")

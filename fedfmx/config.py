@@ -325,6 +325,27 @@ class RobustnessConfig(Section):
     """`trimmed_mean`: drop the ⌊β·n⌋ smallest and largest of the n values at each coordinate."""
 
 
+class DownlinkConfig(Section):
+    """How model versions travel to devices (docs/decisions.md, "Compressed defaults")."""
+
+    delta: bool = True
+    """Send each new version as a delta against the previous one (`fedfmx.model_delta`), the
+    full version staying available for devices that do not hold that base; false: only the
+    full fp32 version."""
+    quantize: Literal["none", "int8"] = "int8"
+    """`int8`: the delta per row in int8, and the published version is base + decoded delta;
+    `none`: a lossless bitwise delta (the closed-form methods always use it)."""
+    zstd_level: int = Field(default=3, ge=1, le=22)
+
+
+UPLINK_DEFAULT = CodecSettings(quantize="int8", zstd_level=3)
+"""Updates without a `codec` section: int8 + zstd (free in accuracy: benchmarks/README,
+"Update compression")."""
+UPLINK_DEFAULT_CLOSED_FORM = CodecSettings(zstd_level=3)
+"""Closed-form methods send their statistics in float32 + zstd: int8 Gram matrices cost up to
+21 points (benchmarks/README, closed-form wire)."""
+
+
 class DistrictsConfig(Section):
     """The root of a tree of district aggregators (`aggregator.root`, docs/decisions.md).
 
@@ -376,8 +397,11 @@ class FleetConfig(Section):
     baselines: BaselineConfig = BaselineConfig()
     analytic: AnalyticConfig = AnalyticConfig()
     """The closed-form head (`ridge`): λ selection and statistics validation."""
-    codec: CodecSettings = CodecSettings()
-    """How devices compress their updates (int8, top-k with error feedback, zstd)."""
+    codec: CodecSettings | None = None
+    """How devices compress their updates (int8, top-k with error feedback, zstd); None: the
+    method's default (`uplink_codec`)."""
+    downlink: DownlinkConfig = DownlinkConfig()
+    """How model versions reach devices: a compressed delta with the full version as fallback."""
     service: ServiceConfig = ServiceConfig()
     """The MQTT aggregator: broker, round deadline and quorum, state file."""
     robustness: RobustnessConfig = RobustnessConfig()
@@ -400,6 +424,18 @@ class FleetConfig(Section):
             experts = self.model.num_experts
             return self.fedfmx.model_copy(update={"k_min": experts, "k_max": experts})
         return self.fedfmx
+
+    @property
+    def uplink_codec(self) -> CodecSettings:
+        """The codec devices use: the fleet's `codec`, or int8 + zstd (closed-form methods:
+        float32 + zstd)."""
+        if self.codec is not None:
+            return self.codec
+        return UPLINK_DEFAULT_CLOSED_FORM if self.closed_form else UPLINK_DEFAULT
+
+    @property
+    def closed_form(self) -> bool:
+        return self.method in CLOSED_FORM_METHODS
 
     @property
     def device_capacity(self) -> int:

@@ -268,7 +268,7 @@ class DeviceLearner:
             includes_statistics=True,
             rows_before=held_before,
             lambda_hits=[int(h) for h in hits],
-            codec=self.fleet.codec,
+            codec=self.fleet.uplink_codec,
             train_loss=0.0,
         )
         payload = encode_update(header, statistics_tensors(stats, classes)).payload
@@ -355,7 +355,7 @@ class DeviceLearner:
             expert_usage=outcome.result.usage.tolist(),
             includes_backbone=any(name.startswith("backbone.") for name in outcome.sent),
             includes_fisher=bool(outcome.merge_fisher),
-            codec=self.fleet.codec,
+            codec=self.fleet.uplink_codec,
             train_loss=outcome.result.loss,
         )
         return tensors, header

@@ -43,7 +43,8 @@ from fedfmx.analytic_state import (
 from fedfmx.codec import decode_update, encode_model
 from fedfmx.config import FleetConfig, RobustnessConfig
 from fedfmx.errors import ProtocolError
-from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
+from fedfmx.messages import DeltaHeader, ModelHeader, RoundAnnouncement, UpdateHeader
+from fedfmx.model_delta import EncodedDelta, encode_delta, payload_digest, publishable
 from fedfmx.partials import PartialHeader, decode_partial
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class RoundKeeper:
         self.model = model
         self.current: OpenRound | None = None
         self._model_payload: tuple[int, bytes] | None = None
+        self._delta: tuple[int, EncodedDelta] | None = None
         self._device_payload: tuple[int, bytes] | None = None
         self._center = robust_center(fleet.robustness)
 
@@ -182,6 +184,37 @@ class RoundKeeper:
                 encode_model(self.model_header(), self.model.weights),
             )
         return self._model_payload[1]
+
+    def delta_payload(self) -> EncodedDelta | None:
+        """The current version as a delta against the previous one; None when this keeper did
+        not merge it (version 0, a restart after its merge, a rollback) or deltas are off."""
+        if self._delta is None or self._delta[0] != self.model.version:
+            return None
+        return self._delta[1]
+
+    def _published(self, merged: GlobalModel) -> GlobalModel:
+        """The merged version as it is published: `base + decoded(delta)` (`fedfmx.model_delta`),
+        so that every device ends on the same bits whether it applies the delta or not. The
+        delta is between the versions as devices are sent them (`device_view`)."""
+        downlink = self.fleet.downlink
+        if not downlink.delta:
+            return merged
+        base_digest = payload_digest(self.device_payload())
+        lossless = downlink.quantize == "none" or self.fleet.closed_form
+        published = publishable(
+            device_view(self.model.weights), device_view(merged.weights), lossless
+        )
+        header = DeltaHeader(
+            fleet=self.fleet.name,
+            version=merged.version,
+            base_version=self.model.version,
+            base_sha256=base_digest,
+            class_names=merged.class_names,
+            tensors=published.tensors,
+        )
+        self._delta = (merged.version, encode_delta(header, published.parts, downlink.zstd_level))
+        weights = merged.weights | published.weights
+        return GlobalModel(merged.version, weights, merged.class_names, merged.expert_usage)
 
     def device_payload(self) -> bytes:
         """The current version as devices are sent it (`device_view`), encoded once per version."""
@@ -326,7 +359,8 @@ class RoundKeeper:
         weights = refit(
             self.model.weights, registry, current.statistics, current.rows, hits, analytic
         )
-        self.model = GlobalModel(self.model.version + 1, weights, registry, self.model.expert_usage)
+        merged = GlobalModel(self.model.version + 1, weights, registry, self.model.expert_usage)
+        self.model = self._published(merged)
         return self.model
 
     def close_round(self) -> GlobalModel:
@@ -352,5 +386,7 @@ class RoundKeeper:
             delta = robust_delta(current.updates, self.model.class_names, self._center)
         weights, class_names = apply_delta(self.model.weights, self.model.class_names, delta)
         usage = usage_fractions(delta.usage, len(self.model.expert_usage))
-        self.model = GlobalModel(self.model.version + 1, weights, class_names, usage)
+        self.model = self._published(
+            GlobalModel(self.model.version + 1, weights, class_names, usage)
+        )
         return self.model

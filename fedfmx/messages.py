@@ -117,6 +117,32 @@ class ModelHeader(Message):
     """Global class ids in order: row `i` of `head.weight` is class `class_names[i]`."""
 
 
+DeltaKind = Literal["int8", "xor", "full"]
+
+
+class DeltaTensor(Message):
+    """One tensor of a model version sent as a delta: how it travels (`fedfmx.model_delta`)."""
+
+    name: str = Field(max_length=256)
+    kind: DeltaKind
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
+
+
+class DeltaHeader(Message):
+    """A model version sent as a delta against `base_version` (the downlink's usual form).
+
+    The device applies it to the version it holds, whose encoded payload must have SHA-256
+    `base_sha256`, and checks the result against the signed manifest of the full version.
+    """
+
+    fleet: str
+    version: int = Field(ge=1)
+    base_version: int = Field(ge=0)
+    base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    class_names: list[str]
+    tensors: list[DeltaTensor] = Field(max_length=4096)
+
+
 class UpdateReceipt(Message):
     """The aggregator's answer to one update, sent to the device's inbox once it is stored.
 

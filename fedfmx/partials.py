@@ -28,7 +28,7 @@ from pydantic import Field, ValidationError
 from safetensors.numpy import save as save_tensors
 
 from fedfmx.aggregation import HEAD_WEIGHT, ExpertSum, MergeSums, WeightedSum
-from fedfmx.codec import _frame, _load_body, _unframe
+from fedfmx.codec import frame, load_body, unframe
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import Message, Name
 
@@ -79,7 +79,7 @@ def encode_partial(header: PartialHeader, sums: MergeSums) -> bytes:
     if sums.usage is not None:
         tensors["usage"] = sums.usage
     body = save_tensors({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()})
-    return _frame(PARTIAL_MAGIC, header, body)
+    return frame(PARTIAL_MAGIC, header, body)
 
 
 def _weighted(
@@ -111,7 +111,7 @@ def decode_partial(
     payload: bytes, weights: Mapping[str, np.ndarray], num_experts: int, max_update_norm: float
 ) -> tuple[PartialHeader, MergeSums]:
     """Validate a partial against the root's current model; ProtocolError says why not."""
-    text, body = _unframe(payload, PARTIAL_MAGIC, MAX_PARTIAL_BYTES)
+    text, body = unframe(payload, PARTIAL_MAGIC, MAX_PARTIAL_BYTES)
     try:
         header = PartialHeader.model_validate_json(text)
     except ValidationError as error:
@@ -122,7 +122,7 @@ def decode_partial(
         raise ProtocolError("partial names a head class twice")
     if header.updates > header.answered:
         raise ProtocolError(f"{header.updates} updates but only {header.answered} answered")
-    stored = _load_body(body)
+    stored = load_body(body)
     sums = MergeSums(updates=header.updates, new_classes=list(dict.fromkeys(header.new_classes)))
     for name, value in weights.items():
         if name == HEAD_WEIGHT:

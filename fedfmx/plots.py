@@ -71,3 +71,34 @@ def plot_accuracy_vs_bytes(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot_wire_bytes(
+    cells: Mapping[str, tuple[float, float, float]], path: Path, title: str
+) -> None:
+    """Downlink and uplink per device per round (grouped bars, KB), final accuracy in labels.
+
+    `cells` maps a label to `(downlink bytes, uplink bytes, final accuracy as a fraction)`.
+    """
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    positions = range(len(cells))
+    down = [value[0] / 1e3 for value in cells.values()]
+    up = [value[1] / 1e3 for value in cells.values()]
+    axes.bar([p - 0.2 for p in positions], down, width=0.4, label="downlink")
+    axes.bar([p + 0.2 for p in positions], up, width=0.4, label="uplink")
+    for position, (down_kb, up_kb) in zip(positions, zip(down, up, strict=True), strict=True):
+        axes.annotate(f"{down_kb:.0f}", (position - 0.2, down_kb), ha="center", va="bottom")
+        axes.annotate(f"{up_kb:.0f}", (position + 0.2, up_kb), ha="center", va="bottom")
+    axes.set_xticks(
+        list(positions),
+        [f"{label}\nfinal {100 * value[2]:.1f}%" for label, value in cells.items()],
+        fontsize="small",
+    )
+    axes.set_ylabel("KB per device per round")
+    axes.set_title(title)
+    axes.legend()
+    axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

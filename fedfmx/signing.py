@@ -1,7 +1,8 @@
 """Signed messages: a device acts only on what the fleet's aggregator vouches for.
 
 The aggregator signs, with its Ed25519 key, each model manifest (fleet, version, SHA-256 of
-every chunk of the encoded model) and each round announcement; the device checks the
+every chunk of the encoded model, and of its delta against the previous version when one is
+published, with the delta's decoded size) and each round announcement; the device checks the
 signature with the fleet's public key. For a model it also checks every chunk hash and that
 the version is newer than the one it runs (a replayed old manifest is refused). The signature
 covers the message's canonical JSON (pydantic's, fields in declaration order).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -49,15 +51,30 @@ def load_verify_key(path: Path | None) -> Ed25519PublicKey | None:
     return key
 
 
-class Manifest(Message):
-    """What the aggregator vouches for: one model version, as the chunks that carry it."""
+class ChunkList(Message):
+    """A payload as the chunks that carry it."""
 
-    fleet: str
-    version: int = Field(ge=0)
     chunk_bytes: int = Field(gt=0)
     """Size of every chunk but the last (`chunk_payload` cuts the payload the same way)."""
     chunk_sha256: list[str]
     total_bytes: int = Field(ge=0)
+
+
+class DeltaChunks(ChunkList):
+    """The delta a version is also published as (`fedfmx.model_delta`), against `base_version`."""
+
+    base_version: int = Field(ge=0)
+    decoded_bytes: int = Field(ge=0)
+    """Size of the decompressed body: a device stops decompressing there (no zstd bomb)."""
+
+
+class Manifest(ChunkList):
+    """What the aggregator vouches for: one model version, as the chunks that carry it, and
+    the chunks of its delta when one is published."""
+
+    fleet: str
+    version: int = Field(ge=0)
+    delta: DeltaChunks | None = None
 
 
 class SignedManifest(Message):
@@ -96,16 +113,40 @@ def _check_signature(
         raise ProtocolError(f"{what} signature does not verify with the fleet key") from None
 
 
+def _chunk_fields(chunks: Sequence[bytes]) -> dict[str, object]:
+    return {
+        "chunk_bytes": max(1, len(chunks[0]) if chunks else 1),
+        "chunk_sha256": [_digest(chunk) for chunk in chunks],
+        "total_bytes": sum(len(chunk) for chunk in chunks),
+    }
+
+
+@dataclass(frozen=True)
+class DeltaPayload:
+    """A delta to name in a manifest: its chunks (cut by `chunk_payload`) and what it states."""
+
+    chunks: Sequence[bytes]
+    base_version: int
+    decoded_bytes: int
+
+
 def sign_manifest(
-    key: Ed25519PrivateKey | None, fleet: str, version: int, chunks: Sequence[bytes]
+    key: Ed25519PrivateKey | None,
+    fleet: str,
+    version: int,
+    chunks: Sequence[bytes],
+    delta: DeltaPayload | None = None,
 ) -> SignedManifest:
-    """The manifest of `chunks` (cut by `chunk_payload`), signed unless `key` is None."""
-    manifest = Manifest(
-        fleet=fleet,
-        version=version,
-        chunk_bytes=max(1, len(chunks[0]) if chunks else 1),
-        chunk_sha256=[_digest(chunk) for chunk in chunks],
-        total_bytes=sum(len(chunk) for chunk in chunks),
+    """The manifest of `chunks` (cut by `chunk_payload`) and of the version's delta, signed
+    unless `key` is None."""
+    delta_chunks = None
+    if delta is not None:
+        delta_chunks = DeltaChunks.model_validate(
+            _chunk_fields(delta.chunks)
+            | {"base_version": delta.base_version, "decoded_bytes": delta.decoded_bytes}
+        )
+    manifest = Manifest.model_validate(
+        _chunk_fields(chunks) | {"fleet": fleet, "version": version, "delta": delta_chunks}
     )
     return SignedManifest(manifest=manifest, signature=_signature(key, manifest))
 
@@ -166,7 +207,7 @@ def verify_announcement(
     return signed.announcement
 
 
-def assemble_verified(manifest: Manifest, chunks: Sequence[bytes]) -> bytes:
+def assemble_verified(manifest: ChunkList, chunks: Sequence[bytes]) -> bytes:
     """Join the chunks only if each one is the chunk the manifest names."""
     if len(chunks) != len(manifest.chunk_sha256):
         raise ProtocolError(f"expected {len(manifest.chunk_sha256)} chunks, got {len(chunks)}")

@@ -318,15 +318,20 @@ def run_inproc(
         for k in range(fleet.protocol.num_clients)
     ]
     result = _empty_result(fleet, dataset, plan)
+    held: dict[str, int] = {}  # the version each device holds: it takes the next one's delta
     for round_index in range(plan.num_rounds):
         participants = [d.device_id for d in devices]
         announcement = keeper.open_round(round_index, participants, deadline_unix=0.0)
         payload = keeper.device_payload()
+        delta = keeper.delta_payload()
         header, weights = decode_model(payload, max_bytes=MAX_MODEL_BYTES)
         log = RoundLog(round_index, announcement.task, 0, 0, 0, 0.0)
         losses = []
         for device in devices:
-            log.downlink_bytes += len(payload) + len(announcement.model_dump_json())
+            takes_delta = delta is not None and held.get(device.device_id) == delta.base_version
+            sent = len(delta.payload) if delta is not None and takes_delta else len(payload)
+            log.downlink_bytes += sent + len(announcement.model_dump_json())
+            held[device.device_id] = header.version
             update = device.handle_round(announcement, header, weights)
             if update is None:
                 continue

@@ -178,8 +178,9 @@ def test_a_device_survives_wrong_schema_inbox_and_manifest_messages(
     deliver(device.session, model_manifest_topic(device.fleet.name, 0), manifest, framed=True)
     assert device._receipts == {} or all(len(k) == 64 for k in device._receipts)
     if 0 in device._manifests:
+        verified = device._verified_manifest(0)
         device._bodies[0] = b"FMXM junk body"
-        assert device._verified_model(0) is None  # junk never verifies
+        assert verified is None or device._verified_body(verified) is None  # junk never verifies
 
 
 def test_a_device_refuses_a_model_whose_tensors_do_not_fit(device: EdgeDevice) -> None:
@@ -188,9 +189,10 @@ def test_a_device_refuses_a_model_whose_tensors_do_not_fit(device: EdgeDevice) -
     payload = encode_model(ModelHeader(fleet=fleet.name, version=0, class_names=["a"]), weights)
     manifest = sign_manifest(None, fleet.name, 0, [payload])
     device._bodies[0], device._manifests[0] = payload, manifest.model_dump_json().encode()
-    assert device._verified_model(0) is None
-    assert 0 not in device._bodies  # the body was at fault: dropped, the manifest kept
-    assert 0 in device._manifests
+    verified = device._verified_manifest(0)
+    assert verified is not None  # the manifest is fine: the device keeps it and waits on
+    assert device._verified_body(verified) is None
+    assert 0 not in device._bodies  # the body was at fault: dropped
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from fedfmx.aggregation import (
 )
 from fedfmx.codec import encode_update
 from fedfmx.config import (
+    DownlinkConfig,
     FedFMXConfig,
     FleetConfig,
     ModelConfig,
@@ -135,6 +136,8 @@ def _keeper(robustness: RobustnessConfig) -> RoundKeeper:
         fedfmx=FedFMXConfig(k_max=2),
         model=ModelConfig(backbone_channels=[4], feature_dim=8, num_experts=2, expert_hidden=4),
         robustness=robustness,
+        # the merge itself, exactly: the published version is the merged one (lossless delta)
+        downlink=DownlinkConfig(quantize="none"),
     )
     keeper = RoundKeeper(fleet, initial_model(fleet))
     keeper.open_round(0, DEVICES, deadline_unix=0.0)

@@ -4,7 +4,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedfmx.errors import ProtocolError
-from fedfmx.signing import assemble_verified, chunk_payload, sign_manifest, verify_manifest
+from fedfmx.signing import (
+    DeltaPayload,
+    assemble_verified,
+    chunk_payload,
+    sign_manifest,
+    verify_manifest,
+)
 
 KEY = Ed25519PrivateKey.generate()
 PAYLOAD = bytes(range(256)) * 40  # 10,240 bytes
@@ -46,3 +52,16 @@ def test_replays_and_other_fleets_are_refused() -> None:
         verify_manifest(_signed(version=5), KEY.public_key(), "city", running_version=5)
     with pytest.raises(ProtocolError, match="fleet 'city', not 'harbour'"):
         verify_manifest(_signed(), KEY.public_key(), "harbour", running_version=None)
+
+
+def test_the_signature_covers_the_delta_the_manifest_names() -> None:
+    delta = DeltaPayload(chunk_payload(PAYLOAD[:5000], 4096), base_version=4, decoded_bytes=9000)
+    signed = sign_manifest(KEY, "city", 5, CHUNKS, delta).model_dump_json().encode()
+    manifest = verify_manifest(signed, KEY.public_key(), "city", running_version=4)
+    assert manifest.delta is not None and manifest.delta.base_version == 4
+    assert assemble_verified(manifest.delta, delta.chunks) == PAYLOAD[:5000]
+    for edit in (b'"decoded_bytes":9000', b'"base_version":4'):
+        tampered = signed.replace(edit, edit[:-1] + b"1")
+        assert tampered != signed
+        with pytest.raises(ProtocolError, match="does not verify"):
+            verify_manifest(tampered, KEY.public_key(), "city", running_version=None)

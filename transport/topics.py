@@ -3,6 +3,7 @@
     fedfmx/v1/<fleet>/round                          retained round announcement
     fedfmx/v1/<fleet>/model/<version>/manifest       retained, one chunk (signed manifest)
     fedfmx/v1/<fleet>/model/<version>/body/<index>   retained, chunk <index> of the model body
+    fedfmx/v1/<fleet>/model/<version>/delta/<index>  retained, chunk <index> of its delta
     fedfmx/v1/<fleet>/clients/<id>/hello             retained: device introduces itself
     fedfmx/v1/<fleet>/clients/<id>/status            retained raw status; Last Will = offline
     fedfmx/v1/<fleet>/clients/<id>/update            chunked update stream (not retained)
@@ -34,6 +35,8 @@ class TopicKind(StrEnum):
     ROUND = "round"
     MODEL_MANIFEST = "manifest"
     MODEL_BODY = "body"
+    MODEL_DELTA = "delta"
+    """The version as a delta against the previous one (named by the version's manifest)."""
     HELLO = "hello"
     STATUS = "status"
     UPDATE = "update"
@@ -116,13 +119,23 @@ def model_body_filter(fleet: str, version: int) -> str:
     return f"{model_body_topic(fleet, version)}/+"
 
 
+def model_delta_topic(fleet: str, version: int) -> str:
+    """Base topic of a version's spread delta: chunk `i` lives at `<base>/<i>`."""
+    return f"{fleet_prefix(fleet)}/model/{_check_number(version, 'model version')}/delta"
+
+
+def model_delta_filter(fleet: str, version: int) -> str:
+    return f"{model_delta_topic(fleet, version)}/+"
+
+
 def model_manifests_filter(fleet: str) -> str:
     return f"{fleet_prefix(fleet)}/model/+/manifest"
 
 
-def model_filters(fleet: str) -> tuple[str, str]:
-    """Every retained model topic of the fleet: the manifests and every body chunk."""
-    return model_manifests_filter(fleet), f"{fleet_prefix(fleet)}/model/+/body/+"
+def model_filters(fleet: str) -> tuple[str, str, str]:
+    """Every retained model topic of the fleet: the manifests, every body and delta chunk."""
+    models = f"{fleet_prefix(fleet)}/model/+"
+    return model_manifests_filter(fleet), f"{models}/body/+", f"{models}/delta/+"
 
 
 def client_topic(fleet: str, device_id: str, kind: TopicKind) -> str:
@@ -150,13 +163,13 @@ def parse_topic(topic: str) -> TopicAddress:
             return TopicAddress(fleet, TopicKind.ROUND)
         case ["model", version, "manifest"] if _NUMBER.fullmatch(version):
             return TopicAddress(fleet, TopicKind.MODEL_MANIFEST, model_version=int(version))
-        case ["model", version, "body"] if _NUMBER.fullmatch(version):
-            return TopicAddress(fleet, TopicKind.MODEL_BODY, model_version=int(version))
-        case ["model", version, "body", index] if _NUMBER.fullmatch(version) and _NUMBER.fullmatch(
-            index
-        ):
+        case ["model", version, ("body" | "delta") as kind] if _NUMBER.fullmatch(version):
+            return TopicAddress(fleet, TopicKind(kind), model_version=int(version))
+        case ["model", version, ("body" | "delta") as kind, index] if _NUMBER.fullmatch(
+            version
+        ) and _NUMBER.fullmatch(index):
             return TopicAddress(
-                fleet, TopicKind.MODEL_BODY, model_version=int(version), chunk_index=int(index)
+                fleet, TopicKind(kind), model_version=int(version), chunk_index=int(index)
             )
         case ["clients", device_id, kind] if kind in {k.value for k in CLIENT_KINDS}:
             return TopicAddress(fleet, TopicKind(kind), device_id=check_id(device_id, "device id"))
