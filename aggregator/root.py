@@ -210,14 +210,9 @@ class RootAggregator(Aggregator):
     def _announce(self) -> None:
         """(Re)publish the round's signed announcement to every district, each naming only
         that district's devices (the open round, or the last one, closed)."""
-        current = self.keeper.current
-        if current is not None:
-            announcement = current.announcement
-        else:
-            last = self.state.last_round()
-            if last is None:
-                return
-            announcement = last.announcement.model_copy(update={"closed": True})
+        announcement = self._latest_announcement()
+        if announcement is None:
+            return
         for district in self.districts.ids:
             mine = announcement.model_copy(
                 update={"participants": self._round_districts.get(district, [])}

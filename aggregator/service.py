@@ -280,16 +280,18 @@ class Aggregator:
         newest = sorted(alive, key=lambda row: row.last_seen, reverse=True)
         return sorted(row.device_id for row in newest[: self.fleet.device_capacity])
 
+    def _latest_announcement(self) -> RoundAnnouncement | None:
+        """The open round's announcement, or the last one, closed (None before any round)."""
+        if self.keeper.current is not None:
+            return self.keeper.current.announcement
+        last = self.state.last_round()
+        return None if last is None else last.announcement.model_copy(update={"closed": True})
+
     def _announce(self) -> None:
         """(Re)publish the open round's signed announcement, or the last one, closed."""
-        current = self.keeper.current
-        if current is not None:
-            announcement = current.announcement
-        else:
-            last = self.state.last_round()
-            if last is None:
-                return
-            announcement = last.announcement.model_copy(update={"closed": True})
+        announcement = self._latest_announcement()
+        if announcement is None:
+            return
         signed = sign_announcement(self.signing_key, announcement)
         self.session.publish(
             round_topic(self.fleet.name), signed.model_dump_json().encode(), retain=True
