@@ -326,7 +326,7 @@ class RobustnessConfig(Section):
 
 
 class DownlinkConfig(Section):
-    """How model versions travel to devices (docs/decisions.md, "Compressed defaults")."""
+    """How model versions travel to devices (docs/decisions.md §18)."""
 
     delta: bool = True
     """Send each new version as a delta against the previous one (`fedfmx.model_delta`), the
