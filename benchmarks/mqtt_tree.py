@@ -32,7 +32,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import psutil
 
-from aggregator.district_provisioning import DeviceSetup, ProvisionedTree, provision_tree
+from aggregator.districts.provisioning import DeviceSetup, ProvisionedTree, provision_tree
 from aggregator.provisioning import AGGREGATOR
 from aggregator.service import first_model
 from aggregator.state import AggregatorState, StoredModel

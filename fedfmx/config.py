@@ -347,7 +347,7 @@ UPLINK_DEFAULT_CLOSED_FORM = CodecSettings(zstd_level=3)
 
 
 class DistrictsConfig(Section):
-    """The root of a tree of district aggregators (`aggregator.root`, docs/decisions.md).
+    """The root of a tree of district aggregators (`aggregator.districts.root`, docs/decisions.md).
 
     Each district serves its own devices behind its own Mosquitto, bridged to the root's, and
     forwards one partial merge per round. The root's quorum counts *devices* through their

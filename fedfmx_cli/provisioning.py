@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aggregator.district_provisioning import DeviceSetup, provision_tree
+from aggregator.districts.provisioning import DeviceSetup, provision_tree
 from aggregator.provisioning import provision as write_credentials
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError

@@ -17,11 +17,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aggregator.district import open_district
-from aggregator.district_config import load_district_config
+from aggregator.districts.config import load_district_config
+from aggregator.districts.district import open_district
+from aggregator.districts.root import open_root
 from aggregator.events import configure_logging
 from aggregator.monitoring import serve_metrics
-from aggregator.root import open_root
 from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
 from aggregator.state_lock import exclusive_state

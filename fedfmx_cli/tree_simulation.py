@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from aggregator.district_provisioning import DeviceSetup, ProvisionedTree, provision_tree
-from aggregator.root import open_root
+from aggregator.districts.provisioning import DeviceSetup, ProvisionedTree, provision_tree
+from aggregator.districts.root import open_root
 from aggregator.service import ServiceHooks
 from aggregator.state import RoundTotals
 from fedfmx.config import FleetConfig, load_fleet

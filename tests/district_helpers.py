@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.crash_points import ENVIRONMENT_VARIABLE as CRASH_AT
-from aggregator.district_config import load_district_config, save_district_config
-from aggregator.district_provisioning import ProvisionedTree, provision_tree
-from aggregator.root import RootAggregator, open_root
+from aggregator.districts.config import load_district_config, save_district_config
+from aggregator.districts.provisioning import ProvisionedTree, provision_tree
+from aggregator.districts.root import RootAggregator, open_root
 from aggregator.service import ServiceHooks, first_model
 from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS
 from fedfmx.codec import encode_update

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from aggregator.district_provisioning import bridge_lines, district_acl_lines
+from aggregator.districts.provisioning import bridge_lines, district_acl_lines
 from fedfmx.aggregation import MergeSums, WeightedSum
 from fedfmx.config import parse_fleet
 from fedfmx.errors import ConfigError, FedFMXError

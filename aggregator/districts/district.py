@@ -23,10 +23,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from aggregator.crash_points import crash_point
-from aggregator.district_config import DistrictConfig
+from aggregator.districts.config import DistrictConfig
+from aggregator.districts.side_tables import SideTable
 from aggregator.events import log_event
 from aggregator.service import Aggregator, ServiceHooks
-from aggregator.side_tables import SideTable
 from aggregator.state import AggregatorState, StoredModel
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet

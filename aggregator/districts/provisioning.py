@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from aggregator.district_config import DistrictConfig, save_district_config
+from aggregator.districts.config import DistrictConfig, save_district_config
 from aggregator.provisioning import AGGREGATOR, ProvisionedFleet, provision
 from edge_client.config import DeviceConfig, PartitionSource, save_device_config
 from fedfmx.config import DistrictsConfig, FleetConfig

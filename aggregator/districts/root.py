@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from aggregator.crash_points import crash_point
+from aggregator.districts.side_tables import SideTable
 from aggregator.events import log_event
 from aggregator.service import Aggregator, ServiceHooks
-from aggregator.side_tables import SideTable
 from aggregator.state import AggregatorState, StoredRound
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
