@@ -68,9 +68,14 @@ def assert_every_buffer_closed(state: AggregatorState, fleet: FleetConfig) -> No
 def test_a_slow_device_does_not_hold_versions_back_and_its_updates_still_count(
     mosquitto_broker: MosquittoBroker, make_fleet: Callable[..., Fleet]
 ) -> None:
-    config = buffered_fleet(mosquitto_broker.url, max_staleness=10)
+    config = buffered_fleet(mosquitto_broker.url, max_lag=0, max_staleness=10)
+    # Rounds long enough that 4x is later than the aggregator's 0.1 s tick on an idle machine
+    # too (one epoch of ci-digits trains in milliseconds: all three would land in one buffer).
     config = config.model_copy(
-        update={"protocol": config.protocol.model_copy(update={"rounds_per_task": 3})}
+        update={
+            "protocol": config.protocol.model_copy(update={"rounds_per_task": 3}),
+            "training": config.training.model_copy(update={"local_epochs": 30}),
+        }
     )
     fleet = make_fleet(config)
     slow = fleet.device_config(2)
