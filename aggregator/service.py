@@ -618,4 +618,8 @@ def open_aggregator(fleet: FleetConfig, state_path: Path, hooks: ServiceHooks) -
         from aggregator.buffered import BufferedAggregator  # it builds on this module
 
         kind = BufferedAggregator
+    if fleet.service.update_workers:
+        from aggregator.pooled import PooledAggregator  # it builds on this module
+
+        kind = PooledAggregator
     return kind(fleet, state, session, load_signing_key(fleet.service.signing_key), hooks)

@@ -14,6 +14,7 @@ aggregator; and the aggregator process's peak resident memory.
 
     python benchmarks/mqtt_scale.py                   # N = 10, 100, 1000; 2 rounds each
     python benchmarks/mqtt_scale.py --devices 10 100  # a subset
+    python benchmarks/mqtt_scale.py --update-workers 2  # updates judged in 2 processes
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ BROKER_LIMITS = [
 ]
 
 
-def bench_fleet(devices: int, rounds: int, url: str) -> FleetConfig:
+def bench_fleet(devices: int, rounds: int, url: str, update_workers: int = 0) -> FleetConfig:
     return FleetConfig.model_validate(
         {
             "name": "scale",
@@ -77,6 +78,7 @@ def bench_fleet(devices: int, rounds: int, url: str) -> FleetConfig:
                 "broker": {"url": url, "protocol": "5"},
                 "round_deadline_s": 3600.0,
                 "min_devices": devices,
+                "update_workers": update_workers,
             },
         }
     )
@@ -234,13 +236,15 @@ def events(log_path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
 
 
-def measure(devices: int, rounds: int, profile: Path | None = None) -> dict[str, Any]:
+def measure(
+    devices: int, rounds: int, profile: Path | None = None, update_workers: int = 0
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     with (
         MosquittoBroker(extra_config=BROKER_LIMITS) as broker,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        fleet = bench_fleet(devices, rounds, broker.url)
+        fleet = bench_fleet(devices, rounds, broker.url, update_workers)
         model = first_model(fleet)
         state_path = Path(tmp) / "state.sqlite"
         state = AggregatorState(state_path, fleet.name)
@@ -277,7 +281,7 @@ def measure(devices: int, rounds: int, profile: Path | None = None) -> dict[str,
         aggregator.start()
         spy = None
         if profile is not None:  # py-spy samples the aggregator alone, every thread
-            command = "py-spy record --threads -r 50 -f raw -o {} --pid {}"
+            command = "py-spy record --threads --subprocesses -r 50 -f raw -o {} --pid {}"
             spy = subprocess.Popen(
                 command.format(profile, aggregator.pid).split(),
                 stdout=subprocess.DEVNULL,
@@ -359,6 +363,12 @@ def main() -> None:
         action="store_true",
         help="record the aggregator with py-spy (raw stacks, one file per N, in --out)",
     )
+    parser.add_argument(
+        "--update-workers",
+        type=int,
+        default=0,
+        help="service.update_workers: processes that decode, validate and fold updates",
+    )
     args = parser.parse_args()
     if args.districts is not None:
         from mqtt_tree import main as tree_main  # benchmarks/ is this script's folder
@@ -369,7 +379,7 @@ def main() -> None:
     results = []
     for devices in args.devices:
         profile = args.out / f"mqtt_scale_profile_{devices}.txt" if args.profile else None
-        result = measure(devices, args.rounds, profile)
+        result = measure(devices, args.rounds, profile, args.update_workers)
         results.append(result)
         last = result["rounds"][-1]
         print(
@@ -382,6 +392,7 @@ def main() -> None:
     document = {
         "machine": f"{psutil.cpu_count()} cores",
         "codec": CODEC.model_dump(),
+        "update_workers": args.update_workers,
         "results": results,
     }
     (args.out / "mqtt_scale.json").write_text(json.dumps(document, indent=2))

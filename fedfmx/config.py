@@ -294,6 +294,10 @@ class ServiceConfig(Section):
     `buffered`: each update is folded against the version it was trained from and every
     `buffered.size` updates make a new version (`aggregator.buffered`)."""
     buffered: BufferedConfig = BufferedConfig()
+    update_workers: int = Field(default=0, ge=0, le=64)
+    """Processes that decode, validate and fold updates (`aggregator.update_workers`), each
+    for a shard of the devices; 0: the aggregator's own handler thread does it. Synchronous
+    rounds with the `mean` merge, flat fleets, not the closed-form methods."""
     dormant_after_rounds: int = Field(default=2, ge=1)
     """A device that was neither heard from since the previous round opened nor answered any
     of the last this many rounds is left out of the next one (it returns with its next
@@ -505,6 +509,20 @@ class FleetConfig(Section):
             raise ValueError(
                 "service.mode buffered folds deltas into associative sums: it needs "
                 "robustness.merge mean and a method that is not closed-form"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _update_workers_fold_sums(self) -> FleetConfig:
+        if self.service.update_workers and (
+            self.service.mode != "synchronous"
+            or self.districts is not None
+            or self.method in CLOSED_FORM_METHODS
+            or self.robustness.merge != "mean"
+        ):
+            raise ValueError(
+                "service.update_workers fold partial sums: they need synchronous rounds of a "
+                "flat fleet, robustness.merge mean and a method that is not closed-form"
             )
         return self
 
