@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -65,8 +66,9 @@ class _Worker:
     process: BaseProcess
     requests: Connection
     results: Connection
-    in_flight: dict[tuple[str, str], bytes] = field(default_factory=dict)
-    """(device, digest) -> payload of updates sent and not answered yet, in sending order."""
+    in_flight: deque[tuple[str, str, bytes]] = field(default_factory=deque)
+    """(device, digest, payload) of the updates sent and not answered yet, in sending order
+    (a worker answers in that order)."""
     alive: bool = True
 
 
@@ -138,7 +140,7 @@ class UpdatePool:
         while len(self._workers[index].in_flight) >= MAX_IN_FLIGHT:
             self._receive(index, block=True)
         worker = self._workers[index]
-        worker.in_flight[(device_id, digest)] = payload
+        worker.in_flight.append((device_id, digest, payload))
         self._send_update(worker, device_id, payload, digest)
 
     def _send_update(self, worker: _Worker, device_id: str, payload: bytes, digest: str) -> None:
@@ -162,10 +164,11 @@ class UpdatePool:
         """Take in one worker's verdicts (at least one if `block`); a dead worker is replaced,
         after every verdict it sent before dying was taken in."""
         worker = self._workers[index]
-        try:
-            while worker.alive and worker.in_flight and (block or worker.results.poll()):
+        try:  # a worker found dead by a send may still have sent verdicts: read them first
+            while worker.in_flight and (block or not worker.alive or worker.results.poll()):
                 verdict = worker.results.recv()
-                payload = worker.in_flight.pop((verdict.device_id, verdict.digest))
+                _, digest, payload = worker.in_flight.popleft()
+                assert verdict.digest == digest, "a worker answers in the order it was sent"
                 self._on_verdict(verdict, payload)
                 block = False
         except (EOFError, OSError):
@@ -183,8 +186,8 @@ class UpdatePool:
         self._workers[index] = fresh
         self.restarts += 1
         self._send_round(index)
-        for (device_id, digest), payload in dead.in_flight.items():
-            fresh.in_flight[(device_id, digest)] = payload
+        for device_id, digest, payload in dead.in_flight:
+            fresh.in_flight.append((device_id, digest, payload))
             self._send_update(fresh, device_id, payload, digest)
 
     def sums(self) -> tuple[MergeSums, set[str]]:
