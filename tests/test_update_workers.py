@@ -261,3 +261,22 @@ def test_a_pooled_aggregator_over_mosquitto_stores_and_receipts_each_update_once
     finally:
         state.close()
     _assert_same_model(aggregator.keeper.model, _merged(fleet, version0, payloads))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"service": {"update_workers": 2, "mode": "buffered"}},
+        {"service": {"update_workers": 2}, "robustness": {"merge": "median"}},
+        {"service": {"update_workers": 2}, "method": "fedfmx_cf"},
+    ],
+)
+def test_update_workers_are_refused_where_the_merge_is_not_partial_sums(change: dict) -> None:
+    document = _fleet().model_dump(mode="json")
+    for section, values in change.items():
+        if isinstance(values, dict):
+            document[section] = document[section] | values
+        else:
+            document[section] = values
+    with pytest.raises(ValueError, match="update_workers fold partial sums"):
+        FleetConfig.model_validate(document)

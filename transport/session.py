@@ -34,6 +34,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -261,6 +262,9 @@ class MqttSession:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._subscriptions: dict[str, _Subscription] = {}
+        self._matcher: MQTTMatcher | None = None
+        """The subscriptions as paho's topic trie, built on the first packet after a change
+        (matching each packet against each filter built a trie per filter per packet)."""
         self._confirmed: set[str] = set()
         self._refused: dict[str, str] = {}
         self._suback_waiting: dict[int, str] = {}
@@ -619,11 +623,14 @@ class MqttSession:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
+            if self._matcher is None:
+                self._matcher = MQTTMatcher()
+                for order, sub in enumerate(self._subscriptions.values()):
+                    self._matcher[sub.topic_filter] = (order, sub)
             targets = [
                 sub
-                for sub in self._subscriptions.values()
-                if mqtt.topic_matches_sub(sub.topic_filter, message.topic)
-                and (message.payload or sub.guard)  # empty: a retained message being cleared
+                for _, sub in sorted(self._matcher.iter_match(message.topic), key=lambda m: m[0])
+                if message.payload or sub.guard  # empty: a retained message being cleared
             ]
         for sub in targets:
             try:
@@ -667,6 +674,7 @@ class MqttSession:
         )
         with self._lock:
             self._subscriptions[topic_filter] = sub
+            self._matcher = None
             self._confirmed.discard(topic_filter)
             self._refused.pop(topic_filter, None)
         client = self._client
@@ -696,6 +704,7 @@ class MqttSession:
         """Stop delivering `topic_filter` (fire and forget: nothing waits on an UNSUBACK)."""
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
+            self._matcher = None
             self._confirmed.discard(topic_filter)
         client = self._client
         if client is not None:
