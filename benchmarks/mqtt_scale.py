@@ -286,11 +286,15 @@ def measure(
                 command.format(profile, aggregator.pid).split(),
                 stdout=subprocess.DEVNULL,
             )
-        peak = 0.0
+        peak = workers_peak = 0.0
         watched = psutil.Process(aggregator.pid)
         while aggregator.is_alive():
             try:
                 peak = max(peak, watched.memory_info().rss / 2**20)
+                children = [  # its update workers, if any (not multiprocessing's tracker)
+                    c for c in watched.children() if "spawn_main" in " ".join(c.cmdline())
+                ]
+                workers_peak = max(workers_peak, sum(c.memory_info().rss for c in children) / 2**20)
             except psutil.NoSuchProcess:
                 break
             time.sleep(0.05)
@@ -328,6 +332,7 @@ def measure(
             "update_bytes_mean": update_bytes,
             "rounds": per_round,
             "aggregator_peak_rss_mb": peak,
+            "update_workers_peak_rss_mb": workers_peak,
         }
 
 
