@@ -25,7 +25,6 @@ nothing from the network is unpickled.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import multiprocessing as mp
 import zlib
 from collections import deque
@@ -42,10 +41,7 @@ from fedfmx.errors import ProtocolError
 from fedfmx.federation import GlobalModel, RoundKeeper
 from fedfmx.messages import RoundAnnouncement
 
-PIPE_BYTES = 1 << 20
-"""Kernel buffer of each pipe to a worker (Linux's unprivileged maximum): at the default 64 KiB
-not even one update fits, and every send would wait for the worker to finish the previous one."""
-MAX_IN_FLIGHT = 12
+MAX_IN_FLIGHT = 32
 """Updates sent to one worker and not yet answered; beyond, sending waits for a verdict (so
 neither pipe can fill up while the other side waits on it)."""
 
@@ -109,9 +105,6 @@ class UpdatePool:
         process.start()
         worker_requests.close()
         worker_results.close()
-        for connection in (requests, results):
-            with contextlib.suppress(OSError):  # refused: the default size, only slower
-                fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         return _Worker(process, requests, results)
 
     def shard(self, device_id: str) -> int:
