@@ -54,13 +54,6 @@ def test_robust_merges_are_refused_with_districts(merge: str) -> None:
         parse_fleet(document)
 
 
-def test_closed_form_methods_are_refused_with_districts() -> None:
-    document = tree_fleet().model_dump(mode="json")
-    document["method"] = "ridge"
-    with pytest.raises(ConfigError, match="closed-form"):
-        parse_fleet(document)
-
-
 def test_root_acl_confines_a_district_to_its_own_topics() -> None:
     lines = district_acl_lines("tree", "district-00")
     assert lines[0] == "user district-00"

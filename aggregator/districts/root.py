@@ -268,7 +268,7 @@ class RootAggregator(Aggregator):
     def _accept_partial(self, payload: bytes, district: str) -> PartialHeader | None:
         if not self._round_districts.get(district):
             raise ProtocolError(f"district {district!r} has no devices in the open round")
-        header = self.keeper.accept_partial(payload, district, len(self._round_districts[district]))
+        header = self.keeper.accept_partial(payload, district, self._round_districts[district])
         if header is not None:
             self._answered[district] = header.answered
         return header
