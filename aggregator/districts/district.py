@@ -208,7 +208,7 @@ class DistrictAggregator(Aggregator):
                 reason=str(error),
             )  # fmt: skip
             return
-        self.state.save_first_model(StoredModel(version, payload, model.class_names, [], None))
+        self.state.save_received_model(StoredModel(version, payload, model.class_names, [], None))
         log_event("model_received", district=self.district, model_version=version)
 
     # -- rounds -----------------------------------------------------------------------------
