@@ -5,8 +5,9 @@ flat aggregator keeps (`fedfmx.aggregation.MergeSums`) and forwards them, unmerg
 partial per round; the root adds partials like updates, so the tree's merge is the flat merge
 up to the order of float64 additions (DESIGN §8).
 
-Wire layout (as `fedfmx.codec`): ``FMXP | header length | PartialHeader JSON | safetensors``,
-every tensor float64, named
+Wire layout (as `fedfmx.codec`): ``FMXP | header length | PartialHeader JSON | body``, the body
+zstd-compressed safetensors (decompressed at most to `MAX_PARTIAL_BYTES`), every tensor float64,
+named
 
     expert/<param>/fisher.num, fisher.den, samples.num, samples.den   an `ExpertSum`
     shared/<param>/num, den                                            router, backbone
@@ -32,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import zstandard
 from pydantic import Field, ValidationError
 from safetensors.numpy import save as save_tensors
 
@@ -43,14 +45,18 @@ from fedfmx.analytic import (
     triangle_shape,
     unpack_triangle,
 )
-from fedfmx.codec import frame, load_body, unframe
+from fedfmx.codec import ZSTD_MAGIC, decompress_bounded, frame, load_body, unframe
 from fedfmx.config import AnalyticConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import Message, Name
 
 PARTIAL_MAGIC = b"FMXP"
 MAX_PARTIAL_BYTES = 512 * 1024 * 1024
-"""Largest partial the root decodes: float64 sums are ~32 bytes per model parameter."""
+"""Largest partial the root decodes, before and after decompression: float64 sums are ~32
+bytes per model parameter."""
+ZSTD_LEVEL = 3
+"""Partials travel zstd-compressed: the denominators of a weighted sum repeat one weight per
+tensor and compress to almost nothing (the numerators, float64 sums, barely compress)."""
 BOUND_SLACK = 1e-9
 """Relative slack on `|Σ w·δ| ≤ C·Σ w` for float64 rounding of honest sums."""
 
@@ -100,8 +106,13 @@ def encode_partial(header: PartialHeader, sums: MergeSums) -> bytes:
         tensors[f"head/{index}/den"] = weighted.denominator
     if sums.usage is not None:
         tensors["usage"] = sums.usage
+    return _framed(header, tensors)
+
+
+def _framed(header: PartialHeader, tensors: Mapping[str, np.ndarray]) -> bytes:
+    """The partial's bytes: float64 safetensors, zstd-compressed (`ZSTD_LEVEL`)."""
     body = save_tensors({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()})
-    return frame(PARTIAL_MAGIC, header, body)
+    return frame(PARTIAL_MAGIC, header, zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body))
 
 
 def encode_statistics_partial(header: PartialHeader, folds: Sequence[FeatureStatistics]) -> bytes:
@@ -118,8 +129,7 @@ def encode_statistics_partial(header: PartialHeader, folds: Sequence[FeatureStat
             np.stack([fold.moments[name] for name in names]) if names else np.zeros((0, fold.dim))
         )
         tensors[f"fold/{k}/counts"] = np.array([fold.counts[n] for n in names], dtype=np.float64)
-    body = save_tensors({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()})
-    return frame(PARTIAL_MAGIC, header, body)
+    return _framed(header, tensors)
 
 
 def _header(payload: bytes) -> tuple[PartialHeader, dict[str, np.ndarray]]:
@@ -133,6 +143,8 @@ def _header(payload: bytes) -> tuple[PartialHeader, dict[str, np.ndarray]]:
         raise ProtocolError(f"invalid partial header: {where}: {first['msg']}") from None
     if header.updates > header.answered:
         raise ProtocolError(f"{header.updates} updates but only {header.answered} answered")
+    if body[:4] == ZSTD_MAGIC:
+        body = decompress_bounded(body, MAX_PARTIAL_BYTES)
     return header, load_body(body)
 
 
