@@ -67,6 +67,7 @@ def bench_fleet(devices: int, rounds: int, url: str, update_workers: int = 0) ->
     return FleetConfig.model_validate(
         {
             "name": "scale",
+            "method": "fedfmx",  # the SGD FedFMX: a realistic expert update per device
             "codec": CODEC.model_dump(),
             "protocol": {
                 "num_clients": devices,
