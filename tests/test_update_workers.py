@@ -40,6 +40,7 @@ def _fleet(url: str = "mqtt://127.0.0.1:1", devices: int = len(DEVICES)) -> Flee
     return FleetConfig.model_validate(
         {
             "name": "pool",
+            "method": "fedfmx",  # the SGD FedFMX: update workers fold deltas, not statistics
             "codec": CodecSettings(quantize="int8", zstd_level=3).model_dump(),
             "protocol": {
                 "num_clients": devices,
