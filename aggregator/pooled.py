@@ -74,6 +74,9 @@ class PooledAggregator(Aggregator):
             self.pool.open_round(self.keeper.model, self.keeper.current.announcement)
 
     def _take_update(self, sender: str, payload: bytes, digest: str) -> None:
+        if self.keeper.current is None:  # a worker still holds the closed round: not asked
+            self._refuse(None, sender, digest, "no round is open")
+            return
         self.pool.submit(sender, payload, digest)
 
     def _take_verdict(self, verdict: Verdict, payload: bytes) -> None:

@@ -281,3 +281,29 @@ def test_update_workers_are_refused_where_the_merge_is_not_partial_sums(change: 
             document[section] = values
     with pytest.raises(ValueError, match="update_workers fold partial sums"):
         FleetConfig.model_validate(document)
+
+
+def test_an_update_after_its_round_closed_is_refused_not_folded(
+    mosquitto_broker: MosquittoBroker, model: GlobalModel, tmp_path: Path
+) -> None:
+    fleet = _fleet(mosquitto_broker.url, devices=1)
+    aggregator = open_aggregator(fleet, tmp_path / "state.sqlite", ServiceHooks())
+    assert isinstance(aggregator, PooledAggregator)
+    hello = Hello(fleet=fleet.name, device_id="d0", profile="t", classes_met=[], sample_counts={})
+    aggregator.state.register(hello)
+    try:
+        aggregator.start()
+        aggregator._tick(time.time())  # round 0 opens, d0 its one participant
+        first = _update(fleet, aggregator.keeper.model, "d0", 0)
+        late = _update(fleet, aggregator.keeper.model, "d0", 1)
+        aggregator._take_update("d0", first, _digest(first))
+        aggregator._commit_accepted()
+        aggregator._tick(time.time())  # every participant answered: merged and closed
+        assert aggregator.keeper.current is None and aggregator.keeper.model.version == 1
+        aggregator._take_update("d0", late, _digest(late))  # the workers still hold round 0
+        aggregator._commit_accepted()
+    finally:
+        aggregator.pool.close()
+        aggregator.session.close()
+    assert aggregator.state.update_digests(0) == [("d0", _digest(first))]
+    assert (None, "d0", "no round is open") in aggregator.state.rejections()
