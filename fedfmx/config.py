@@ -136,13 +136,13 @@ class ModelConfig(Section):
     expert_filters: int = Field(default=32, gt=0)
     expert_grid: int = Field(default=4, gt=0)
     """Each expert pools its maps to `grid × grid`: `filters·grid²` features per expert."""
-    expert_taps: list[str] = Field(default=["head2x2", "block10_2x2", "block7_4x4"])
+    expert_taps: list[str] = Field(default=["block4_4x4", "block7_4x4", "block10_2x2"])
     """`closed_form_experts` on the `efficientnet_lite0` trunk: one expert per trunk tap
     (`fedfmx.trunk_taps.TAPS`), in place of `expert_kernels`; chosen on validation rows by
     `benchmarks/tap_selection.py` (docs/decisions.md). Raw-pixel models ignore it."""
-    tap_features: int = Field(default=1024, gt=0)
+    tap_features: int = Field(default=512, gt=0)
     """Width of each tap expert's random projection (`fedfmx.feature_maps.TapFeatures`)."""
-    trunk_shared_features: int = Field(default=1024, gt=0)
+    trunk_shared_features: int = Field(default=512, gt=0)
     """`closed_form_experts` on the trunk: width of `φ_0`, the projection of the pooled tap."""
     random_features: int = Field(default=2048, ge=0)
     """Closed-form head: width `D` of the random ReLU projection `φ = ReLU(R·u)` of the input
