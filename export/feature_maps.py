@@ -146,9 +146,9 @@ def export_feature_maps(fleet: FleetConfig, out: Path) -> Path | None:
     network = build_model(fleet.network, fleet.routing, 1, fleet.seed)
     pretrained = fleet.model.backbone == "efficientnet_lite0"
     spec = InputSpec.of_fleet(fleet)
-    shape = (CHECK_ROWS, TRUNK_FEATURES) if pretrained else (CHECK_ROWS, spec.channels)
+    shape: tuple[int, ...] = (CHECK_ROWS, TRUNK_FEATURES)
     if not pretrained:
-        shape += (spec.height, spec.width)
+        shape = (CHECK_ROWS, spec.channels, spec.height, spec.width)
     rows = torch.rand(shape, generator=torch.Generator().manual_seed(fleet.seed))
     with torch.no_grad():  # drawing the lazily sized projections, and the reference φ
         reference = network.closed_form_features(rows).numpy()
