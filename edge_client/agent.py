@@ -678,7 +678,6 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
     """Build a device from its YAML: fleet, profile limits, its data partition, saved state."""
     profile = load_profile(config.profile)
     fleet = apply_profile(load_fleet(config.fleet_file), profile)
-    training_device(profile)  # says clearly (or refuses) when the profile's GPU is missing
     seed = fleet.seed * 1000 + device_number(config)
     problem = torch_free_problem(config, fleet)
     data = open_device_data(config, fleet, seed)
@@ -687,6 +686,7 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
         learner = open_statistics_learner(config, fleet, data)
     else:
         log.info("training with torch: %s", problem)
+        training_device(profile)  # says clearly (or refuses) when the profile's GPU is missing
         learner = _torch_learner(config, fleet, data, seed)
     inference = None
     if config.serves:

@@ -42,6 +42,10 @@ def export_template(checkpoint: Checkpoint, out: Path) -> Path:
         if pretrained
         else torch.zeros(2, spec.channels, spec.height, spec.width)
     )
+    with (
+        torch.no_grad()
+    ):  # draws a closed-form head's lazily sized projections: traced as constants
+        model(example)
     proto = trace_onnx(model, example, OUTPUT_NAME, optimize=False)
     shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
     props = {PARAMETERS_KEY: json.dumps(shapes)}
