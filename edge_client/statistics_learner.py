@@ -140,8 +140,7 @@ def open_statistics_learner(
 
             trunk = open_device_trunk(config, fleet, data, fp32_folder=folder)
         else:
-            from export.trunk import fp32_trunk_path
-            from export.trunk_runtime import TrunkRuntime
+            from export.trunk_runtime import TrunkRuntime, fp32_trunk_path
 
             trunk = TrunkRuntime.load(fp32_trunk_path(folder, size), size, fleet.training.threads)
     log.info("closed-form device without torch: features through ONNX Runtime and numpy")
