@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -85,6 +86,25 @@ def process_memory_mb() -> dict[str, float]:
     }
 
 
+def rounds_summary(
+    profile: DeviceProfile,
+    rounds: Sequence[Mapping[str, float | int | bool]],
+    rss_before_mb: float,
+    rows: int,
+) -> dict[str, object]:
+    """A profile's rounds, their mean time (rounds that sent something) and peak RSS."""
+    peak = max(float(r["peak_rss_mb"]) for r in rounds)
+    return {
+        "rss_before_rounds_mb": rss_before_mb,
+        "profile": profile.model_dump(),
+        "rows_held": rows,
+        "rounds": rounds,
+        "mean_round_s": float(np.mean([r["seconds"] for r in rounds if r["trained"]])),
+        "peak_rss_mb": peak,
+        "within_memory_budget": peak <= profile.train_memory_mb,
+    }
+
+
 def measure(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> dict[str, object]:
     import torch
 
@@ -112,19 +132,8 @@ def measure(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> 
         before = process_memory_mb()
         device = DeviceLearner("device-000", fleet, samples, stream, seed=0, trunk=trunk)
         rounds = time_device_rounds(device, fleet, ROUNDS)
-    peak = max(float(r["peak_rss_mb"]) for r in rounds)
-    return {
-        "method": method,
-        "backbone": backbone,
-        "int8_trunk": int8_trunk,
-        "rss_before_rounds_mb": before["VmRSS"],
-        "profile": profile.model_dump(),
-        "rows_held": len(stream.rows),
-        "rounds": rounds,
-        "mean_round_s": float(np.mean([r["seconds"] for r in rounds if r["trained"]])),
-        "peak_rss_mb": peak,
-        "within_memory_budget": peak <= profile.train_memory_mb,
-    }
+    summary = rounds_summary(profile, rounds, before["VmRSS"], len(stream.rows))
+    return {"method": method, "backbone": backbone, "int8_trunk": int8_trunk} | summary
 
 
 def frame(stream: IO[bytes], data: bytes) -> None:
@@ -207,7 +216,7 @@ def measure_torch_free(
         trunk = TrunkRuntime.load(path, size, profile.threads)
     before = process_memory_mb()
     device = StatisticsLearner("device-000", fleet, samples, stream, maps, trunk)
-    rounds = []
+    rounds: list[dict[str, float | int | bool]] = []
     pipe_in, pipe_out = sys.stdin.buffer, sys.stdout.buffer
     while message := read_frame(pipe_in):
         announcement = RoundAnnouncement.model_validate_json(message)
@@ -228,21 +237,15 @@ def measure_torch_free(
             }
         )
         frame(pipe_out, payload or b"")
-    peak = max(float(r["peak_rss_mb"]) for r in rounds)
-    return {
-        "method": method,
-        "backbone": backbone,
-        "int8_trunk": int8_trunk,
-        "torch_imported": "torch" in sys.modules,
-        "rss_before_rounds_mb": before["VmRSS"],
-        "profile": profile.model_dump(),
-        "rows_held": len(stream.rows),
-        "rounds": rounds,
-        "mean_round_s": float(np.mean([r["seconds"] for r in rounds if r["trained"]])),
-        "peak_rss_mb": peak,
-        "process_peak_rss_mb": process_memory_mb()["VmHWM"],
-        "within_memory_budget": peak <= profile.train_memory_mb,
-    }
+    summary = rounds_summary(profile, rounds, before["VmRSS"], len(stream.rows))
+    return (
+        {"method": method, "backbone": backbone, "int8_trunk": int8_trunk}
+        | summary
+        | {
+            "torch_imported": "torch" in sys.modules,
+            "process_peak_rss_mb": process_memory_mb()["VmHWM"],
+        }
+    )
 
 
 def prepare_serving(profile_name: str, backbone: str, folder: Path) -> Path:
