@@ -16,12 +16,18 @@ import torch
 from fleet_helpers import device_yaml, small_fleet, write_fleet
 
 from aggregator.service import ServiceHooks, open_aggregator
+from edge_client.statistics_learner import StatisticsLearner
 from export.feature_maps import FEATURE_MAPS_FILE, closed_form_features, load_feature_maps
 from fedfmx.analytic import FeatureStatistics, solve_head
-from fedfmx.analytic_state import LAMBDA, ROWS_PREFIX
+from fedfmx.analytic_state import LAMBDA, ROWS_PREFIX, device_view
 from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.device import DeviceLearner
+from fedfmx.device_round import STATISTICS_BATCH
+from fedfmx.federation import RoundKeeper
 from fedfmx.fleet_data import load_fleet_dataset, own_partition
 from fedfmx.model import build_model
+from fedfmx.simulation import initial_model
+from fedfmx.stream import SampleTable
 from fedfmx_cli.serving import export_serving
 
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
@@ -184,3 +190,50 @@ def test_torch_free_devices_join_and_the_head_is_the_pooled_solve(
     np.testing.assert_allclose(
         model.weights["head.weight"], expected, rtol=0, atol=1e-3 * np.abs(expected).max()
     )
+
+
+class CountingSamples:
+    """A sample table that records how many rows each read asks for."""
+
+    def __init__(self, samples: SampleTable) -> None:
+        self.samples = samples
+        self.reads: list[int] = []
+
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.reads.append(len(ids))
+        return self.samples.rows(ids)
+
+
+def test_the_torch_free_update_is_the_torch_learners(tmp_path: Path) -> None:
+    """Same rows, same round: the same header (rows_before, counts, λ hits) and the same
+    statistics to float rounding, accepted by the aggregator's validation; rows are read in
+    batches, and a round with nothing new sends nothing."""
+    fleet = _fleet("fedfmx_cf")  # closed-form uplink default: float32 + zstd
+    export_serving(out=tmp_path, fleet=write_fleet(tmp_path, fleet))
+    maps = load_feature_maps(tmp_path / FEATURE_MAPS_FILE)
+    samples, stream = own_partition(fleet, load_fleet_dataset(fleet), 0)
+    counting = CountingSamples(samples)
+    torch_free = StatisticsLearner("device-000", fleet, counting, stream, maps, None)
+    reference = DeviceLearner("device-000", fleet, samples, stream, seed=0)
+    keeper = RoundKeeper(fleet, initial_model(fleet))
+    sent = 0
+    for round_index in range(4):
+        announcement = keeper.open_round(round_index, ["device-000"], deadline_unix=0.0)
+        header, weights = keeper.model_header(), device_view(keeper.model.weights)
+        torch_free.check_model(header, weights)
+        ours = torch_free.handle_round(announcement, header, weights)
+        theirs = reference.handle_round(announcement, header, weights)
+        assert (ours is None) == (theirs is None)
+        if ours is not None and theirs is not None:
+            our_header, our_tensors = keeper.decode(ours, "device-000")
+            their_header, their_tensors = keeper.decode(theirs, "device-000")
+            assert our_header == their_header
+            for name, value in their_tensors.items():
+                np.testing.assert_allclose(our_tensors[name], value, rtol=1e-4, atol=1e-6)
+            keeper.accept(ours, "device-000")
+            sent += 1
+        keeper.close_round()
+    assert sent >= 2
+    assert counting.reads and max(counting.reads) <= STATISTICS_BATCH
+    held = round(float(keeper.model.weights[ROWS_PREFIX + "device-000"][0]))
+    assert held == len(torch_free.state.contributed) > 0
