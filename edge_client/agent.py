@@ -29,7 +29,7 @@ from edge_client.health import free_disk_mb, process_rss_mb, source_state
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
 from edge_client.statistics_learner import open_statistics_learner, torch_free_problem
 from fedfmx.aggregation import Arrays
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model, encode_model
+from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.device_round import validate_announcement
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
@@ -41,7 +41,6 @@ from fedfmx.messages import (
     RoundAnnouncement,
     UpdateReceipt,
 )
-from fedfmx.model_delta import decode_delta, payload_digest
 from fedfmx.profiles import DeviceProfile, PeakRss, apply_profile, load_profile, training_device
 from fedfmx.signing import (
     Manifest,
@@ -51,6 +50,7 @@ from fedfmx.signing import (
     verify_announcement,
     verify_manifest,
 )
+from fedfmx.verified_delta import full_from_delta
 from transport import (
     LastWill,
     MqttSession,
@@ -520,22 +520,7 @@ class EdgeDevice:
         with self._changed:
             body = self._deltas.pop(manifest.version)
         try:
-            payload = assemble_verified(delta, chunk_payload(body, delta.chunk_bytes))
-            header, weights = decode_delta(payload, held.weights, decoded_bytes=delta.decoded_bytes)
-            if header.base_version != held.header.version or header.base_sha256 != (
-                payload_digest(held.payload)
-            ):
-                raise ProtocolError(f"delta is not against the held version {held.header.version}")
-            full = encode_model(
-                ModelHeader(
-                    fleet=header.fleet, version=header.version, class_names=header.class_names
-                ),
-                weights,
-            )
-            try:
-                assemble_verified(manifest, chunk_payload(full, manifest.chunk_bytes))
-            except ProtocolError:
-                raise ProtocolError("the decoded delta is not the signed full version") from None
+            full = full_from_delta(manifest, body, held.header, held.payload, held.weights)
             model = self._checked_model(manifest.version, full)
         except ProtocolError as error:
             log.warning("refused the delta of model version %s: %s", manifest.version, error)
