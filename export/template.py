@@ -42,6 +42,9 @@ def export_template(checkpoint: Checkpoint, out: Path) -> Path:
         if pretrained
         else torch.zeros(2, spec.channels, spec.height, spec.width)
     )
+    # a closed-form head draws its projections at the first call: then traced as constants
+    with torch.no_grad():
+        model(example)
     proto = trace_onnx(model, example, OUTPUT_NAME, optimize=False)
     shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
     props = {PARAMETERS_KEY: json.dumps(shapes)}

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zstandard
 
+from fedfmx import partials
 from fedfmx.aggregation import MergeSums, WeightedSum
+from fedfmx.codec import frame
 from fedfmx.errors import ProtocolError
 from fedfmx.federation import RoundKeeper
 from fedfmx.partials import PartialHeader, decode_partial, encode_partial
@@ -39,9 +42,10 @@ def test_the_sum_of_partials_is_the_flat_merge_and_a_resent_partial_counts_once(
     root = RoundKeeper(fleet, first_model(fleet))
     root.open_round(0, ALL, 0.0)
     first = district_partial(root, "district-00", ALL[::2])
-    assert root.accept_partial(first, "district-00", 2) is not None
-    assert root.accept_partial(first, "district-00", 2) is None  # the re-send
-    assert root.accept_partial(district_partial(root, "district-01", ALL[1::2]), "district-01", 2)
+    assert root.accept_partial(first, "district-00", ALL[::2]) is not None
+    assert root.accept_partial(first, "district-00", ALL[::2]) is None  # the re-send
+    second = district_partial(root, "district-01", ALL[1::2])
+    assert root.accept_partial(second, "district-01", ALL[1::2])
     merged = root.close_round()
     assert merged.class_names == expected.class_names
     for name, value in expected.weights.items():
@@ -71,6 +75,14 @@ def test_broken_framing_is_refused(mutate: object, reason: str) -> None:
     payload = encode_partial(header(updates=1, answered=1), sums)
     with pytest.raises(ProtocolError, match=reason):
         decode_partial(mutate(payload), weights, 2, 10.0)  # type: ignore[operator]
+
+
+def test_a_zstd_bomb_is_refused_before_it_grows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(partials, "MAX_PARTIAL_BYTES", 100_000)
+    bomb = zstandard.ZstdCompressor().compress(bytes(10_000_000))  # ~300 bytes, 10 MB inside
+    payload = frame(partials.PARTIAL_MAGIC, header(), bomb)
+    with pytest.raises(ProtocolError, match="decompresses beyond 100000 bytes"):
+        decode_partial(payload, {"head.weight": np.zeros((1, 3))}, 2, 10.0)
 
 
 def test_wrong_shapes_negative_weights_and_stray_tensors_are_refused() -> None:
