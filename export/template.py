@@ -23,7 +23,7 @@ from export.checkpoint import Checkpoint
 from export.metadata import ExportMetadata
 from export.onnx_model import OPSET, OUTPUT_NAME, trace_onnx, write_onnx_metadata
 from fedfmx.aggregation import HEAD_WEIGHT, Arrays
-from fedfmx.errors import DataError, ProtocolError
+from fedfmx.errors import ConfigError, DataError, ProtocolError
 from fedfmx.trunk_spec import TRUNK_FEATURES
 
 PARAMETERS_KEY = "fedfmx.template_parameters"
@@ -35,6 +35,11 @@ def export_template(checkpoint: Checkpoint, out: Path) -> Path:
     import torch
 
     model = checkpoint.build()
+    if model.uses_taps:
+        raise ConfigError(
+            "fedfmx_cf on the trunk reads its intermediate taps (fedfmx.trunk_taps), which the "
+            "serving trunk does not output yet: serve it with torch"
+        )
     spec = checkpoint.input
     pretrained = checkpoint.fleet.model.backbone == "efficientnet_lite0"
     example = (

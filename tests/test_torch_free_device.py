@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 import torch
 from fleet_helpers import device_yaml, small_fleet, write_fleet
 
@@ -47,12 +48,24 @@ def _torch_features(fleet: FleetConfig, rows: np.ndarray) -> np.ndarray:
         return network.closed_form_features(torch.from_numpy(rows)).numpy()
 
 
+def test_fedfmx_cf_on_trunk_taps_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its experts read the trunk's intermediate taps, which the ONNX trunk does not output
+    (docs/decisions.md §20): a clear refusal, no half-written export."""
+    fleet = _fleet("fedfmx_cf", backbone="efficientnet_lite0")
+    with pytest.raises(typer.Exit):
+        export_serving(out=tmp_path, fleet=write_fleet(tmp_path, fleet))
+    assert "intermediate taps" in capsys.readouterr().err
+    assert not (tmp_path / FEATURE_MAPS_FILE).exists()
+
+
 @pytest.mark.parametrize(
     ("method", "model"),
     [
         ("ridge", {"random_features": 256}),
         ("fedfmx_cf", {}),  # the shared projection and three convolution banks on the pixels
-        ("fedfmx_cf", {"backbone": "efficientnet_lite0"}),  # the banks' projections of a trunk's
+        ("ridge", {"backbone": "efficientnet_lite0"}),  # the projection of a trunk's pool
     ],
 )
 def test_numpy_features_are_the_torch_networks(
