@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 import torch
+import typer
 from fleet_helpers import device_yaml, small_fleet, write_fleet
 
 from aggregator.service import ServiceHooks, open_aggregator
