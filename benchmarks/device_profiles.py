@@ -19,7 +19,12 @@ these rounds). `--int8-trunk` computes the cache's misses with the device's int8
 torch): the template and fp32 trunk are written first (with torch, as `export-serving` does),
 then a child process that never imports torch makes its int8 trunk, fills, quantizes and
 parity-checks one model version on 512 of the device's images and classifies 300 frames at
-batch 1. `--malloc-arena-max N` runs each child with `MALLOC_ARENA_MAX=N` (glibc).
+batch 1. `--torch-free` measures a closed-form training device without torch
+(`edge_client.statistics_learner`): the parent writes the serving files (fp32 trunk, feature
+maps) with torch and keeps the aggregator's side; the child, which never imports torch, loads
+its share, makes its int8 trunk (with `--int8-trunk`) or opens the fp32 one, and answers the
+parent's rounds over a pipe (so its memory is the device's alone). `--malloc-arena-max N` runs
+each child with `MALLOC_ARENA_MAX=N` (glibc).
 
 Peak RSS: the highest of /proc/self/status VmRSS sampled every 10 ms during each round (the
 serving child: VmHWM, its whole life). `load_average` records the machine's load.
@@ -28,6 +33,9 @@ serving child: VmHWM, its whole life). `load_average` records the machine's load
         --profile raspberry-pi-4   # → results/device_profiles_fedfmx_efficientnet_lite0_int8.json
     python benchmarks/device_profiles.py --backbone efficientnet_lite0 --serving-only \\
         --profile raspberry-pi-4   # → results/device_profiles_serving_efficientnet_lite0.json
+    python benchmarks/device_profiles.py --method ridge --backbone efficientnet_lite0 \\
+        --torch-free --int8-trunk --profile raspberry-pi-4
+        # → results/device_profiles_torchfree_ridge_efficientnet_lite0_int8.json
 """
 
 from __future__ import annotations
@@ -37,11 +45,14 @@ import json
 import os
 import platform
 import re
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import matplotlib
 
@@ -49,8 +60,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from export.checkpoint import InputSpec
 from fedfmx.config import FleetConfig
-from fedfmx.profiles import PROFILES_DIR, DeviceProfile, apply_profile, load_profile
+from fedfmx.profiles import PROFILES_DIR, DeviceProfile, PeakRss, apply_profile, load_profile
 
 RESULTS = Path(__file__).parent / "results"
 ROUNDS = 4
@@ -71,6 +83,25 @@ def process_memory_mb() -> dict[str, float]:
     return {
         key: int(re.search(rf"{key}:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
         for key in ("VmRSS", "VmHWM")
+    }
+
+
+def rounds_summary(
+    profile: DeviceProfile,
+    rounds: Sequence[Mapping[str, float | int | bool]],
+    rss_before_mb: float,
+    rows: int,
+) -> dict[str, object]:
+    """A profile's rounds, their mean time (rounds that sent something) and peak RSS."""
+    peak = max(float(r["peak_rss_mb"]) for r in rounds)
+    return {
+        "rss_before_rounds_mb": rss_before_mb,
+        "profile": profile.model_dump(),
+        "rows_held": rows,
+        "rounds": rounds,
+        "mean_round_s": float(np.mean([r["seconds"] for r in rounds if r["trained"]])),
+        "peak_rss_mb": peak,
+        "within_memory_budget": peak <= profile.train_memory_mb,
     }
 
 
@@ -101,19 +132,120 @@ def measure(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> 
         before = process_memory_mb()
         device = DeviceLearner("device-000", fleet, samples, stream, seed=0, trunk=trunk)
         rounds = time_device_rounds(device, fleet, ROUNDS)
-    peak = max(float(r["peak_rss_mb"]) for r in rounds)
-    return {
-        "method": method,
-        "backbone": backbone,
-        "int8_trunk": int8_trunk,
-        "rss_before_rounds_mb": before["VmRSS"],
-        "profile": profile.model_dump(),
-        "rows_held": len(stream.rows),
-        "rounds": rounds,
-        "mean_round_s": float(np.mean([r["seconds"] for r in rounds if r["trained"]])),
-        "peak_rss_mb": peak,
-        "within_memory_budget": peak <= profile.train_memory_mb,
-    }
+    summary = rounds_summary(profile, rounds, before["VmRSS"], len(stream.rows))
+    return {"method": method, "backbone": backbone, "int8_trunk": int8_trunk} | summary
+
+
+def frame(stream: IO[bytes], data: bytes) -> None:
+    stream.write(struct.pack("<I", len(data)) + data)
+    stream.flush()
+
+
+def read_frame(stream: IO[bytes]) -> bytes:
+    (size,) = struct.unpack("<I", stream.read(4))
+    return stream.read(size)
+
+
+def run_torch_free(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> str:
+    """The aggregator's side in this process (torch: the initial model), the device in a child
+    that never imports torch: each round's announcement and device-view model go down a pipe,
+    the update comes back, so the child's memory is the device's alone. Returns its JSON."""
+    from export.feature_maps import FEATURE_MAPS_FILE, export_feature_maps
+    from export.trunk import export_trunk, fp32_trunk_path
+    from fedfmx.federation import RoundKeeper
+    from fedfmx.simulation import initial_model
+
+    fleet = fleet_of(load_profile(profile_name), method, backbone)
+    with tempfile.TemporaryDirectory(prefix="torch-free-device-") as scratch:
+        serving = Path(scratch) / "serving"
+        if export_feature_maps(fleet, serving / FEATURE_MAPS_FILE) is None:
+            raise SystemExit(f"{method} on {backbone}: numpy cannot compute its features")
+        if backbone == "efficientnet_lite0":
+            size = fleet.model.trunk_input_size
+            export_trunk(InputSpec.of_fleet(fleet), size, fp32_trunk_path(serving, size))
+        command = [sys.executable, __file__, "--child", profile_name, "--method", method]
+        command += ["--backbone", backbone, "--torch-free-folder", scratch]
+        command += ["--int8-trunk"] if int8_trunk else []
+        child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert child.stdin is not None and child.stdout is not None
+        keeper = RoundKeeper(fleet, initial_model(fleet))
+        for round_index in range(ROUNDS):
+            announcement = keeper.open_round(round_index, ["device-000"], deadline_unix=0.0)
+            frame(child.stdin, announcement.model_dump_json().encode())
+            frame(child.stdin, keeper.device_payload())
+            update = read_frame(child.stdout)
+            if update:
+                keeper.accept(update)
+            keeper.close_round()
+        frame(child.stdin, b"")
+        output = child.stdout.read().decode()
+        if child.wait() != 0:
+            raise SystemExit("the torch-free device child failed")
+    return output
+
+
+def measure_torch_free(
+    profile_name: str, method: str, backbone: str, int8_trunk: bool, folder: Path
+) -> dict[str, object]:
+    """A closed-form device's rounds in this process, which must not import torch: the rounds
+    come from the parent (`run_torch_free`) over stdin, the updates go back over stdout."""
+    from edge_client.device_trunk import calibration_images, make_trunk_in_child
+    from edge_client.statistics_learner import OnnxTrunk, StatisticsLearner
+    from export.feature_maps import FEATURE_MAPS_FILE, load_feature_maps
+    from export.trunk_runtime import TrunkRuntime, fp32_trunk_path
+    from fedfmx.codec import MAX_MODEL_BYTES, decode_model
+    from fedfmx.fleet_data import load_fleet_dataset, own_partition
+    from fedfmx.messages import RoundAnnouncement
+
+    profile = load_profile(profile_name)
+    fleet = fleet_of(profile, method, backbone)
+    dataset = load_fleet_dataset(fleet)
+    samples, stream = own_partition(fleet, dataset, 0)
+    del dataset  # a device holds its own rows only
+    serving = folder / "serving"
+    maps = load_feature_maps(serving / FEATURE_MAPS_FILE)
+    trunk: OnnxTrunk | None = None
+    if backbone == "efficientnet_lite0":
+        size = fleet.model.trunk_input_size
+        if int8_trunk:
+            images = calibration_images(samples, stream, fleet.protocol.num_rounds)
+            spec = InputSpec.of_fleet(fleet)
+            path = make_trunk_in_child(folder / "trunk", spec, size, images, serving)
+        else:
+            path = fp32_trunk_path(serving, size)
+        trunk = TrunkRuntime.load(path, size, profile.threads)
+    before = process_memory_mb()
+    device = StatisticsLearner("device-000", fleet, samples, stream, maps, trunk)
+    rounds: list[dict[str, float | int | bool]] = []
+    pipe_in, pipe_out = sys.stdin.buffer, sys.stdout.buffer
+    while message := read_frame(pipe_in):
+        announcement = RoundAnnouncement.model_validate_json(message)
+        started = time.perf_counter()
+        with PeakRss() as memory:  # what the agent does with a round: decode, check, compute
+            header, weights = decode_model(read_frame(pipe_in), max_bytes=MAX_MODEL_BYTES)
+            device.check_model(header, weights)
+            payload = device.handle_round(announcement, header, weights)
+            del weights
+        rounds.append(
+            {
+                "round": announcement.round,
+                "seconds": time.perf_counter() - started,
+                "peak_rss_mb": memory.peak_mb,
+                "trained": payload is not None,
+                "rows_held": len(device.state.held),
+                "uplink_bytes": len(payload or b""),
+            }
+        )
+        frame(pipe_out, payload or b"")
+    summary = rounds_summary(profile, rounds, before["VmRSS"], len(stream.rows))
+    return (
+        {"method": method, "backbone": backbone, "int8_trunk": int8_trunk}
+        | summary
+        | {
+            "torch_imported": "torch" in sys.modules,
+            "process_peak_rss_mb": process_memory_mb()["VmHWM"],
+        }
+    )
 
 
 def prepare_serving(profile_name: str, backbone: str, folder: Path) -> Path:
@@ -194,11 +326,18 @@ def main() -> None:
     parser.add_argument("--int8-trunk", action="store_true")
     parser.add_argument("--serving-only", action="store_true")
     parser.add_argument("--serving-folder", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-free", action="store_true")
+    parser.add_argument("--torch-free-folder", help=argparse.SUPPRESS)
     parser.add_argument("--malloc-arena-max", type=int)
     args = parser.parse_args()
     if args.child:
         if args.serving_folder:
             cell = measure_serving(args.child, Path(args.serving_folder))
+        elif args.torch_free_folder:
+            folder = Path(args.torch_free_folder)
+            cell = measure_torch_free(
+                args.child, args.method, args.backbone, args.int8_trunk, folder
+            )
         else:
             cell = measure(args.child, args.method, args.backbone, args.int8_trunk)
         print(json.dumps(cell))
@@ -217,9 +356,12 @@ def main() -> None:
             if args.serving_only:
                 folder = prepare_serving(name, args.backbone, Path(scratch) / name)
                 command += ["--serving-folder", str(folder)]
-            output = subprocess.run(
-                command, check=True, capture_output=True, text=True, env=env
-            ).stdout
+            if args.torch_free:
+                output = run_torch_free(name, args.method, args.backbone, args.int8_trunk)
+            else:
+                output = subprocess.run(
+                    command, check=True, capture_output=True, text=True, env=env
+                ).stdout
             results[name] = json.loads(output.strip().splitlines()[-1])
             cell = results[name]
             budget = cell["profile"]["train_memory_mb"]
@@ -245,6 +387,9 @@ def main() -> None:
     stem = "device_profiles" if default else f"device_profiles_{args.method}_{args.backbone}"
     if args.serving_only:
         stem = f"device_profiles_serving_{args.backbone}"
+    elif args.torch_free:
+        stem = f"device_profiles_torchfree_{args.method}_{args.backbone}"
+        stem += "_int8" if args.int8_trunk else ""
     elif args.int8_trunk:
         stem += "_int8"
     if args.malloc_arena_max is not None:

@@ -45,6 +45,7 @@ from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
 from fedfmx.pretrained import BACKBONE_ID, PretrainedBackbone
 from fedfmx.profiles import apply_profile, load_profile
 from fedfmx.simulation import load_fleet_dataset, own_partition
+from fedfmx.trunk_taps import taps_id
 
 RESULTS = Path(__file__).parent / "results"
 FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"
@@ -54,6 +55,8 @@ METHODS = ("fedfmx", "fedavg", "fedprox", "fedewc", "fedlwf", "fedavg_replay", "
 ALL_METHODS = (*METHODS, "fedavg_replay_wa", "ridge", "fedfmx_cf", "fedfmx_cf_no_experts")
 """Every method a grid may run (`--methods`); each keeps its colour in every plot."""
 SETTING = Setting(alpha=0.5, max_lag=1)
+TAP_METHODS = ("fedfmx_cf",)
+"""Methods that read the trunk's tap vectors, not only its pooled features."""
 
 
 @dataclass(frozen=True)
@@ -114,11 +117,13 @@ def tuned_values() -> dict[str, dict[str, dict[str, object]]]:
     return chosen
 
 
-def base_fleet(data: DataSet, backbone: str, budget: Budget) -> FleetConfig:
+def base_fleet(
+    data: DataSet, backbone: str, budget: Budget, model: Mapping[str, object] | None = None
+) -> FleetConfig:
     fleet = load_fleet(FLEETS / f"{data.fleet}.yaml")
     document = fleet.model_dump()
     document["protocol"] |= {"rounds_per_task": budget.rounds_per_task}
-    document["model"] |= {"backbone": backbone}
+    document["model"] |= {"backbone": backbone, **(model or {})}
     # pretrained cells are fed trunk features already (see the module docstring)
     cache_mb = 0 if backbone == "efficientnet_lite0" else fleet.training.feature_cache_mb
     document["training"] |= {
@@ -148,7 +153,9 @@ class TrunkFeatures:
     """Loads a fleet's data set with every image replaced by its frozen-trunk features.
 
     Each distinct image crosses the trunk once for the whole grid (the cache is keyed by the
-    image's bytes, so seeds and slices share entries).
+    image's bytes, so seeds and slices share entries). With `taps` the rows are the trunk's tap
+    vectors (`fedfmx.trunk_taps`), whose prefix is the pooled features: closed-form FedFMX
+    reads every tap, the other methods the prefix.
     """
 
     cache: FeatureCache
@@ -156,6 +163,13 @@ class TrunkFeatures:
     trunk: Callable[[np.ndarray], np.ndarray] = field(
         default_factory=lambda: trunk_feature_fn(PretrainedBackbone(feature_dim=1))
     )
+
+    @classmethod
+    def open(cls, root: Path, taps: bool) -> TrunkFeatures:
+        """Pooled features or tap vectors, cached under `root` (kept between runs)."""
+        trunk = trunk_feature_fn(PretrainedBackbone(feature_dim=1), taps=taps)
+        identity = taps_id(BACKBONE_ID) if taps else BACKBONE_ID
+        return cls(FeatureCache(root, identity, max_bytes=2**33), trunk=trunk)
 
     def __call__(self, fleet: FleetConfig) -> ImageDataset:
         images = load_fleet_dataset(fleet)
@@ -176,8 +190,13 @@ def run_benchmark(
     backbones: Sequence[str],
     output: Path,
     tuned: Mapping[str, object],
+    model: Mapping[str, object] | None = None,
+    feature_cache: Path | None = None,
 ) -> dict[str, object]:
-    """Every data set x backbone x method x seed; the JSON is rewritten after each block."""
+    """Every data set x backbone x method x seed; the JSON is rewritten after each block.
+
+    `model` overrides the base fleets' model section (e.g. `random_features`);
+    `feature_cache` keeps the trunk features between runs (a temporary folder otherwise)."""
     torch.set_num_threads(budget.threads)
     started = time.perf_counter()
     results: dict[str, dict[str, object]] = {}
@@ -202,13 +221,16 @@ def run_benchmark(
         },
         "results": results,
     }
-    with tempfile.TemporaryDirectory(prefix="manyclass-features-") as folder:
-        features = TrunkFeatures(FeatureCache(Path(folder), BACKBONE_ID, max_bytes=2**32))
+    with contextlib.ExitStack() as stack:
+        if feature_cache is None:
+            feature_cache = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        uses_taps = any(method in TAP_METHODS for method in budget.methods)
+        features = TrunkFeatures.open(feature_cache, taps=uses_taps)
         for name in datasets:
             data = DATASETS[name]
             results[name] = {}
             for backbone in backbones:
-                base = base_fleet(data, backbone, budget)
+                base = base_fleet(data, backbone, budget, model)
                 grid = cell_grid(data, backbone, budget, tuned)
                 described.setdefault(
                     name,
@@ -447,6 +469,12 @@ def main() -> None:
     parser.add_argument("--untuned", action="store_true", help="ignore results/tuning.json")
     parser.add_argument("--name", default="manyclass", help="output file stem under results/")
     parser.add_argument(
+        "--random-features", type=int, help="model.random_features: ridge's projection width"
+    )
+    parser.add_argument(
+        "--feature-cache", type=Path, help="keep trunk features here between runs"
+    )
+    parser.add_argument(
         "--replot", action="store_true", help="redraw the PNG and table from the JSON"
     )
     parser.add_argument("--device", action="store_true", help="measure a device's rounds")
@@ -473,7 +501,10 @@ def main() -> None:
     if args.replot:
         document = json.loads(output.read_text())
     else:
-        document = run_benchmark(budget, args.datasets, args.backbones, output, tuned)
+        model = {} if args.random_features is None else {"random_features": args.random_features}
+        document = run_benchmark(
+            budget, args.datasets, args.backbones, output, tuned, model, args.feature_cache
+        )
     write_plot(document, RESULTS / f"{args.name}.png")
     print(markdown_table(document))
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
@@ -28,10 +27,11 @@ from edge_client.config import DeviceConfig, PartitionSource
 from edge_client.device_data import open_device_data
 from edge_client.health import free_disk_mb, process_rss_mb, source_state
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
+from edge_client.statistics_learner import open_statistics_learner, torch_free_problem
 from fedfmx.aggregation import Arrays
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model, encode_model
+from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.device import DeviceLearner, validate_announcement
+from fedfmx.device_round import validate_announcement
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
 from fedfmx.messages import (
     DeviceActivity,
@@ -41,7 +41,6 @@ from fedfmx.messages import (
     RoundAnnouncement,
     UpdateReceipt,
 )
-from fedfmx.model_delta import decode_delta, payload_digest
 from fedfmx.profiles import DeviceProfile, PeakRss, apply_profile, load_profile, training_device
 from fedfmx.signing import (
     Manifest,
@@ -51,6 +50,7 @@ from fedfmx.signing import (
     verify_announcement,
     verify_manifest,
 )
+from fedfmx.verified_delta import full_from_delta
 from transport import (
     LastWill,
     MqttSession,
@@ -66,8 +66,11 @@ from transport import (
 )
 
 if TYPE_CHECKING:
+    from edge_client.device_data import DeviceData
     from edge_client.feed import StreamFeed
     from edge_client.inference import DeviceModelServer
+    from edge_client.statistics_learner import StatisticsLearner
+    from fedfmx.device import DeviceLearner
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ class EdgeDevice:
         config: DeviceConfig,
         fleet: FleetConfig,
         profile: DeviceProfile,
-        learner: DeviceLearner,
+        learner: DeviceLearner | StatisticsLearner,
         session: MqttSession,
         public_key: Ed25519PublicKey | None,
         inference: DeviceModelServer | None = None,
@@ -517,22 +520,7 @@ class EdgeDevice:
         with self._changed:
             body = self._deltas.pop(manifest.version)
         try:
-            payload = assemble_verified(delta, chunk_payload(body, delta.chunk_bytes))
-            header, weights = decode_delta(payload, held.weights, decoded_bytes=delta.decoded_bytes)
-            if header.base_version != held.header.version or header.base_sha256 != (
-                payload_digest(held.payload)
-            ):
-                raise ProtocolError(f"delta is not against the held version {held.header.version}")
-            full = encode_model(
-                ModelHeader(
-                    fleet=header.fleet, version=header.version, class_names=header.class_names
-                ),
-                weights,
-            )
-            try:
-                assemble_verified(manifest, chunk_payload(full, manifest.chunk_bytes))
-            except ProtocolError:
-                raise ProtocolError("the decoded delta is not the signed full version") from None
+            full = full_from_delta(manifest, body, held.header, held.payload, held.weights)
             model = self._checked_model(manifest.version, full)
         except ProtocolError as error:
             log.warning("refused the delta of model version %s: %s", manifest.version, error)
@@ -675,15 +663,16 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
     """Build a device from its YAML: fleet, profile limits, its data partition, saved state."""
     profile = load_profile(config.profile)
     fleet = apply_profile(load_fleet(config.fleet_file), profile)
-    training_device(profile)  # says clearly (or refuses) when the profile's GPU is missing
-    torch.set_num_threads(fleet.training.threads)
     seed = fleet.seed * 1000 + device_number(config)
+    problem = torch_free_problem(config, fleet)
     data = open_device_data(config, fleet, seed)
-    trunk = None
-    if config.int8_trunk:
-        from edge_client.device_trunk import open_device_trunk  # ONNX Runtime
-
-        trunk = open_device_trunk(config, fleet, data)
+    learner: DeviceLearner | StatisticsLearner
+    if problem is None:  # a closed-form fleet: ONNX Runtime and numpy, no torch
+        learner = open_statistics_learner(config, fleet, data)
+    else:
+        log.info("training with torch: %s", problem)
+        training_device(profile)  # says clearly (or refuses) when the profile's GPU is missing
+        learner = _torch_learner(config, fleet, data, seed)
     inference = None
     if config.serves:
         # The export stack (onnx, onnxruntime: ~50 MB resident) loads only on serving devices.
@@ -692,15 +681,6 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
 
         spec = InputSpec.of_fleet(fleet)
         inference = DeviceModelServer(config.state_dir / "serving", fleet, profile, spec)
-    learner = DeviceLearner(
-        config.device_id,
-        fleet,
-        data.samples,
-        data.stream,
-        seed=seed,
-        cache_dir=config.state_dir / "features",  # pretrained trunk features survive restarts
-        trunk=trunk,
-    )
     offline = DeviceStatus(device_id=config.device_id, state="offline", profile=profile.name)
     will = LastWill(
         topic=client_topic(fleet.name, config.device_id, TopicKind.STATUS),
@@ -711,3 +691,28 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
     )
     public_key = load_verify_key(config.fleet_public_key)
     return EdgeDevice(config, fleet, profile, learner, session, public_key, inference, data.feed)
+
+
+def _torch_learner(
+    config: DeviceConfig, fleet: FleetConfig, data: DeviceData, seed: int
+) -> DeviceLearner:
+    """The torch learner (every method), its frozen trunk int8 in ONNX Runtime if asked."""
+    import torch
+
+    from fedfmx.device import DeviceLearner
+
+    torch.set_num_threads(fleet.training.threads)
+    trunk = None
+    if config.int8_trunk:
+        from edge_client.device_trunk import open_device_trunk  # ONNX Runtime
+
+        trunk = open_device_trunk(config, fleet, data)
+    return DeviceLearner(
+        config.device_id,
+        fleet,
+        data.samples,
+        data.stream,
+        seed=seed,
+        cache_dir=config.state_dir / "features",  # pretrained trunk features survive restarts
+        trunk=trunk,
+    )

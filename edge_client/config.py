@@ -83,8 +83,9 @@ class DeviceConfig(Section):
     """`serve`: a device that only serves the fleet's newest model on its own frames, through
     ONNX Runtime without torch (`edge_client.serving_device`); it never trains or sends."""
     serving_files: Path | None = None
-    """`role: serve`: the folder `fedfmx-edge export-serving` wrote (the model template, and
-    the fp32 trunk of a pretrained backbone); None: `state_dir/serving`."""
+    """The folder `fedfmx-edge export-serving` wrote (the model template, the fp32 trunk of a
+    pretrained backbone, a closed-form fleet's feature maps), read by a `role: serve` device
+    and by a closed-form training device that runs without torch; None: `state_dir/serving`."""
 
     exit_after_last_round: bool = True
     """Stop once the fleet's last scheduled round is answered (simulations); False keeps the

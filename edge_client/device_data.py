@@ -55,7 +55,7 @@ def _trunk(config: DeviceConfig, fleet: FleetConfig) -> FeatureFn | None:
 def open_device_data(config: DeviceConfig, fleet: FleetConfig, seed: int) -> DeviceData:
     source = config.data
     if isinstance(source, PartitionSource):
-        from edge_client.sources.partition import open_partition  # torch: a fleet simulation
+        from edge_client.sources.partition import open_partition
 
         samples, stream = open_partition(source, fleet)
         return DeviceData(samples, stream, None)

@@ -37,8 +37,11 @@ def calibration_images(samples: SampleTable, stream: DeviceStream, rounds: int) 
     return np.zeros((0, 1, 1, 1), np.float32)
 
 
-def open_device_trunk(config: DeviceConfig, fleet: FleetConfig, data: DeviceData) -> TrunkRuntime:
-    """The device's int8 trunk (`int8_trunk: true`)."""
+def open_device_trunk(
+    config: DeviceConfig, fleet: FleetConfig, data: DeviceData, fp32_folder: Path | None = None
+) -> TrunkRuntime:
+    """The device's int8 trunk (`int8_trunk: true`), quantized from the fp32 trunk in
+    `fp32_folder` (a device without torch: the one `export-serving` wrote)."""
     if config.serves:
         raise ConfigError(
             "int8_trunk with serve_predictions is not supported yet (the exported model would "
@@ -52,7 +55,7 @@ def open_device_trunk(config: DeviceConfig, fleet: FleetConfig, data: DeviceData
     images = calibration_images(data.samples, data.stream, fleet.protocol.num_rounds)
     if not len(images) and not any(folder.glob("*.int8.onnx")):
         raise ConfigError("int8_trunk: the device holds no images yet to calibrate its trunk on")
-    path = make_trunk_in_child(folder, InputSpec.of_fleet(fleet), size, images)
+    path = make_trunk_in_child(folder, InputSpec.of_fleet(fleet), size, images, fp32_folder)
     return TrunkRuntime.load(path, size, fleet.training.threads)
 
 

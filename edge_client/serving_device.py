@@ -24,10 +24,11 @@ from edge_client.health import free_disk_mb, process_rss_mb
 from edge_client.predictions import StreamPredictor
 from edge_client.sample_store import SampleStore
 from edge_client.serving_model import ServingModel
+from fedfmx.aggregation import Arrays
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
-from fedfmx.messages import DeviceActivity, DeviceStatus
+from fedfmx.messages import DeviceActivity, DeviceStatus, ModelHeader
 from fedfmx.preprocessing import fleet_image_input
 from fedfmx.profiles import DeviceProfile, load_profile
 from fedfmx.signing import (
@@ -36,12 +37,14 @@ from fedfmx.signing import (
     load_verify_key,
     verify_manifest,
 )
+from fedfmx.verified_delta import full_from_delta
 from transport import (
     LastWill,
     MqttSession,
     TopicKind,
     client_topic,
     model_body_filter,
+    model_delta_filter,
     model_manifests_filter,
     mqtt_client_id,
     parse_topic,
@@ -55,6 +58,8 @@ TURN_S = 1.0
 KEPT_MANIFESTS = 3
 MODEL_FETCH_S = 60.0
 """How long a version's retained body may take to arrive before its manifest is dropped."""
+DELTA_FETCH_S = 10.0
+"""How long a version's delta may take before the full body is fetched instead."""
 
 
 class ServingDevice:
@@ -83,6 +88,11 @@ class ServingDevice:
         self._fetching: int | None = None
         """The version whose body is subscribed to."""
         self._body: bytes | None = None
+        self._delta: bytes | None = None
+        self._by_delta = False
+        """The version is fetched as a delta against the one held (else its full body)."""
+        self._held: tuple[ModelHeader, bytes, Arrays] | None = None
+        """The served version's header, payload and weights: the base of the next delta."""
         self._fetch_started = 0.0
         self._waiting: int | None = None
         """The version last said to wait for local images (said once)."""
@@ -113,7 +123,8 @@ class ServingDevice:
             self.session.close()
 
     def _turn(self) -> None:
-        """Follow the newest manifest: fetch its body, serve the version once both verify."""
+        """Follow the newest manifest: fetch its delta (against the version served) or its
+        full body, and serve the version once manifest and payload verify."""
         current = self.model.current
         served = -1 if current is None else current.version
         with self._changed:
@@ -121,13 +132,20 @@ class ServingDevice:
             wanted = max(newer, default=None)
             manifest = None if wanted is None else self._manifests[wanted]
             body = self._body if wanted == self._fetching else None
+            delta = self._delta if wanted == self._fetching else None
         if wanted is None or manifest is None:
             return
+        running = None if served < 0 else served
         if self._fetching != wanted:
             log.info("fetching model version %s", wanted)
-            self._follow(wanted)
+            self._follow(wanted, self._delta_base_held(manifest, running))
             return
-        if body is None:
+        payload = None
+        if self._by_delta:
+            payload = self._from_delta(wanted, manifest, delta, running)
+            if payload is None:
+                return
+        elif body is None:
             if time.monotonic() - self._fetch_started > MODEL_FETCH_S:
                 log.warning("no body of model version %s arrived: manifest dropped", wanted)
                 with self._changed:  # an unsigned fleet's junk manifest must not pin us
@@ -136,12 +154,12 @@ class ServingDevice:
                 self.session.unsubscribe(model_body_filter(self.fleet.name, wanted))
             return
         try:
-            verified = verify_manifest(
-                manifest, self.public_key, self.fleet.name, None if served < 0 else served
-            )
+            verified = verify_manifest(manifest, self.public_key, self.fleet.name, running)
             if verified.version != wanted:
                 raise ProtocolError(f"manifest of version {verified.version} on {wanted}")
-            payload = assemble_verified(verified, chunk_payload(body, verified.chunk_bytes))
+            if payload is None:
+                assert body is not None
+                payload = assemble_verified(verified, chunk_payload(body, verified.chunk_bytes))
             header, weights = decode_model(payload, max_bytes=MAX_MODEL_BYTES)
             if header.version != wanted or header.fleet != self.fleet.name:
                 raise ProtocolError(f"model header says {header.fleet} v{header.version}")
@@ -162,17 +180,66 @@ class ServingDevice:
             with self._changed:
                 self._manifests.pop(wanted, None)
             return
+        self._held = (header, payload, weights)
         if self.feed.predictor is not None:
             self.feed.predictor.serve(self.model.served(), images, names)
         self._publish_status("online")
 
-    def _follow(self, version: int) -> None:
+    def _delta_base_held(self, manifest: bytes, running: int | None) -> bool:
+        """Whether the manifest verifies and names a delta against the version served."""
+        if self._held is None:
+            return False
+        try:
+            verified = verify_manifest(manifest, self.public_key, self.fleet.name, running)
+        except ProtocolError:
+            return False  # refused, with its reason, when its body is checked
+        return verified.delta is not None and verified.delta.base_version == self._held[0].version
+
+    def _from_delta(
+        self, wanted: int, manifest: bytes, delta: bytes | None, running: int | None
+    ) -> bytes | None:
+        """The full payload from the received delta (`fedfmx.verified_delta`); None while it
+        has not arrived, or when it fails or is late: then the full body is fetched instead."""
+        if delta is None:
+            if time.monotonic() - self._fetch_started > DELTA_FETCH_S:
+                log.warning("no delta of model version %s arrived: taking it in full", wanted)
+                self._follow(wanted, by_delta=False)
+            return None
+        assert self._held is not None
+        held, held_payload, held_weights = self._held
+        try:
+            verified = verify_manifest(manifest, self.public_key, self.fleet.name, running)
+            full = full_from_delta(verified, delta, held, held_payload, held_weights)
+        except FedFMXError as error:
+            log.warning(
+                "refused the delta of model version %s (%s): taking it in full", wanted, error
+            )
+            self._follow(wanted, by_delta=False)
+            return None
+        assert verified.delta is not None
+        log.info(
+            "model version %s from its delta against %s (%d bytes instead of %d)",
+            wanted,
+            held.version,
+            verified.delta.total_bytes,
+            verified.total_bytes,
+        )
+        return full
+
+    def _follow(self, version: int, by_delta: bool) -> None:
         if self._fetching is not None:
-            self.session.unsubscribe(model_body_filter(self.fleet.name, self._fetching))
+            self.session.unsubscribe(self._payload_filter(self._fetching, self._by_delta))
         with self._changed:
-            self._fetching, self._body = version, None
+            self._fetching, self._body, self._delta = version, None, None
+            self._by_delta = by_delta
         self._fetch_started = time.monotonic()
-        self.session.subscribe(model_body_filter(self.fleet.name, version), self._on_body)
+        handler = self._on_delta if by_delta else self._on_body
+        self.session.subscribe(self._payload_filter(version, by_delta), handler)
+
+    def _payload_filter(self, version: int, by_delta: bool) -> str:
+        if by_delta:
+            return model_delta_filter(self.fleet.name, version)
+        return model_body_filter(self.fleet.name, version)
 
     def _on_manifest(self, topic: str, message: bytes) -> None:
         try:
@@ -190,6 +257,11 @@ class ServingDevice:
     def _on_body(self, topic: str, message: bytes) -> None:
         with self._changed:
             self._body = message
+            self._changed.notify_all()
+
+    def _on_delta(self, topic: str, message: bytes) -> None:
+        with self._changed:
+            self._delta = message
             self._changed.notify_all()
 
     def _publish_status(self, state: DeviceActivity) -> None:

@@ -13,15 +13,23 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from fedfmx.device import DeviceLearner, DeviceState
+from fedfmx.device_round import DeviceState
 from fedfmx.errors import DataError
 from fedfmx.exemplars import ExemplarBuffer
+
+if TYPE_CHECKING:
+    from edge_client.statistics_learner import StatisticsLearner
+    from fedfmx.device import DeviceLearner
+    from fedfmx.fisher import TensorMap
+
+    Learner = DeviceLearner | StatisticsLearner
+    """A torch learner, or the torch-free closed-form one (no Fisher, anchor or generator)."""
 
 STATE_FILE = "device-state.safetensors"
 FORMAT = 1
@@ -62,7 +70,7 @@ def _section(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray
     return {name[start:]: value for name, value in arrays.items() if name.startswith(prefix + "/")}
 
 
-def _learner_arrays(learner: DeviceLearner) -> dict[str, np.ndarray]:
+def _learner_arrays(learner: Learner) -> dict[str, np.ndarray]:
     state = learner.state
     arrays = (
         _prefixed("fisher", {n: t.numpy() for n, t in state.old_fisher.items()})
@@ -74,11 +82,12 @@ def _learner_arrays(learner: DeviceLearner) -> dict[str, np.ndarray]:
     arrays["held"] = state.held.astype(np.int64)
     arrays["contributed"] = state.contributed.astype(np.int64)
     arrays["task"] = np.array([-1 if state.task is None else state.task], dtype=np.int64)
-    arrays["generator"] = learner.generator.get_state().numpy()
+    if learner.generator is not None:
+        arrays["generator"] = learner.generator.get_state().numpy()
     return arrays
 
 
-def save_snapshot(directory: Path, learner: DeviceLearner, snapshot: Snapshot) -> None:
+def save_snapshot(directory: Path, learner: Learner, snapshot: Snapshot) -> None:
     """Write the whole state atomically (temporary file, fsync, rename, fsync the directory)."""
     directory.mkdir(parents=True, exist_ok=True)
     arrays = _learner_arrays(learner)
@@ -100,7 +109,7 @@ def save_snapshot(directory: Path, learner: DeviceLearner, snapshot: Snapshot) -
         os.close(descriptor)
 
 
-def load_snapshot(directory: Path, learner: DeviceLearner) -> Snapshot | None:
+def load_snapshot(directory: Path, learner: Learner) -> Snapshot | None:
     """Restore `learner` from the saved state; None when there is none yet.
 
     A file that cannot be read is a DataError naming it: the device refuses to start from a
@@ -123,8 +132,8 @@ def load_snapshot(directory: Path, learner: DeviceLearner) -> Snapshot | None:
     task = int(arrays["task"][0])
     teacher = _section(arrays, "teacher")
     learner.state = DeviceState(
-        old_fisher={n: torch.from_numpy(v) for n, v in _section(arrays, "fisher").items()},
-        anchor={n: torch.from_numpy(v) for n, v in _section(arrays, "anchor").items()},
+        old_fisher=_tensors(_section(arrays, "fisher")),
+        anchor=_tensors(_section(arrays, "anchor")),
         held=arrays["held"],
         contributed=arrays.get("contributed", np.empty(0, dtype=np.int64)),
         residual=_section(arrays, "residual"),
@@ -135,7 +144,10 @@ def load_snapshot(directory: Path, learner: DeviceLearner) -> Snapshot | None:
     learner.exemplars = ExemplarBuffer.from_state(
         _section(arrays, "exemplars"), exemplars.per_class, exemplars.total_cap, exemplars.seed
     )
-    learner.generator.set_state(torch.from_numpy(arrays["generator"]))
+    if learner.generator is not None:
+        import torch
+
+        learner.generator.set_state(torch.from_numpy(arrays["generator"]))
     model = arrays.get("model_payload")
     pending = arrays.get("pending_update")
     return Snapshot(
@@ -143,3 +155,13 @@ def load_snapshot(directory: Path, learner: DeviceLearner) -> Snapshot | None:
         None if model is None else model.tobytes(),
         None if pending is None else pending.tobytes(),
     )
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> TensorMap:
+    """Saved Fisher or anchor arrays as tensors (torch imported only when there are any: a
+    closed-form device keeps none and runs without torch)."""
+    if not arrays:
+        return {}
+    import torch
+
+    return {name: torch.from_numpy(value) for name, value in arrays.items()}

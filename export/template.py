@@ -23,7 +23,7 @@ from export.checkpoint import Checkpoint
 from export.metadata import ExportMetadata
 from export.onnx_model import OPSET, OUTPUT_NAME, trace_onnx, write_onnx_metadata
 from fedfmx.aggregation import HEAD_WEIGHT, Arrays
-from fedfmx.errors import DataError, ProtocolError
+from fedfmx.errors import ConfigError, DataError, ProtocolError
 from fedfmx.trunk_spec import TRUNK_FEATURES
 
 PARAMETERS_KEY = "fedfmx.template_parameters"
@@ -35,6 +35,11 @@ def export_template(checkpoint: Checkpoint, out: Path) -> Path:
     import torch
 
     model = checkpoint.build()
+    if model.uses_taps:
+        raise ConfigError(
+            "fedfmx_cf on the trunk reads its intermediate taps (fedfmx.trunk_taps), which the "
+            "serving trunk does not output yet: serve it with torch"
+        )
     spec = checkpoint.input
     pretrained = checkpoint.fleet.model.backbone == "efficientnet_lite0"
     example = (
@@ -42,6 +47,9 @@ def export_template(checkpoint: Checkpoint, out: Path) -> Path:
         if pretrained
         else torch.zeros(2, spec.channels, spec.height, spec.width)
     )
+    # a closed-form head draws its projections at the first call: then traced as constants
+    with torch.no_grad():
+        model(example)
     proto = trace_onnx(model, example, OUTPUT_NAME, optimize=False)
     shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
     props = {PARAMETERS_KEY: json.dumps(shapes)}

@@ -42,6 +42,7 @@ from export.checkpoint import InputSpec
 from export.onnx_model import INPUT_NAME, trace_onnx
 from export.quantize import ImageCalibration, quiet_quantizer
 from export.trunk_runtime import FEATURES_NAME
+from export.trunk_runtime import fp32_trunk_path as fp32_trunk_path  # importable from here
 from fedfmx.analytic import FeatureStatistics, ridge_scale, solve_head
 from fedfmx.errors import DataError
 from fedfmx.trunk_spec import backbone_id
@@ -213,10 +214,6 @@ def trunk_parity(fit: TrunkFeatures, judge: TrunkFeatures) -> TrunkParity:
         same_head_accuracy=float((swapped == truth).mean()),
         own_head_accuracy=float((own == truth).mean()),
     )
-
-
-def fp32_trunk_path(folder: Path, input_size: int) -> Path:
-    return folder / f"{backbone_id(input_size)}.fp32.onnx"
 
 
 def device_trunk(

@@ -22,6 +22,12 @@ TRUNK_BATCH = 16
 than 100 MB at its peak in torch, batch 16 a quarter of that (`benchmarks/README.md`)."""
 
 
+def fp32_trunk_path(folder: Path, input_size: int) -> Path:
+    """Where `export-serving` writes the fp32 trunk (here, so a device finds it without
+    importing `export.trunk`'s quantization tools)."""
+    return folder / f"{backbone_id(input_size)}.fp32.onnx"
+
+
 @dataclass(frozen=True, eq=False)
 class TrunkRuntime:
     """One trunk file in an ONNX Runtime session: images in, float32 features out."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedfmx.errors import ConfigError
 from fedfmx.messages import CodecSettings
@@ -136,9 +136,29 @@ class ModelConfig(Section):
     expert_filters: int = Field(default=32, gt=0)
     expert_grid: int = Field(default=4, gt=0)
     """Each expert pools its maps to `grid × grid`: `filters·grid²` features per expert."""
+    expert_taps: list[str] = Field(default=["block4_4x4", "block7_4x4", "block10_2x2"])
+    """`closed_form_experts` on the `efficientnet_lite0` trunk: one expert per trunk tap
+    (`fedfmx.trunk_taps.TAPS`), in place of `expert_kernels`; chosen on validation rows by
+    `benchmarks/tap_selection.py` (docs/decisions.md). Raw-pixel models ignore it."""
+    tap_features: int = Field(default=512, gt=0)
+    """Width of each tap expert's random projection (`fedfmx.feature_maps.TapFeatures`)."""
+    trunk_shared_features: int = Field(default=512, gt=0)
+    """`closed_form_experts` on the trunk: width of `φ_0`, the projection of the pooled tap."""
     random_features: int = Field(default=2048, ge=0)
     """Closed-form head: width `D` of the random ReLU projection `φ = ReLU(R·u)` of the input
     `u` (raw pixels, or the frozen trunk's pooled features); 0 uses `u` itself."""
+    @field_validator("expert_taps")
+    @classmethod
+    def _known_taps(cls, taps: list[str]) -> list[str]:
+        from fedfmx.trunk_taps import TAPS_BY_NAME
+
+        unknown = [tap for tap in taps if tap not in TAPS_BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown trunk taps {unknown}; known: {', '.join(TAPS_BY_NAME)}")
+        if len(set(taps)) != len(taps):
+            raise ValueError("expert_taps repeats a tap")
+        return taps
+
     backbone_mode: Literal["freeze_after_first_task", "train"] = "train"
     """Keep training the backbone under the Fisher penalty, or freeze it once the first task is
     learnt (the experts then carry the increments; cheaper uplink, but a 2-class first task is a

@@ -11,9 +11,7 @@ with images, up to float rounding of the trunk (`tests/test_device_cache.py`).
 
 from __future__ import annotations
 
-import math
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -21,20 +19,21 @@ import numpy as np
 import torch
 
 from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS, HEAD_WEIGHT, Arrays
-from fedfmx.analytic import CLOSED_FORM_PREFIX, FeatureStatistics
-from fedfmx.analytic_state import (
-    CANDIDATES,
-    ROWS_PREFIX,
-    prequential_hits,
-    rows_held,
-    statistics_tensors,
-)
 from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
-from fedfmx.errors import ProtocolError
+from fedfmx.device_round import (
+    DeviceState,
+    LocalRows,
+    StatisticsRound,
+    check_model_tensors,
+    statistics_update,
+)
+from fedfmx.device_round import (
+    validate_announcement as validate_announcement,  # callers import it from here
+)
 from fedfmx.exemplars import ExemplarBuffer
 from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
-from fedfmx.fisher import TensorMap, accumulate_fisher, diagonal_fisher
+from fedfmx.fisher import accumulate_fisher, diagonal_fisher
 from fedfmx.messages import ModelHeader, RoundAnnouncement, UpdateHeader
 from fedfmx.methods import ClosedForm, LocalContext, LocalOutcome, make_method
 from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
@@ -52,38 +51,6 @@ class FrozenTrunk(Protocol):
         ...
 
     def features(self, images: np.ndarray) -> np.ndarray: ...
-
-
-STATISTICS_BATCH = 64
-"""Rows whose features a closed-form device computes and sums at a time."""
-
-
-@dataclass
-class LocalRows:
-    """The data a device holds: images and class *names* (class ids are the fleet's business)."""
-
-    x: np.ndarray
-    names: np.ndarray
-
-
-@dataclass
-class DeviceState:
-    """What a device must keep across rounds (and persist to survive a restart)."""
-
-    old_fisher: TensorMap = field(default_factory=dict)
-    anchor: TensorMap = field(default_factory=dict)
-    """The parameters the Fisher was measured at (EWC's `θ*`)."""
-    held: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    """Train indices of the current task's rows received so far."""
-    task: int | None = None
-    """The task `held` belongs to (a device that missed rounds still closes its last task)."""
-    residual: dict[str, np.ndarray] = field(default_factory=dict)
-    """Codec error-feedback residual."""
-    teacher: Arrays | None = None
-    """The model when the device last closed a task (LwF's teacher)."""
-    contributed: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    """Closed-form methods: train indices whose statistics were sent, in the order sent (the
-    fleet's model says how many of them it holds: the rest are sent again)."""
 
 
 class DeviceLearner:
@@ -149,34 +116,13 @@ class DeviceLearner:
         return torch.from_numpy(self.feature_cache.features(images, compute))
 
     def check_model(self, model: ModelHeader, weights: Arrays) -> None:
-        """ProtocolError unless `weights` are exactly this fleet's model with one head row per
-        class of `model`, and the closed-form entries a device reads have their shapes
-        (checked before a version is loaded, so junk cannot crash a round)."""
-        if len(set(model.class_names)) != len(model.class_names):
-            raise ProtocolError("model class names repeat")
+        """ProtocolError unless `weights` fit this fleet's network (`check_model_tensors`)."""
         if self._shapes is None:
             reference = build_model(self.fleet.network, self.fleet.routing, 0, self.fleet.seed)
             self._shapes = {
                 name: tuple(value.shape) for name, value in reference.state_dict().items()
             }
-        expected = dict(self._shapes)
-        classes, dim = len(model.class_names), expected[HEAD_WEIGHT][1]
-        expected[HEAD_WEIGHT] = (classes, dim)
-        shapes = {
-            name: value.shape
-            for name, value in weights.items()
-            if not name.startswith(CLOSED_FORM_PREFIX)
-        }
-        if shapes != expected:
-            wrong = sorted(set(shapes.items()) ^ set(expected.items()))[:2]
-            raise ProtocolError(f"model tensors do not fit this fleet's model: {wrong}")
-        candidates = weights.get(CANDIDATES)
-        lambdas = len(self.fleet.analytic.lambdas)
-        if candidates is not None and candidates.shape != (lambdas, classes, dim):
-            raise ProtocolError(f"candidate heads of shape {candidates.shape}")
-        rows = weights.get(ROWS_PREFIX + self.device_id)
-        if rows is not None and (rows.size != 1 or not np.all(rows >= 0)):
-            raise ProtocolError("this device's row count in the model is not one count")
+        check_model_tensors(model, weights, self._shapes, self.fleet, self.device_id)
 
     def handle_round(
         self, announcement: RoundAnnouncement, model: ModelHeader, weights: Arrays
@@ -236,44 +182,15 @@ class DeviceLearner:
         weights: Arrays,
         network: FedFMXModel,
     ) -> bytes | None:
-        """A closed-form head's update: the feature statistics of the rows held now that the
-        fleet's model does not hold yet (None when there are none: nothing on the wire)."""
-        held_before = rows_held(weights, self.device_id)
-        self.state.contributed = self.state.contributed[:held_before]
-        fresh = self.state.held[~np.isin(self.state.held, self.state.contributed)]
-        if not len(fresh):
-            return None
-        stats = FeatureStatistics.empty(network.head.weight.shape[1])
-        hits = np.zeros(0, dtype=np.int64)
-        with torch.no_grad():  # in batches: a device never holds every row's features at once
-            for start in range(0, len(fresh), STATISTICS_BATCH):
-                rows = fresh[start : start + STATISTICS_BATCH]
-                images, row_names = self.samples.rows(rows)
-                features = network.closed_form_features(self._model_input(network, images)).numpy()
-                names = [str(n) for n in row_names]
-                batch_hits = prequential_hits(weights, model.class_names, features, names)
-                hits = batch_hits if not len(hits) else hits + batch_hits
-                stats.add_rows(features, names)
-        classes = sorted(stats.counts)
-        header = UpdateHeader(
-            fleet=announcement.fleet,
-            device_id=self.device_id,
-            round=announcement.round,
-            base_version=model.version,
-            num_samples=stats.samples,
-            expert_ids=[],
-            head_classes=classes,
-            class_counts=[stats.counts[name] for name in classes],
-            expert_usage=[0.0] * network.num_experts,
-            includes_statistics=True,
-            rows_before=held_before,
-            lambda_hits=[int(h) for h in hits],
-            codec=self.fleet.uplink_codec,
-            train_loss=0.0,
-        )
-        payload = encode_update(header, statistics_tensors(stats, classes)).payload
-        self.state.contributed = np.concatenate([self.state.contributed, fresh])
-        return payload
+        """A closed-form head's update (`fedfmx.device_round.statistics_update`), its features
+        computed by the network (the trunk's from the cache when there is one)."""
+
+        def features(images: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return network.closed_form_features(self._model_input(network, images)).numpy()
+
+        round_ = StatisticsRound(self.device_id, announcement, model, weights, self.fleet)
+        return statistics_update(round_, self.state, self.samples, features)
 
     def local_rows(self) -> LocalRows:
         """Everything the device holds now: the current task's rows, then its exemplars."""
@@ -359,34 +276,6 @@ class DeviceLearner:
             train_loss=outcome.result.loss,
         )
         return tensors, header
-
-
-def validate_announcement(announcement: RoundAnnouncement, fleet: FleetConfig) -> None:
-    """ProtocolError unless `announcement` fits the fleet's plan and model.
-
-    A well-formed announcement can still be wrong (a stale retained one, a hostile one on a
-    broker without ACLs, a bug): it is refused before it can reach the stream or the model.
-    """
-    protocol = fleet.protocol
-    if announcement.fleet != fleet.name:
-        raise ProtocolError(f"announcement for fleet {announcement.fleet!r}")
-    if announcement.round >= protocol.num_rounds:
-        raise ProtocolError(
-            f"round {announcement.round} outside the plan's 0..{protocol.num_rounds - 1}"
-        )
-    if announcement.task != announcement.round // protocol.rounds_per_task:
-        raise ProtocolError(f"round {announcement.round} is not in task {announcement.task}")
-    if announcement.model_version > announcement.round:
-        raise ProtocolError(
-            f"model version {announcement.model_version} cannot start round {announcement.round}"
-        )
-    usage = announcement.expert_usage
-    if len(usage) != fleet.model.num_experts or not all(math.isfinite(u) and u >= 0 for u in usage):
-        raise ProtocolError(
-            f"expert usage must be {fleet.model.num_experts} finite non-negative values"
-        )
-    if not math.isfinite(announcement.deadline_unix):
-        raise ProtocolError("deadline is not a finite time")
 
 
 def _local_class_names(registry: list[str], *held: np.ndarray) -> list[str]:

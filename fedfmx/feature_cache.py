@@ -8,7 +8,8 @@ accepts trunk features in place of images: `fedfmx.pretrained.PretrainedBackbone
 Layout: one safetensors file per sample, `<root>/<key>.safetensors`, where the key is a SHA-256
 of the backbone id and the sample's dtype, shape and bytes: a changed sample or another backbone
 (or preprocessing) is a different key, never a stale hit. Values are stored as the trunk gave
-them, float32 (about 5 KB a sample for a 1280-wide trunk), so training on cached features sends
+them, float32 (about 5 KB a sample for a 1280-wide trunk, 44 KB for its tap vector,
+`fedfmx.trunk_taps`), so training on cached features sends
 the same update as training on images; a CRC32 of their bytes in the metadata catches a
 truncated or bit-flipped entry, which is logged, deleted and recomputed. Files are written to a
 temporary name and renamed, so a crash never leaves a half-written entry under a real key. The
@@ -56,13 +57,16 @@ class CacheStats:
     corrupt: int = 0
 
 
-def trunk_feature_fn(backbone: PretrainedBackbone) -> FeatureFn:
-    """The backbone's frozen trunk as the cache's compute function."""
+def trunk_feature_fn(backbone: PretrainedBackbone, taps: bool = False) -> FeatureFn:
+    """The backbone's frozen trunk as the cache's compute function: its pooled features, or
+    with `taps` its whole tap vector (`fedfmx.trunk_taps`; cache those under `taps_id`)."""
     import torch
 
     def compute(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return backbone.trunk_features(torch.from_numpy(images)).numpy()
+            tensor = torch.from_numpy(images)
+            out = backbone.trunk_taps(tensor) if taps else backbone.trunk_features(tensor)
+            return out.numpy()
 
     return compute
 

@@ -76,3 +76,34 @@ class RandomConvFeatures(nn.Module):
         bank = self.bank.expand(-1, channels, -1, -1) / channels**0.5
         maps = torch.relu(nn.functional.conv2d(x, bank, padding=self.kernel // 2))
         return nn.functional.adaptive_avg_pool2d(maps, self.grid).flatten(1)
+
+
+class TapFeatures(nn.Module):
+    """One closed-form FedFMX expert on a frozen trunk: a random ReLU projection of one tap,
+
+        `φ_t(x) = ReLU(R_t · t(x) / ‖t(x)‖)`,   `R_t ~ N(0, 1)^{D×n_t}` fixed,
+
+    with `t(x)` the tap's slice of the trunk's tap vector (`fedfmx.trunk_taps`). Each tap is
+    scaled to unit norm per sample first, so every block enters the one ridge solve at the same
+    scale (pre-activations ~ N(0, 1)) whatever its stage's magnitude: one `λ` then regularises
+    all blocks alike. A per-sample scaling is a fixed function of the image, so the head stays
+    exact.
+    """
+
+    def __init__(self, tap: str, width: int, seed: int) -> None:
+        super().__init__()
+        from fedfmx.trunk_taps import tap_slice
+
+        self.tap = tap
+        self.columns = tap_slice(tap)
+        self.vector = RandomReluFeatures(width, seed)
+
+    @property
+    def width(self) -> int:
+        return self.vector.width
+
+    def forward(self, taps: torch.Tensor) -> torch.Tensor:
+        u = taps[:, self.columns]
+        n = u.shape[1]
+        scaled = u * (n**0.5 / u.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        return self.vector(scaled)

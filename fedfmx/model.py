@@ -21,9 +21,10 @@ from torch.nn import functional as F
 
 from fedfmx.analytic import CLOSED_FORM_PREFIX
 from fedfmx.config import FedFMXConfig, ModelConfig
-from fedfmx.feature_maps import RandomConvFeatures, RandomReluFeatures, flat_input
+from fedfmx.feature_maps import RandomConvFeatures, RandomReluFeatures, TapFeatures, flat_input
 from fedfmx.pretrained import TRUNK_FEATURES, PretrainedBackbone
 from fedfmx.routing import aes_mask
+from fedfmx.trunk_taps import TAP_WIDTH
 
 
 class Backbone(nn.Module):
@@ -113,9 +114,10 @@ class FedFMXModel(nn.Module):
 
     def __init__(self, model: ModelConfig, routing: FedFMXConfig, num_classes: int) -> None:
         super().__init__()
+        pretrained = model.backbone == "efficientnet_lite0"
         self.backbone: Backbone | PretrainedBackbone = (
             PretrainedBackbone(model.feature_dim, model.trunk_input_size)
-            if model.backbone == "efficientnet_lite0"
+            if pretrained
             else Backbone(model.backbone_channels, model.feature_dim)
         )
         self.experts = nn.ModuleList(
@@ -130,7 +132,14 @@ class FedFMXModel(nn.Module):
             head_dim = model.random_features or _input_width(model)
             if model.random_features:
                 self.random_features = RandomReluFeatures(model.random_features, _draw_seed())
-        if model.head == "closed_form_experts":
+        self.uses_taps = model.head == "closed_form_experts" and pretrained
+        """Closed-form FedFMX on the trunk: `φ_0` and the experts read the tap vector."""
+        if self.uses_taps:
+            shared = TapFeatures("pool", model.trunk_shared_features, _draw_seed())
+            taps = [TapFeatures(t, model.tap_features, _draw_seed()) for t in model.expert_taps]
+            self.feature_experts = nn.ModuleList([shared, *taps])
+            head_dim = shared.width + sum(tap.width for tap in taps)
+        elif model.head == "closed_form_experts":
             self.random_features = RandomReluFeatures(model.shared_features, _draw_seed())
             banks = [
                 RandomConvFeatures(k, model.expert_filters, model.expert_grid, _draw_seed())
@@ -172,9 +181,22 @@ class FedFMXModel(nn.Module):
     def closed_form_features(self, x: torch.Tensor) -> torch.Tensor:
         """The closed-form head's input `φ(x)`: the frozen trunk's features (or the flattened
         input without a pretrained trunk), then the random projection if there is one, then
-        (closed-form FedFMX) each expert bank's features of the input: `[φ_0; φ_1; …; φ_E]`."""
+        (closed-form FedFMX) each expert bank's features of the input: `[φ_0; φ_1; …; φ_E]`.
+
+        Closed-form FedFMX on the trunk reads the tap vector (`fedfmx.trunk_taps`; images, or
+        cached tap vectors): `φ_0` projects its pooled tap, each expert one other tap. Rows
+        given as vectors may be pooled features or tap vectors (the pool is their prefix)."""
+        if self.uses_taps:
+            assert isinstance(self.backbone, PretrainedBackbone)
+            taps = x if x.dim() == 2 else self.backbone.trunk_taps(x)
+            if taps.shape[1] != TAP_WIDTH:
+                raise ValueError(
+                    f"closed-form FedFMX on the trunk needs tap vectors ({TAP_WIDTH} wide), "
+                    f"got rows of {taps.shape[1]}"
+                )
+            return torch.cat([expert(taps) for expert in self.feature_experts], dim=1)
         if isinstance(self.backbone, PretrainedBackbone):
-            source = x if x.dim() == 2 else self.backbone.trunk_features(x)
+            source = x[:, :TRUNK_FEATURES] if x.dim() == 2 else self.backbone.trunk_features(x)
             u = source
         else:
             source, u = x, flat_input(x)

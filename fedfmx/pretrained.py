@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from fedfmx.errors import ConfigError
 from fedfmx.trunk_spec import BACKBONE_ID, INPUT_SIZE, TRUNK_FEATURES, backbone_id
+from fedfmx.trunk_taps import tap_vector, trunk_outputs
 
 if TYPE_CHECKING:
     from efficientnet_lite_pytorch import EfficientNet
@@ -121,6 +122,7 @@ class PretrainedBackbone(nn.Module):
     `forward` also accepts precomputed trunk features ([B, 1280], e.g. from
     `fedfmx.feature_cache.FeatureCache`): with cached rows in place of images, the training loop,
     Fisher estimation and FRES run unchanged and touch only the projection, experts and head.
+    Cached tap vectors (`fedfmx.trunk_taps`) work too: their first 1,280 columns are the pool.
     """
 
     def __init__(self, feature_dim: int, input_size: int = INPUT_SIZE) -> None:
@@ -140,6 +142,10 @@ class PretrainedBackbone(nn.Module):
         maps: torch.Tensor = self.trunk.extract_features(imagenet_input(x, self.input_size))
         return maps.mean(dim=(2, 3))
 
+    def trunk_taps(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit images -> the tap vector [B, TAP_WIDTH] (`fedfmx.trunk_taps`), one trunk pass."""
+        return tap_vector(trunk_outputs(self.trunk, imagenet_input(x, self.input_size)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = x if x.dim() == 2 else self.trunk_features(x)
+        features = x[:, :TRUNK_FEATURES] if x.dim() == 2 else self.trunk_features(x)
         return self.proj(features)

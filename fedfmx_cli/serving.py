@@ -3,8 +3,10 @@
 A serving-only device (`role: serve` in its YAML) imports no torch, so it cannot trace a model:
 this command writes, into the folder its YAML's `serving_files` names, the fleet's model
 template (`export.template`) and, for a frozen pretrained trunk, the fp32 trunk
-(`export.trunk`), which the device quantizes to int8 on its own images. Both depend on the
-fleet's model settings only, never on a version's weights: they are made once per fleet.
+(`export.trunk`), which the device quantizes to int8 on its own images, and, for a closed-form
+fleet, its fixed feature maps (`export.feature_maps`: a training device then needs no torch
+either). All depend on the fleet's model settings only, never on a version's weights: they are
+made once per fleet.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def export_serving(
     """Write the model template (and fp32 trunk) a serving-only device fills with each version."""
     from edge_client.serving_model import TEMPLATE_FILE
     from export.checkpoint import Checkpoint, InputSpec
+    from export.feature_maps import FEATURE_MAPS_FILE, export_feature_maps
     from export.template import export_template
     from export.trunk import export_trunk, fp32_trunk_path
     from fedfmx.messages import ModelHeader
@@ -46,6 +49,12 @@ def export_serving(
     if config.model.backbone == "efficientnet_lite0":
         size = config.model.trunk_input_size
         written.append(export_trunk(spec, size, fp32_trunk_path(out, size)))
+    if config.closed_form:
+        maps = export_feature_maps(config, out / FEATURE_MAPS_FILE)
+        if maps is None:
+            Console().print("no feature maps: numpy cannot reproduce this network's features")
+        else:
+            written.append(maps)
     for path in written:
         Console().print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", highlight=False)
 

@@ -19,7 +19,7 @@ import yaml
 from fleet_helpers import device_yaml, run_to_end, small_fleet, write_fleet
 from stream_images import write_digits
 
-from aggregator.service import ServiceHooks, open_aggregator
+from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from edge_client.config import DeviceConfig
 from edge_client.serving_device import open_serving_device
 from export.checkpoint import Checkpoint, InputSpec
@@ -144,13 +144,23 @@ def test_serving_only_device_serves_the_fleets_model_without_torch(
         cwd=tmp_path,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    text = (tmp_path / "viewer.log").read_text
+    merged: list[Aggregator] = []
+
+    def served_before_next_round(_: object) -> None:
+        """The viewer serves each version before the next is merged: it then holds the base
+        of the next version's delta."""
+        _wait_for(lambda: f"serving model version {merged[0].keeper.model.version} " in text(), 60)
+
     try:
-        aggregator = open_aggregator(fleet, tmp_path / "state.sqlite", ServiceHooks())
+        assert _wait_for(lambda: "connected to" in text(), 60), text()
+        hooks = ServiceHooks(on_round=served_before_next_round)
+        aggregator = open_aggregator(fleet, tmp_path / "state.sqlite", hooks)
+        merged.append(aggregator)
         aggregator.start()
         configs = [device_yaml(tmp_path, fleet_file, i, url) for i in range(2)]
         run_to_end(aggregator, configs)
         last = aggregator.keeper.model.version
-        text = (tmp_path / "viewer.log").read_text
         assert _wait_for(lambda: f"serving model version {last} " in text(), 90), text()
         maps = Path(f"/proc/{viewer.pid}/maps").read_text()
         assert "libtorch" not in maps and "onnxruntime" in maps
@@ -160,4 +170,7 @@ def test_serving_only_device_serves_the_fleets_model_without_torch(
         viewer.wait(30)
         log.close()
     assert viewer.returncode == 0
-    assert "int8-dynamic" in (tmp_path / "viewer.log").read_text()
+    output = (tmp_path / "viewer.log").read_text()
+    assert "int8-dynamic" in output
+    # after the first version in full, the next ones come as deltas against the one served
+    assert "from its delta against" in output, output

@@ -9,7 +9,7 @@ from __future__ import annotations
 from edge_client.config import PartitionSource
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ConfigError
-from fedfmx.simulation import load_fleet_dataset, own_partition
+from fedfmx.fleet_data import load_fleet_dataset, own_partition
 from fedfmx.stream import ArraySamples, OwnRowsStream
 
 

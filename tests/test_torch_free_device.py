@@ -1,0 +1,252 @@
+"""A closed-form training device without torch (issue 16): its numpy features against the torch
+network's, and `fedfmx-edge join` processes on a real Mosquitto that never load torch while
+the fleet's head becomes the pooled solve."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from fleet_helpers import device_yaml, small_fleet, write_fleet
+
+from aggregator.service import ServiceHooks, open_aggregator
+from edge_client.statistics_learner import StatisticsLearner
+from export.feature_maps import FEATURE_MAPS_FILE, closed_form_features, load_feature_maps
+from fedfmx.analytic import FeatureStatistics, solve_head
+from fedfmx.analytic_state import LAMBDA, ROWS_PREFIX, device_view
+from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.device import DeviceLearner
+from fedfmx.device_round import STATISTICS_BATCH
+from fedfmx.federation import RoundKeeper
+from fedfmx.fleet_data import load_fleet_dataset, own_partition
+from fedfmx.model import build_model
+from fedfmx.simulation import initial_model
+from fedfmx.stream import SampleTable
+from fedfmx_cli.serving import export_serving
+
+FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
+JOIN_S = 120.0
+
+
+def _fleet(method: str, **model: object) -> FleetConfig:
+    document = load_fleet(FLEET).model_dump(mode="json")
+    document["method"] = method
+    document["model"].update(model)
+    return FleetConfig.model_validate(document)
+
+
+def _torch_features(fleet: FleetConfig, rows: np.ndarray) -> np.ndarray:
+    network = build_model(fleet.network, fleet.routing, 1, fleet.seed)
+    with torch.no_grad():
+        return network.closed_form_features(torch.from_numpy(rows)).numpy()
+
+
+def test_fedfmx_cf_on_trunk_taps_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its experts read the trunk's intermediate taps, which the ONNX trunk does not output
+    (docs/decisions.md §20): a clear refusal, no half-written export."""
+    fleet = _fleet("fedfmx_cf", backbone="efficientnet_lite0")
+    with pytest.raises(typer.Exit):
+        export_serving(out=tmp_path, fleet=write_fleet(tmp_path, fleet))
+    assert "intermediate taps" in capsys.readouterr().err
+    assert not (tmp_path / FEATURE_MAPS_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "model"),
+    [
+        ("ridge", {"random_features": 256}),
+        ("fedfmx_cf", {}),  # the shared projection and three convolution banks on the pixels
+        ("ridge", {"backbone": "efficientnet_lite0"}),  # the projection of a trunk's pool
+    ],
+)
+def test_numpy_features_are_the_torch_networks(
+    tmp_path: Path, method: str, model: dict[str, object]
+) -> None:
+    fleet = _fleet(method, **model)
+    export_serving(out=tmp_path, fleet=write_fleet(tmp_path, fleet))
+    maps = load_feature_maps(tmp_path / FEATURE_MAPS_FILE)
+    if model.get("backbone"):
+        rows = np.random.default_rng(0).gamma(1.0, 0.3, (64, 1280)).astype(np.float32)
+    else:
+        rows = load_fleet_dataset(fleet).train_x[:64]
+    expected = _torch_features(fleet, rows)
+    computed = closed_form_features(maps, rows)
+    assert computed.shape == expected.shape == (64, maps.width)
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(computed, expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_feature_maps_naming_an_unknown_map_are_refused(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from fedfmx.errors import ConfigError
+
+    fleet = _fleet("ridge", random_features=64)
+    export_serving(out=tmp_path, fleet=write_fleet(tmp_path, fleet))
+    path = tmp_path / FEATURE_MAPS_FILE
+    arrays = load_file(path)
+    with safe_open(path, "np") as stored:
+        metadata = stored.metadata()
+    save_file(arrays | {"taps.extra": np.zeros(3, np.float32)}, path, metadata=metadata)
+    with pytest.raises(ConfigError, match="need torch"):
+        load_feature_maps(path)
+
+
+def test_opening_a_closed_form_device_imports_no_torch(tmp_path: Path) -> None:
+    """`join`'s CLI, agent and the device it opens for a closed-form fleet, in a fresh
+    interpreter: torch is never imported."""
+    fleet = small_fleet("mqtt://127.0.0.1:1", clients=2, tasks=2).model_copy(
+        update={"method": "fedfmx_cf"}
+    )
+    fleet_file = write_fleet(tmp_path, fleet)
+    export_serving(out=tmp_path / "state-0" / "serving", fleet=fleet_file)
+    config = device_yaml(tmp_path, fleet_file, 0, "mqtt://127.0.0.1:1")
+    code = (
+        "import sys; import fedfmx_cli.main; from edge_client.agent import open_device; "
+        "from edge_client.config import load_device_config; from pathlib import Path; "
+        f"d = open_device(load_device_config(Path({str(config)!r}))); "
+        "print(type(d.learner).__name__, 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["StatisticsLearner", "False"]
+
+
+def _watch_maps(process: subprocess.Popen[bytes], seen: list[str]) -> None:
+    """Every library the running process maps, sampled until it exits."""
+    while process.poll() is None:
+        try:
+            seen.append(Path(f"/proc/{process.pid}/maps").read_text())
+        except OSError:
+            return
+        threading.Event().wait(0.05)
+
+
+@pytest.mark.parametrize("method", ["ridge", "fedfmx_cf"])
+def test_torch_free_devices_join_and_the_head_is_the_pooled_solve(
+    tmp_path: Path, mosquitto_broker: object, method: str
+) -> None:
+    url = mosquitto_broker.url  # type: ignore[attr-defined]
+    # closed-form rounds take milliseconds: a device's statuses come faster than the default
+    # rate limit; plain float32 on the uplink so the merged sums are the pooled ones to fp32
+    fleet = small_fleet(url, clients=2, tasks=2, rate_limit={"messages_per_s": 100.0, "burst": 500})
+    document = fleet.model_dump(mode="json")
+    document["method"] = method
+    document["model"]["random_features"] = 256
+    document["codec"] = {"quantize": "none"}
+    fleet = FleetConfig.model_validate(document)
+    fleet_file = write_fleet(tmp_path, fleet)
+    for index in range(2):
+        export_serving(out=tmp_path / f"state-{index}" / "serving", fleet=fleet_file)
+    aggregator = open_aggregator(fleet, tmp_path / "state.sqlite", ServiceHooks())
+    aggregator.start()
+    stop = threading.Event()
+    serving = threading.Thread(target=aggregator.run, args=(stop,), daemon=True)
+    serving.start()
+    processes, logs, seen = [], [], [[], []]  # type: ignore[var-annotated]
+    try:
+        for index in range(2):
+            log = (tmp_path / f"device-{index}.log").open("w")
+            logs.append(log)
+            command = [sys.executable, "-m", "fedfmx_cli", "join", "--config"]
+            process = subprocess.Popen(
+                [*command, str(device_yaml(tmp_path, fleet_file, index, url))],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            processes.append(process)
+            threading.Thread(target=_watch_maps, args=(process, seen[index]), daemon=True).start()
+        for process in processes:
+            process.wait(JOIN_S)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        for log in logs:
+            log.close()
+        stop.set()
+        serving.join(30)
+    outputs = [(tmp_path / f"device-{i}.log").read_text() for i in range(2)]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    for maps, output in zip(seen, outputs, strict=True):
+        assert maps, output
+        assert not any("libtorch" in sample for sample in maps)
+        assert "closed-form device without torch" in output
+    model = aggregator.keeper.model
+    assert model.version == fleet.protocol.num_rounds
+    pooled = FeatureStatistics.empty(model.weights["head.weight"].shape[1])
+    dataset = load_fleet_dataset(fleet)
+    for index in range(2):
+        samples, stream = own_partition(fleet, dataset, index)
+        rounds = range(fleet.protocol.num_rounds)  # every row any round offered the device
+        ids = np.unique(np.concatenate([stream.available(r) for r in rounds]))
+        images, names = samples.rows(ids)
+        pooled.add_rows(_torch_features(fleet, images), [str(n) for n in names])
+        assert model.weights[ROWS_PREFIX + f"device-{index:03d}"][0] == len(ids)
+    lam = float(model.weights[LAMBDA][0])
+    expected = solve_head(pooled, model.class_names, lam)
+    np.testing.assert_allclose(
+        model.weights["head.weight"], expected, rtol=0, atol=1e-3 * np.abs(expected).max()
+    )
+
+
+class CountingSamples:
+    """A sample table that records how many rows each read asks for."""
+
+    def __init__(self, samples: SampleTable) -> None:
+        self.samples = samples
+        self.reads: list[int] = []
+
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.reads.append(len(ids))
+        return self.samples.rows(ids)
+
+
+def test_the_torch_free_update_is_the_torch_learners(tmp_path: Path) -> None:
+    """Same rows, same round: the same header (rows_before, counts, λ hits) and the same
+    statistics to float rounding, accepted by the aggregator's validation; rows are read in
+    batches, and a round with nothing new sends nothing."""
+    fleet = _fleet("fedfmx_cf")  # closed-form uplink default: float32 + zstd
+    export_serving(out=tmp_path, fleet=write_fleet(tmp_path, fleet))
+    maps = load_feature_maps(tmp_path / FEATURE_MAPS_FILE)
+    samples, stream = own_partition(fleet, load_fleet_dataset(fleet), 0)
+    counting = CountingSamples(samples)
+    torch_free = StatisticsLearner("device-000", fleet, counting, stream, maps, None)
+    reference = DeviceLearner("device-000", fleet, samples, stream, seed=0)
+    keeper = RoundKeeper(fleet, initial_model(fleet))
+    sent = 0
+    for round_index in range(4):
+        announcement = keeper.open_round(round_index, ["device-000"], deadline_unix=0.0)
+        header, weights = keeper.model_header(), device_view(keeper.model.weights)
+        torch_free.check_model(header, weights)
+        ours = torch_free.handle_round(announcement, header, weights)
+        theirs = reference.handle_round(announcement, header, weights)
+        assert (ours is None) == (theirs is None)
+        if ours is not None and theirs is not None:
+            our_header, our_tensors = keeper.decode(ours, "device-000")
+            their_header, their_tensors = keeper.decode(theirs, "device-000")
+            assert our_header == their_header
+            for name, value in their_tensors.items():
+                np.testing.assert_allclose(our_tensors[name], value, rtol=1e-4, atol=1e-6)
+            keeper.accept(ours, "device-000")
+            sent += 1
+        keeper.close_round()
+    assert sent >= 2
+    assert counting.reads and max(counting.reads) <= STATISTICS_BATCH
+    held = round(float(keeper.model.weights[ROWS_PREFIX + "device-000"][0]))
+    assert held == len(torch_free.state.contributed) > 0
