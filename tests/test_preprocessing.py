@@ -60,6 +60,7 @@ def test_predict_reads_png_and_jpeg_folders_through_the_same_path(tmp_path: Path
 def camera_fleet(size: int) -> FleetConfig:
     return parse_fleet(
         {
+            "method": "fedfmx",  # the SGD learner, which caches trunk features
             "data": {
                 "dataset": "coil20",
                 "image": {"channels": 3, "height": size, "width": size, "fit": "center_crop"},
