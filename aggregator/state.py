@@ -239,6 +239,19 @@ class AggregatorState:
     def save_first_model(self, model: StoredModel) -> None:
         self._write([_insert_model(model)])
 
+    def save_received_model(self, model: StoredModel) -> None:
+        """Store a version made elsewhere (a district's copy of the root's) and drop the
+        payloads older than the newest `KEEP_MODEL_PAYLOADS`, as a merge here would."""
+        self._write(
+            [
+                _insert_model(model),
+                (
+                    "UPDATE models SET payload = NULL WHERE version <= ?",
+                    (model.version - KEEP_MODEL_PAYLOADS,),
+                ),
+            ]
+        )
+
     def latest_model(self) -> StoredModel | None:
         rows = self._read(
             "SELECT version, payload, class_names, expert_usage, published_chunks FROM models "

@@ -63,7 +63,7 @@ def mode_fleet(
 ) -> FleetConfig:
     """The demo fleet in `mode`: buffered takes 5 versions of K = 3 per task (15 device rounds
     a task, as the synchronous 3 rounds of 5)."""
-    document = load_fleet(DEMO).model_dump(mode="json")
+    document = load_fleet(DEMO).model_dump(mode="json") | {"method": "fedfmx"}  # SGD updates
     document["data"]["train_per_class"] = data[0]
     document["data"]["test_per_class"] = data[1]  # scoring only; devices never see it
     service: dict[str, Any] = {

@@ -7,11 +7,11 @@
 Writes benchmarks/results/compression.json and compression.png (accuracy vs uplink bytes,
 log x) and prints a markdown table. The reference is `fedavg`'s uplink: the whole model in fp32.
 
-`--demo` runs the README's demo fleet (in process, full data, seed 0; `--fleet`, `--method`,
-`--seed` for another) with the old wire (float32 updates, every version in full float32) and
-with the defaults (int8 + zstd updates, each version as an int8 + zstd delta against the
-previous one, `fedfmx.model_delta`), and writes compression_demo.{json,png}: downlink and
-uplink bytes per device per round, accuracy.
+`--demo` runs the README's demo fleet with the SGD FedFMX (in process, full data, seed 0;
+`--fleet`, `--method`, `--seed` for another) with the old wire (float32 updates, every version
+in full float32) and with the defaults (int8 + zstd updates, each version as an int8 + zstd
+delta against the previous one, `fedfmx.model_delta`), and writes compression_demo.{json,png}:
+downlink and uplink bytes per device per round, accuracy.
 """
 
 from __future__ import annotations
@@ -135,14 +135,16 @@ def main() -> None:
         "--demo", action="store_true", help="the demo fleet, old vs new wire defaults"
     )
     parser.add_argument("--fleet", type=Path, help="with --demo: another fleet YAML")
-    parser.add_argument("--method", help="with --demo: another method")
+    parser.add_argument(
+        "--method", default="fedfmx", help="with --demo: the method (default: SGD FedFMX)"
+    )
     parser.add_argument("--seed", type=int, help="with --demo: another seed")
     args = parser.parse_args()
     if args.demo:
         base = load_fleet(args.fleet)
         name = "compression_demo"
-        if args.fleet is not None or args.method is not None:
-            base = base.model_copy(update={"method": args.method or base.method})
+        base = base.model_copy(update={"method": args.method})
+        if args.fleet is not None or args.method != "fedfmx":
             name = f"compression_demo_{base.name}_{base.method}"
         if args.seed is not None:
             base = base.model_copy(update={"seed": args.seed})

@@ -355,7 +355,7 @@ def measure_device(variant: str, profile_name: str, cache_dir: Path) -> dict[str
     (`benchmarks/device_profiles.py`'s method), with the variant's backbone and cache."""
     backbone, cache_mb = DEVICE_VARIANTS[variant]
     profile = load_profile(profile_name)
-    default = FleetConfig()
+    default = FleetConfig(method="fedfmx")  # the SGD device this measurement is of
     fleet = apply_profile(
         default.model_copy(
             update={

@@ -66,6 +66,7 @@ def bench_fleet(devices: int, rounds: int, url: str) -> FleetConfig:
     return FleetConfig.model_validate(
         {
             "name": "scale",
+            "method": "fedfmx",  # the SGD FedFMX: a realistic expert update per device
             "codec": CODEC.model_dump(),
             "protocol": {
                 "num_clients": devices,

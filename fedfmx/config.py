@@ -388,7 +388,7 @@ class ClassPolicyConfig(Section):
 class FleetConfig(Section):
     name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     seed: int = 0
-    method: MethodName = "fedfmx"
+    method: MethodName = "fedfmx_cf"
     data: DataConfig = DataConfig()
     protocol: ProtocolConfig = ProtocolConfig()
     model: ModelConfig = ModelConfig()
@@ -487,11 +487,6 @@ class FleetConfig(Section):
                 f"robustness.merge {self.robustness.merge} is not associative: a median or "
                 "trimmed mean of district partials is not the fleet's; use merge: mean with "
                 "districts (clip_norm and max_update_norm apply at each district)"
-            )
-        if self.method in CLOSED_FORM_METHODS:
-            raise ValueError(
-                f"method {self.method} with districts: closed-form statistics are not "
-                "forwarded by districts yet; run it as a flat fleet"
             )
         return self
 

@@ -9,7 +9,7 @@ both drive it; the service adds MQTT and persistence around it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +45,7 @@ from fedfmx.config import FleetConfig, RobustnessConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import DeltaHeader, ModelHeader, RoundAnnouncement, UpdateHeader
 from fedfmx.model_delta import EncodedDelta, encode_delta, payload_digest, publishable
-from fedfmx.partials import PartialHeader, decode_partial
+from fedfmx.partials import PartialHeader, decode_partial, decode_statistics_partial
 
 log = logging.getLogger(__name__)
 
@@ -284,20 +284,26 @@ class RoundKeeper:
             self.current.updates.append((header, kept))
 
     def accept_partial(
-        self, payload: bytes, district: str, participants: int
+        self, payload: bytes, district: str, members: Collection[str]
     ) -> PartialHeader | None:
         """Validate a district's partial and add its sums like an update's; None for a
         second partial of the same district and round (a re-send after a restart: keyed by
-        (round, district), it counts once). `participants`: the district's devices in the
-        round, which bound what it may claim to have counted."""
+        (round, district), it counts once). `members`: the district's devices in the round,
+        which bound what it may claim to have counted."""
         if self.current is None:
             raise ProtocolError("no round is open")
-        header, sums = decode_partial(
-            payload,
-            self.model.weights,
-            len(self.model.expert_usage),
-            self.fleet.robustness.max_update_norm,
-        )
+        folds: list[FeatureStatistics] = []
+        if self.fleet.closed_form:
+            dim = self.model.weights[HEAD_WEIGHT].shape[1]
+            header, folds = decode_statistics_partial(payload, dim, self.fleet.analytic)
+            sums = MergeSums()
+        else:
+            header, sums = decode_partial(
+                payload,
+                self.model.weights,
+                len(self.model.expert_usage),
+                self.fleet.robustness.max_update_norm,
+            )
         announcement = self.current.announcement
         if header.district != district:
             raise ProtocolError(f"partial of {header.district!r} came from {district!r}")
@@ -310,16 +316,31 @@ class RoundKeeper:
                 f"partial for round {header.round} / version {header.base_version}, "
                 f"open is round {announcement.round} / version {self.model.version}"
             )
-        if header.answered > participants:
+        if header.answered > len(members):
             raise ProtocolError(
-                f"partial counts {header.answered} answers, the district has {participants} "
+                f"partial counts {header.answered} answers, the district has {len(members)} "
                 "participants"
             )
+        for device, (before, _) in header.rows.items():
+            if device not in members:
+                raise ProtocolError(f"partial counts rows of {device!r}, not of this district")
+            held = rows_held(self.model.weights, device)
+            if before != held:
+                raise ProtocolError(
+                    f"partial's rows of {device} follow row {before}, the model holds {held}"
+                )
         if district in self.current.received:
             return None
-        known = set(self.model.class_names)
-        sums.new_classes = [name for name in sums.new_classes if name not in known]
-        self.current.sums.add(sums)
+        if header.rows:  # a closed-form partial with statistics (none: nothing to add)
+            rows = {device: added for device, (_, added) in header.rows.items()}
+            hits = np.asarray(header.lambda_hits, dtype=np.float64)
+            for k, fold in enumerate(folds):
+                first = k == 0  # each device's rows and the hits are counted once
+                self._fold_statistics(k, fold, rows if first else {}, hits if first else hits[:0])
+        elif not self.fleet.closed_form:
+            known = set(self.model.class_names)
+            sums.new_classes = [name for name in sums.new_classes if name not in known]
+            self.current.sums.add(sums)
         self.current.received.add(district)
         return header
 
@@ -342,11 +363,21 @@ class RoundKeeper:
             raise ProtocolError(
                 f"lambda_hits must be {len(analytic.lambdas)} counts in 0..{header.num_samples}"
             )
+        fold = fold_of(header.device_id, analytic.folds)
+        self._fold_statistics(fold, stats, {header.device_id: header.num_samples}, hits)
+
+    def _fold_statistics(
+        self, fold: int, stats: FeatureStatistics, rows: Mapping[str, int], hits: np.ndarray
+    ) -> None:
+        """Add validated sums to fold `fold` of the open round, with the devices' rows they
+        add and their prequential hits (empty: none counted)."""
+        assert self.current is not None
         if not self.current.statistics:
-            self.current.statistics = [FeatureStatistics.empty(dim) for _ in range(analytic.folds)]
-        self.current.statistics[fold_of(header.device_id, analytic.folds)].add(stats)
-        self.current.new_classes |= set(header.head_classes) - set(self.model.class_names)
-        self.current.rows[header.device_id] = header.num_samples
+            folds = self.fleet.analytic.folds
+            self.current.statistics = [FeatureStatistics.empty(stats.dim) for _ in range(folds)]
+        self.current.statistics[fold].add(stats)
+        self.current.new_classes |= set(stats.counts) - set(self.model.class_names)
+        self.current.rows.update(rows)
         if len(hits):
             previous = self.current.hits
             self.current.hits = hits if previous is None else previous + hits

@@ -13,6 +13,14 @@ every tensor float64, named
     head/<i>/num, den                                                  row of head_classes[i]
     usage                                                              summed expert usage
 
+A closed-form fleet's partial (`encode_statistics_partial`) carries instead its devices'
+feature statistics per fold of devices (`fedfmx.analytic_state`), float64:
+
+    fold/<k>/gram, fold/<k>/moments, fold/<k>/counts     packed `G`, `q_c` rows, `n_c`
+
+with, in the header, the classes of each fold's rows and, per device, the rows the fleet held
+before and the rows added (so the root checks each device's `rows_before` as it would an update's).
+
 `decode_partial` checks everything before a sum is folded in: framing, header, the exact names
 and shapes the root's model has, finite values, non-negative weights (`Σw ≥ 0`), and the bound
 every honest partial meets: each device's delta was within `max_update_norm`, so every
@@ -21,14 +29,22 @@ coordinate's weighted sum obeys `|Σ w·δ| ≤ max_update_norm · Σ w`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from pydantic import Field, ValidationError
 from safetensors.numpy import save as save_tensors
 
 from fedfmx.aggregation import HEAD_WEIGHT, ExpertSum, MergeSums, WeightedSum
+from fedfmx.analytic import (
+    FeatureStatistics,
+    pack_triangle,
+    statistics_problem,
+    triangle_shape,
+    unpack_triangle,
+)
 from fedfmx.codec import frame, load_body, unframe
+from fedfmx.config import AnalyticConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import Message, Name
 
@@ -58,6 +74,12 @@ class PartialHeader(Message):
     """Bytes of the device updates behind this partial (the root's totals)."""
     loss_sum: float = 0.0
     """Σ train loss of the folded updates (the root reports the fleet's mean loss)."""
+    rows: dict[Name, tuple[int, int]] = Field(default_factory=dict, max_length=100_000)
+    """Closed-form partials: device -> (rows the fleet held before, rows its statistics add)."""
+    fold_classes: list[list[Name]] = Field(default_factory=list, max_length=64)
+    """Closed-form partials: the classes of each `fold/<k>/moments` row, fold by fold."""
+    lambda_hits: list[float] = Field(default_factory=list, max_length=1_000)
+    """Closed-form partials: the devices' summed prequential hits per candidate `λ`."""
 
 
 def encode_partial(header: PartialHeader, sums: MergeSums) -> bytes:
@@ -82,24 +104,110 @@ def encode_partial(header: PartialHeader, sums: MergeSums) -> bytes:
     return frame(PARTIAL_MAGIC, header, body)
 
 
+def encode_statistics_partial(header: PartialHeader, folds: Sequence[FeatureStatistics]) -> bytes:
+    """A closed-form district round's statistics as a partial (the header's `fold_classes`
+    and `rows` must describe the folds: the root checks the counts against the rows)."""
+    if header.fold_classes != [sorted(fold.counts) for fold in folds]:
+        raise ValueError("partial header does not describe the folds")
+    if sum(added for _, added in header.rows.values()) != sum(f.samples for f in folds):
+        raise ValueError("partial header's rows are not the folds' rows")
+    tensors: dict[str, np.ndarray] = {}
+    for k, (fold, names) in enumerate(zip(folds, header.fold_classes, strict=True)):
+        tensors[f"fold/{k}/gram"] = pack_triangle(fold.gram)
+        tensors[f"fold/{k}/moments"] = (
+            np.stack([fold.moments[name] for name in names]) if names else np.zeros((0, fold.dim))
+        )
+        tensors[f"fold/{k}/counts"] = np.array([fold.counts[n] for n in names], dtype=np.float64)
+    body = save_tensors({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()})
+    return frame(PARTIAL_MAGIC, header, body)
+
+
+def _header(payload: bytes) -> tuple[PartialHeader, dict[str, np.ndarray]]:
+    """The partial's validated header and its tensors (framing, size, JSON schema)."""
+    text, body = unframe(payload, PARTIAL_MAGIC, MAX_PARTIAL_BYTES)
+    try:
+        header = PartialHeader.model_validate_json(text)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "header"
+        raise ProtocolError(f"invalid partial header: {where}: {first['msg']}") from None
+    if header.updates > header.answered:
+        raise ProtocolError(f"{header.updates} updates but only {header.answered} answered")
+    return header, load_body(body)
+
+
+def _tensor(stored: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Tensor `name` taken out of `stored`: present, float64 of `shape`, finite."""
+    value = stored.pop(name, None)
+    if value is None:
+        raise ProtocolError(f"partial lacks {name}")
+    if value.dtype != np.float64 or value.shape != shape:
+        raise ProtocolError(
+            f"{name}: expected float64{list(shape)}, got {value.dtype.name}{list(value.shape)}"
+        )
+    if not np.all(np.isfinite(value)):
+        raise ProtocolError(f"{name}: not finite")
+    return value
+
+
+def _fold(stored: dict[str, np.ndarray], k: int, names: list[str], dim: int) -> FeatureStatistics:
+    """Fold `k`'s sums from the partial's tensors (shapes, finiteness, whole counts)."""
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"fold {k} names a class twice")
+    gram = unpack_triangle(_tensor(stored, f"fold/{k}/gram", triangle_shape(dim)), dim)
+    moments = _tensor(stored, f"fold/{k}/moments", (len(names), dim))
+    counts = _tensor(stored, f"fold/{k}/counts", (len(names),))
+    if np.any(counts < 1) or np.any(counts != np.round(counts)):
+        raise ProtocolError(f"fold/{k}/counts: must be whole numbers of at least one row")
+    return FeatureStatistics(
+        gram,
+        {name: moments[i] for i, name in enumerate(names)},
+        {name: round(float(counts[i])) for i, name in enumerate(names)},
+    )
+
+
+def decode_statistics_partial(
+    payload: bytes, dim: int, analytic: AnalyticConfig
+) -> tuple[PartialHeader, list[FeatureStatistics]]:
+    """Validate a closed-form partial: every fold as `statistics_problem` checks a device's
+    statistics (a sum of Gram matrices is one), its rows as the header claims them, at most
+    `analytic.max_samples` rows per device; ProtocolError says why not."""
+    header, stored = _header(payload)
+    if len(header.fold_classes) != analytic.folds:
+        raise ProtocolError(
+            f"partial has {len(header.fold_classes)} folds, the fleet {analytic.folds}"
+        )
+    if len(header.rows) > header.updates:
+        raise ProtocolError(f"{len(header.rows)} devices' rows but {header.updates} updates")
+    if any(before < 0 or added < 1 for before, added in header.rows.values()):
+        raise ProtocolError("a device's rows must follow row 0 or later and add at least one")
+    folds = [_fold(stored, k, names, dim) for k, names in enumerate(header.fold_classes)]
+    if stored:
+        raise ProtocolError(f"partial carries unexpected tensor {sorted(stored)[0]!r}")
+    rows = sum(added for _, added in header.rows.values())
+    if sum(fold.samples for fold in folds) != rows:
+        raise ProtocolError(f"the folds hold {sum(f.samples for f in folds)} rows, not {rows}")
+    limit = analytic.max_samples * max(len(header.rows), 1)
+    for k, fold in enumerate(folds):
+        if fold.samples == 0:
+            if np.any(fold.gram):
+                raise ProtocolError(f"fold {k}: a Gram matrix without rows")
+            continue
+        problem = statistics_problem(fold, dim, analytic.max_feature_norm, limit)
+        if problem is not None:
+            raise ProtocolError(f"fold {k} rejected: {problem}")
+    hits = np.asarray(header.lambda_hits)
+    if len(hits) and (len(hits) != len(analytic.lambdas) or hits.min() < 0 or hits.max() > rows):
+        raise ProtocolError(f"lambda_hits must be {len(analytic.lambdas)} counts in 0..{rows}")
+    return header, folds
+
+
 def _weighted(
     stored: dict[str, np.ndarray], prefix: str, shape: tuple[int, ...], max_norm: float
 ) -> WeightedSum:
     """`prefix`num / `prefix`den, checked: float64 of `shape`, finite, `den ≥ 0`, bounded."""
-    values = []
-    for suffix in ("num", "den"):
-        name = prefix + suffix
-        value = stored.pop(name, None)
-        if value is None:
-            raise ProtocolError(f"partial lacks {name}")
-        if value.dtype != np.float64 or value.shape != shape:
-            raise ProtocolError(
-                f"{name}: expected float64{list(shape)}, got {value.dtype.name}{list(value.shape)}"
-            )
-        if not np.all(np.isfinite(value)):
-            raise ProtocolError(f"{name}: not finite")
-        values.append(value)
-    numerator, denominator = values
+    numerator = _tensor(stored, prefix + "num", shape)
+    denominator = _tensor(stored, prefix + "den", shape)
     if np.any(denominator < 0):
         raise ProtocolError(f"{prefix}den: negative weight")
     if np.any(np.abs(numerator) > max_norm * denominator * (1 + BOUND_SLACK) + 1e-300):
@@ -111,18 +219,9 @@ def decode_partial(
     payload: bytes, weights: Mapping[str, np.ndarray], num_experts: int, max_update_norm: float
 ) -> tuple[PartialHeader, MergeSums]:
     """Validate a partial against the root's current model; ProtocolError says why not."""
-    text, body = unframe(payload, PARTIAL_MAGIC, MAX_PARTIAL_BYTES)
-    try:
-        header = PartialHeader.model_validate_json(text)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "header"
-        raise ProtocolError(f"invalid partial header: {where}: {first['msg']}") from None
+    header, stored = _header(payload)
     if len(set(header.head_classes)) != len(header.head_classes):
         raise ProtocolError("partial names a head class twice")
-    if header.updates > header.answered:
-        raise ProtocolError(f"{header.updates} updates but only {header.answered} answered")
-    stored = load_body(body)
     sums = MergeSums(updates=header.updates, new_classes=list(dict.fromkeys(header.new_classes)))
     for name, value in weights.items():
         if name == HEAD_WEIGHT:

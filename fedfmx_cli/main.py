@@ -153,7 +153,9 @@ def simulate(
         bar = progress.add_task(f"{fleet.name} · {fleet.method}", total=total, status="")
 
         def on_round(log: RoundLog) -> None:
-            status = f"task {log.task} · {log.updates} updates · loss {log.mean_loss:.3f}"
+            status = f"task {log.task} · {log.updates} updates · {log.uplink_bytes / 1e6:.1f} MB up"
+            if not fleet.closed_form:  # a closed-form round fits no loss: it adds statistics
+                status += f" · loss {log.mean_loss:.3f}"
             progress.update(bar, advance=1, status=status)
             if not sys.stderr.isatty():
                 console.print(f"round {log.round + 1}/{total}: {status}", highlight=False)

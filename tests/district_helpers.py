@@ -48,6 +48,7 @@ def tree_fleet(
     return FleetConfig.model_validate(
         {
             "name": "tree",
+            "method": "fedfmx",
             "data": {"dataset": "digits"},
             "protocol": {
                 "num_clients": DEVICES, "num_tasks": rounds, "rounds_per_task": 1, "max_lag": 0,

@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.state import AggregatorState, Evaluation, StoredModel, UpdateRow
+from aggregator.state import (
+    KEEP_MODEL_PAYLOADS,
+    AggregatorState,
+    Evaluation,
+    StoredModel,
+    UpdateRow,
+)
 from fedfmx.errors import ConfigError
 from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement
 
@@ -71,6 +77,15 @@ def test_old_model_payloads_are_pruned_but_their_rows_stay(tmp_path: Path) -> No
     latest = state.latest_model()
     assert latest is not None and latest.version == 5
     assert len(state.round_totals()) == 5
+
+
+def test_a_district_keeps_the_payloads_of_the_newest_versions_it_received(tmp_path: Path) -> None:
+    state = AggregatorState(tmp_path / "district.sqlite", "city")
+    for version in range(6):
+        state.save_received_model(model(version))
+    kept = [v for v in range(6) if state.model(v) is not None]
+    assert kept == list(range(6 - KEEP_MODEL_PAYLOADS, 6))
+    assert state.class_names(0) == ["a"]  # the row stays, only its payload is dropped
 
 
 def test_devices_register_once_and_keep_their_latest_status(tmp_path: Path) -> None:

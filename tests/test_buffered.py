@@ -16,6 +16,7 @@ from fedfmx.simulation import initial_model
 FLEET = FleetConfig.model_validate(
     {
         "name": "t",
+        "method": "fedfmx",
         "fedfmx": FedFMXConfig(k_max=2).model_dump(),
         "model": ModelConfig(
             backbone_channels=[4], feature_dim=8, num_experts=2, expert_hidden=4
@@ -111,4 +112,6 @@ def test_buffered_mode_refuses_a_merge_that_is_not_associative_sums() -> None:
     document["robustness"] = {"merge": "median"}
     with pytest.raises(ValueError, match=r"service\.mode buffered"):
         FleetConfig.model_validate(document)
-    assert FleetConfig.model_validate({"protocol": {"num_clients": 5}}).buffer_size == 3
+    assert FleetConfig.model_validate(
+        {"method": "fedfmx", "protocol": {"num_clients": 5}}
+    ).buffer_size == 3

@@ -54,13 +54,6 @@ def test_robust_merges_are_refused_with_districts(merge: str) -> None:
         parse_fleet(document)
 
 
-def test_closed_form_methods_are_refused_with_districts() -> None:
-    document = tree_fleet().model_dump(mode="json")
-    document["method"] = "ridge"
-    with pytest.raises(ConfigError, match="closed-form"):
-        parse_fleet(document)
-
-
 def test_root_acl_confines_a_district_to_its_own_topics() -> None:
     lines = district_acl_lines("tree", "district-00")
     assert lines[0] == "user district-00"
@@ -218,6 +211,33 @@ def test_hostile_partials_are_refused_with_a_logged_reason(
     logged = [r for r in caplog.records if getattr(r, "event", "") == "update_rejected"]
     assert len(logged) == len(payloads)  # the partials (the report's is a message_rejected)
     assert all(r.fields["reason"].startswith("partial: ") for r in logged)  # type: ignore[attr-defined]
+
+
+@needs_mosquitto
+def test_a_flooding_district_is_throttled_with_one_logged_rejection(tmp_path: Path) -> None:
+    document = tree_fleet().model_dump(mode="json")
+    document["service"]["rate_limit"] = {"messages_per_s": 0.5, "burst": 3}
+    with running_tree(tmp_path, parse_fleet(document)) as tree:  # no district started
+        url = f"mqtts://127.0.0.1:{tree.brokers[None].port}"
+        broker = tree.tree.root.broker_section("district-00", url)
+        session = MqttSession(session_settings(broker, "tree-district-00-flood"))
+        session.connect()
+        report = DistrictReport(
+            fleet=tree.fleet.name, district="district-00", devices=["device-000"],
+            registered=1, sent_unix=time.time(),
+        )  # fmt: skip
+        status = district_topic(tree.fleet.name, "district-00", DistrictTopic.STATUS)
+        for _ in range(30):
+            session.publish(status, report.model_dump_json().encode())
+        session.close()
+
+        def throttled() -> list[str]:
+            rows = tree.root.state.rejections()
+            return [reason for _, who, reason in rows if who == "district-00"]
+
+        assert tree.wait_until(lambda: any("rate limit" in r for r in throttled()), 30)
+        time.sleep(1.0)  # the rest of the flood: counted, not stored one by one
+        assert [r for r in throttled() if "rate limit" in r] == [throttled()[0]]
 
 
 def test_bridge_maps_the_districts_round_onto_its_own_round_topic(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_FLEET = FleetConfig.model_validate(
     {
         "name": "tiny-digits",
+        "method": "fedfmx",
         "data": {"dataset": "digits"},
         "model": {
             "backbone_channels": [8, 16],

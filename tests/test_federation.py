@@ -12,6 +12,7 @@ from fedfmx.simulation import initial_model
 
 FLEET = FleetConfig(
     name="t",
+    method="fedfmx",
     fedfmx=FedFMXConfig(k_max=2),
     model=ModelConfig(backbone_channels=[4], feature_dim=8, num_experts=2, expert_hidden=4),
 )

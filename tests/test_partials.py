@@ -39,9 +39,10 @@ def test_the_sum_of_partials_is_the_flat_merge_and_a_resent_partial_counts_once(
     root = RoundKeeper(fleet, first_model(fleet))
     root.open_round(0, ALL, 0.0)
     first = district_partial(root, "district-00", ALL[::2])
-    assert root.accept_partial(first, "district-00", 2) is not None
-    assert root.accept_partial(first, "district-00", 2) is None  # the re-send
-    assert root.accept_partial(district_partial(root, "district-01", ALL[1::2]), "district-01", 2)
+    assert root.accept_partial(first, "district-00", ALL[::2]) is not None
+    assert root.accept_partial(first, "district-00", ALL[::2]) is None  # the re-send
+    second = district_partial(root, "district-01", ALL[1::2])
+    assert root.accept_partial(second, "district-01", ALL[1::2])
     merged = root.close_round()
     assert merged.class_names == expected.class_names
     for name, value in expected.weights.items():

@@ -27,7 +27,8 @@ def test_every_shipped_profile_loads(name: str) -> None:
 
 
 def test_profile_limits_win_where_stricter() -> None:
-    fleet = FleetConfig()  # batch 64, 2 experts per round, 20 exemplars per class, 2 threads
+    # batch 64, 2 experts per round, 20 exemplars per class, 2 threads
+    fleet = FleetConfig(method="fedfmx")
     pi4 = apply_profile(fleet, load_profile("raspberry-pi-4"))
     assert (pi4.training.batch_size, pi4.training.threads) == (32, 3)
     assert pi4.fedfmx.max_experts_per_round == 1

@@ -133,6 +133,7 @@ def test_the_weighted_mean_follows_the_outlier() -> None:
 def _keeper(robustness: RobustnessConfig) -> RoundKeeper:
     fleet = FleetConfig(
         name="t",
+        method="fedfmx",
         fedfmx=FedFMXConfig(k_max=2),
         model=ModelConfig(backbone_channels=[4], feature_dim=8, num_experts=2, expert_hidden=4),
         robustness=robustness,

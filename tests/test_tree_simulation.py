@@ -17,10 +17,13 @@ from transport import find_mosquitto
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 
 
-def short_fleet(tmp_path: Path) -> Path:
+def short_fleet(tmp_path: Path, method: str = "fedfmx") -> Path:
     """ci-digits with 2 tasks (4 rounds): seconds per run."""
     document = yaml.safe_load(FLEET.read_text())
     document["protocol"]["num_tasks"] = 2
+    document["method"] = method
+    if method == "fedfmx_cf":  # a 256-wide head: 64 shared + 3 banks of 4 filters x 4x4 cells
+        document["model"] |= {"shared_features": 64, "expert_filters": 4}
     path = tmp_path / "short.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
@@ -34,8 +37,9 @@ def simulate(fleet: Path, checkpoint: Path, *extra: str) -> None:
 
 
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
-def test_two_districts_end_with_the_flat_runs_model(tmp_path: Path) -> None:
-    fleet = short_fleet(tmp_path)
+@pytest.mark.parametrize("method", ["fedfmx", "fedfmx_cf"])  # SGD updates; closed-form statistics
+def test_two_districts_end_with_the_flat_runs_model(tmp_path: Path, method: str) -> None:
+    fleet = short_fleet(tmp_path, method)
     simulate(fleet, tmp_path / "flat.ckpt", "--broker", "mosquitto")
     workdir = tmp_path / "tree"
     simulate(fleet, tmp_path / "tree.ckpt", "--districts", "2", "--workdir", str(workdir))

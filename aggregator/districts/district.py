@@ -28,12 +28,14 @@ from aggregator.districts.side_tables import SideTable
 from aggregator.events import log_event
 from aggregator.service import Aggregator, ServiceHooks
 from aggregator.state import AggregatorState, StoredModel
+from fedfmx.analytic import FeatureStatistics
+from fedfmx.analytic_state import HEAD_WEIGHT, rows_held
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import FedFMXError, ProtocolError
-from fedfmx.federation import GlobalModel
+from fedfmx.federation import GlobalModel, OpenRound
 from fedfmx.messages import DistrictReport, RoundAnnouncement
-from fedfmx.partials import PartialHeader, encode_partial
+from fedfmx.partials import PartialHeader, encode_partial, encode_statistics_partial
 from fedfmx.signing import (
     assemble_verified,
     chunk_payload,
@@ -206,7 +208,7 @@ class DistrictAggregator(Aggregator):
                 reason=str(error),
             )  # fmt: skip
             return
-        self.state.save_first_model(StoredModel(version, payload, model.class_names, [], None))
+        self.state.save_received_model(StoredModel(version, payload, model.class_names, [], None))
         log_event("model_received", district=self.district, model_version=version)
 
     # -- rounds -----------------------------------------------------------------------------
@@ -281,14 +283,18 @@ class DistrictAggregator(Aggregator):
             district=self.district,
             round=round_index,
             base_version=announcement.model_version,
-            updates=current.sums.updates,
+            updates=len(current.received) if self.fleet.closed_form else current.sums.updates,
             answered=len(answered),
             head_classes=list(current.sums.head),
             new_classes=current.sums.new_classes,
             update_bytes=totals.uplink_bytes,
             loss_sum=totals.mean_loss * totals.updates,
         )
-        self.partials.store(round_index, encode_partial(header, current.sums))
+        if self.fleet.closed_form:
+            payload = self._statistics_partial(header, current)
+        else:
+            payload = encode_partial(header, current.sums)
+        self.partials.store(round_index, payload)
         crash_point("district_partial_stored")
         self.state.close_round(round_index, None)
         log_event(
@@ -300,6 +306,23 @@ class DistrictAggregator(Aggregator):
             participants=len(announcement.participants),
         )
         self._send_stored_partial(force=True)
+
+    def _statistics_partial(self, header: PartialHeader, current: OpenRound) -> bytes:
+        """A closed-form round's partial: the devices' statistics per fold, each device's
+        rows (after the ones the model held: what its update's `rows_before` said)."""
+        weights = self.keeper.model.weights
+        dim = weights[HEAD_WEIGHT].shape[1]
+        folds = current.statistics or [
+            FeatureStatistics.empty(dim) for _ in range(self.fleet.analytic.folds)
+        ]
+        header = header.model_copy(
+            update={
+                "rows": {d: (rows_held(weights, d), n) for d, n in sorted(current.rows.items())},
+                "fold_classes": [sorted(fold.counts) for fold in folds],
+                "lambda_hits": [] if current.hits is None else current.hits.tolist(),
+            }
+        )
+        return encode_statistics_partial(header, folds)
 
     def _send_stored_partial(self, force: bool) -> None:
         """(Re)send the latest closed round's partial while the root has not closed it."""

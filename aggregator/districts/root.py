@@ -9,7 +9,9 @@ partial (`fedfmx.partials`), which the root validates and adds to the round's su
 it adds a device's update: the merge is the flat merge (DESIGN §8).
 
 Partials are keyed by (round, district): the first valid one is stored and counts, a re-send
-is a logged duplicate. Quorum across tiers is counted in devices (`DistrictsConfig`).
+is a logged duplicate. Quorum across tiers is counted in devices (`DistrictsConfig`). A
+district's reports and partials take tokens from its own bucket of `service.rate_limit`, as a
+device's messages do, so a flooding district is dropped before anything is decoded.
 """
 
 from __future__ import annotations
@@ -240,7 +242,7 @@ class RootAggregator(Aggregator):
 
     def _on_report(self, topic: str, message: bytes) -> None:
         district = self._district(topic)
-        if district is None or not message:
+        if district is None or not message or not self._admitted(district):
             return
         try:
             report = DistrictReport.model_validate_json(message)
@@ -268,7 +270,7 @@ class RootAggregator(Aggregator):
     def _accept_partial(self, payload: bytes, district: str) -> PartialHeader | None:
         if not self._round_districts.get(district):
             raise ProtocolError(f"district {district!r} has no devices in the open round")
-        header = self.keeper.accept_partial(payload, district, len(self._round_districts[district]))
+        header = self.keeper.accept_partial(payload, district, self._round_districts[district])
         if header is not None:
             self._answered[district] = header.answered
         return header
@@ -285,7 +287,7 @@ class RootAggregator(Aggregator):
 
     def _on_partial(self, topic: str, payload: bytes) -> None:
         district = self._district(topic)
-        if district is None:
+        if district is None or not self._admitted(district):  # a flooding district's bucket
             return
         digest = hashlib.sha256(payload).hexdigest()
         with self._lock:
