@@ -1,4 +1,5 @@
-"""The int8 trunk: the bias-correction formula, and the trunk itself on a real slice."""
+"""The int8 trunk: the bias-correction formula, and the trunk itself on a real slice
+(the recipe's other transforms: `test_rounding.py`, `test_equalisation.py`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.checkpoint import InputSpec
+from export.rounding import WEIGHT_LEVELS, rounded_weights
 from export.trunk import (
-    WEIGHT_LEVELS,
+    FLOAT_CONVS,
     TrunkFeatures,
     correct_biases,
     export_trunk,
+    float_prefix,
     quantize_trunk,
-    rounded_weights,
     trunk_parity,
 )
 from export.trunk_runtime import TrunkRuntime
@@ -83,6 +85,21 @@ def test_bias_correction_cancels_the_mean_shift_of_rounded_weights(
     assert after.sum() < 0.1 * before.sum()
 
 
+def test_the_float_prefix_is_every_node_before_the_first_quantized_convolution() -> None:
+    first = helper.make_node("Conv", ["images", "w1", "b1"], ["a"], name="first")
+    clip = helper.make_node("Clip", ["a", "lo", "hi"], ["b"], name="clip")
+    second = helper.make_node("Conv", ["b", "w2", "b2"], ["y"], name="second")
+    graph = helper.make_graph([first, clip, second], "g", [], [])
+    model = helper.make_model(graph)
+    kept, quantized = float_prefix(model, 1)
+    assert [n.name for n in kept] == ["first", "clip"]
+    assert [n.name for n in quantized] == ["second"]
+    kept, quantized = float_prefix(model, 0)
+    assert kept == [] and [n.name for n in quantized] == ["first", "second"]
+    kept, quantized = float_prefix(model, 5)
+    assert len(kept) == 3 and quantized == []
+
+
 def test_a_trunk_needs_calibration_images(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="calibration"):
         quantize_trunk(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", np.zeros((0, 1, 28, 28)))
@@ -118,7 +135,10 @@ def test_int8_trunk_keeps_a_heads_accuracy_on_real_images(tmp_path: Path) -> Non
     convs = [n for n in graph.node if n.op_type == "Conv"]
     producers = {n.output[0]: n for n in graph.node}
     assert len(convs) == 49
-    assert all(producers[c.input[1]].input[0] in int8_weights for c in convs)
+    quantized = [
+        c.input[1] in producers and producers[c.input[1]].input[0] in int8_weights for c in convs
+    ]
+    assert quantized == [False] * FLOAT_CONVS + [True] * (49 - FLOAT_CONVS)
     fp32, int8 = TrunkRuntime.load(fp32_path, 64), TrunkRuntime.load(int8_path, 64)
     names = np.array(dataset.class_names)
     fit_x, judge_x = dataset.train_x[train[64:]], dataset.test_x[test]
