@@ -12,6 +12,7 @@ from safetensors.numpy import save as save_tensors
 from fedfmx.codec import decode_update, decompress_bounded, dequantize_rows, encode_update
 from fedfmx.errors import ProtocolError
 from fedfmx.messages import CodecSettings, UpdateHeader
+from tests.test_codec import _header as codec_header
 
 INT8 = CodecSettings(quantize="int8", zstd_level=3)
 SHAPES = {
@@ -27,19 +28,7 @@ LIMIT = 1 << 20
 
 
 def _header() -> UpdateHeader:
-    return UpdateHeader(
-        fleet="f",
-        device_id="d",
-        round=0,
-        base_version=0,
-        num_samples=5,
-        expert_ids=[0],
-        head_classes=[],
-        class_counts=[],
-        expert_usage=[1.0],
-        train_loss=0.1,
-        codec=INT8,
-    )
+    return codec_header(INT8, round=0, base_version=0)
 
 
 def _tensors() -> dict[str, np.ndarray]:
