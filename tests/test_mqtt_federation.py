@@ -824,8 +824,11 @@ def _join(fleet: Fleet, index: int) -> subprocess.Popen[bytes]:
 def test_a_device_power_cut_mid_training_resumes_from_its_saved_state(
     secure_broker: SecureBroker, make_fleet: Callable[..., Fleet]
 ) -> None:
+    # both devices take part from round 0: without min_devices the other device can run the
+    # whole schedule alone before device-000 has registered, leaving it nothing to resume
     fleet = make_fleet(
-        tiny_fleet(secure_broker.url, clients=2), credentials=secure_broker.credentials
+        tiny_fleet(secure_broker.url, clients=2, min_devices=2),
+        credentials=secure_broker.credentials,
     )
     aggregator = fleet.start_aggregator()
     other = fleet.start_device(1)
