@@ -763,6 +763,8 @@ def test_hostile_updates_are_rejected_with_a_reason_and_the_round_goes_on(
         assert aggregator.keeper.model.version == 0  # nothing hostile was merged
         hand.send(genuine)
         wait_for(lambda: aggregator.keeper.model.version == 1)
+        # the merge can be seen here before the genuine update's receipt has crossed the broker
+        wait_for(lambda: len(hand.receipts) == len(hostile) + 1)
         assert hand.receipts[-1].accepted
         totals = aggregator.state.round_totals()[0]
         assert (totals.updates, totals.uplink_bytes) == (1, len(genuine))
