@@ -19,6 +19,13 @@ looking at the test figures — also on 2,000 further training images that no st
 - `+float-prefix-12`: the first four blocks (12 convolutions) float: the shipped recipe
   (`export.trunk.quantize_trunk`'s defaults).
 
+Two levers measured on top of the shipped recipe, each alone (not shipped):
+
+- `shipped+wide-streams`: the residual streams' tensors in uint16, the rest uint8 (mixed
+  activation precision; `export.trunk.wide_stream_overrides`);
+- `shipped+reconstruction`: each quantized convolution's rounding and bias re-chosen against
+  the float trunk on the quantized trunk's own inputs (`export.reconstruction`).
+
 Latency: batch 1 and batch 16 with the `raspberry-pi-4` profile's 3 threads and with 1
 thread, on *this* machine (2 cores shared with other jobs: the load is recorded).
 """
@@ -60,9 +67,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     "+adaround": {"rounding": "adaround", "float_convs": 6, "migration": None},
     "+equalisation": {"float_convs": 6},
     "+float-prefix-12": {},
+    "shipped+wide-streams": {"wide_streams": True},
+    "shipped+reconstruction": {"reconstruction": True},
 }
 """`quantize_trunk` keyword arguments; `{}` is its defaults, the shipped recipe."""
 SHIPPED = "+float-prefix-12"
+
+
+def sqnr_db(features: TrunkFeatures) -> float:
+    """`10·log10(Σ f² / Σ (f̃ − f)²)` of the int8 features `f̃` against the fp32 ones `f`."""
+    error = features.int8 - features.fp32
+    return float(10 * np.log10((features.fp32**2).sum() / (error**2).sum()))
 
 
 def latency_ms(runtime: TrunkRuntime, images: np.ndarray, batch: int, runs: int) -> float:
@@ -119,18 +134,16 @@ def main() -> None:
                 names[dataset.test_y[judge_rows]],
             )
             parity = trunk_parity(fit, judge)
-            held_out_parity = trunk_parity(
-                fit,
-                TrunkFeatures(
-                    held_out_fp32,
-                    runtime.features(dataset.train_x[held_out]),
-                    names[dataset.train_y[held_out]],
-                ),
+            held_out_features = TrunkFeatures(
+                held_out_fp32,
+                runtime.features(dataset.train_x[held_out]),
+                names[dataset.train_y[held_out]],
             )
-            error = judge.int8 - judge.fp32
+            held_out_parity = trunk_parity(fit, held_out_features)
             rows[name] = {
                 "quantize_seconds": seconds,
-                "sqnr_db": float(10 * np.log10((judge.fp32**2).sum() / (error**2).sum())),
+                "sqnr_db": sqnr_db(judge),
+                "held_out_sqnr_db": sqnr_db(held_out_features),
                 **parity.__dict__,
                 "same_head_drop": parity.same_head_drop,
                 "own_head_drop": parity.own_head_drop,
