@@ -42,6 +42,12 @@ class PairedStatistics:
     gram: np.ndarray
     cross: np.ndarray
 
+    @classmethod
+    def empty(cls, groups: int, k: int) -> PairedStatistics:
+        """No patches yet, for `groups` groups of `K = k` inputs."""
+        vector, matrix = np.zeros((groups, k)), np.zeros((groups, k, k))
+        return cls(0, vector, vector.copy(), matrix, matrix.copy())
+
     def add(self, quantized: np.ndarray, floats: np.ndarray) -> None:
         """Fold in patches `[groups, rows, K]` of both inputs."""
         self.rows += quantized.shape[1]
@@ -69,14 +75,7 @@ def paired_statistics(
     """`PairedStatistics` of `node` (in `quantized`, reading a dequantized input) and the same
     convolution `teacher_node` in the float `teacher`."""
     groups = next((a.i for a in node.attribute if a.name == "group"), 1)
-    k = int(np.prod(kernel[1:]))
-    stats = PairedStatistics(
-        0,
-        np.zeros((groups, k)),
-        np.zeros((groups, k)),
-        np.zeros((groups, k, k)),
-        np.zeros((groups, k, k)),
-    )
+    stats = PairedStatistics.empty(groups, int(np.prod(kernel[1:])))
     pairs = zip(
         conv_inputs(quantized, calibration, [node.input[0]]),
         conv_inputs(teacher, calibration, [teacher_node.input[0]]),

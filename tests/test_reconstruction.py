@@ -41,9 +41,7 @@ def test_reconstruction_is_never_worse_than_nearest_on_its_objective() -> None:
     w = rng.normal(size=(5, 8)).astype(np.float32)
     x = rng.normal(size=(500, 8))
     x_q = x * 1.02 + 0.05 + rng.normal(scale=0.01, size=x.shape)
-    stats = PairedStatistics(
-        0, np.zeros((1, 8)), np.zeros((1, 8)), np.zeros((1, 8, 8)), np.zeros((1, 8, 8))
-    )
+    stats = PairedStatistics.empty(1, 8)
     stats.add(x_q[None], x[None])
     _, _, gram, cross = stats.centred()
     rounded = adaround(w, gram, cross=cross)
