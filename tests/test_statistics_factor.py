@@ -21,8 +21,9 @@ from fedfmx.analytic_state import FACTOR, MOMENTS, factor_tensors, fleet_folds
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.federation import RoundKeeper
-from fedfmx.simulation import load_fleet_dataset, run_inproc
+from fedfmx.simulation import initial_model, load_fleet_dataset, run_inproc
 from tests.test_closed_form_federation import DIM, fleet, keeper_for, payload
+from tests.test_statistics_partials import DEVICES, EAST, WEST, district_partial
 
 
 def relu_rows(seed: int, rows: int, dim: int = DIM) -> tuple[np.ndarray, np.ndarray]:
@@ -142,6 +143,26 @@ def test_a_factors_norm_is_bounded_as_the_triangles_trace_is() -> None:
     assert "expected [r, 16]" in str(factor_problem(np.ones((2, DIM + 1)), rows, DIM, bound))
     assert "allowed 1..4" in str(factor_problem(np.ones((5, DIM)), rows, DIM, bound))
     assert "allowed 1..4" in str(factor_problem(np.ones((0, DIM)), rows, DIM, bound))
+
+
+def test_districts_form_g_from_factors_and_the_root_gets_the_flat_triangle_head() -> None:
+    config = fleet()
+    rows = {device: relu_rows(10 + i, 3 + 2 * i) for i, device in enumerate(DEVICES)}
+    flat = RoundKeeper(config, initial_model(config))
+    flat.open_round(0, DEVICES, 0.0)
+    for device, (features, names) in rows.items():
+        assert flat.accept(payload(config, FeatureStatistics.of(features, names), device))
+    expected = flat.close_round()
+    root = RoundKeeper(config, initial_model(config))
+    root.open_round(0, DEVICES, 0.0)
+    factors = {device: factor_payload(config, *r, device=device) for device, r in rows.items()}
+    for district, members in (("west", WEST), ("east", EAST)):
+        partial = district_partial(root, district, members, factors)
+        assert root.accept_partial(partial, district, members) is not None
+    merged_model = root.close_round()
+    assert merged_model.class_names == expected.class_names
+    for name, value in expected.weights.items():
+        np.testing.assert_allclose(merged_model.weights[name], value, rtol=1e-5, atol=1e-7)
 
 
 def hostile(config: FleetConfig, what: str) -> bytes:
