@@ -3,7 +3,9 @@
     python benchmarks/closed_form_wire.py     # → results/closed_form_wire.{json,png}
     python benchmarks/closed_form_wire.py --only "ridge D=256 int8" --name closed_form_wire_int8
     python benchmarks/closed_form_wire.py --only "ridge D=2048 factor fp32" \
-        --reference results/closed_form_wire.json --name closed_form_wire_factor
+        --reference benchmarks/results/closed_form_wire.json --name closed_form_wire_factor
+    python benchmarks/closed_form_wire.py --only "ridge D=512 factor fp16" \
+        --name closed_form_wire_factor --append        # more cells into the same JSON
 
 One seed of the reduced Split Fashion-MNIST setting (α = 0.5, lag ≤ 1, 10 devices) through the
 in-process engine, so every byte counted is a real encoded update: `ridge` at several random
@@ -38,26 +40,49 @@ TRIANGLE: Section = {"send_factor": False}
 FACTOR: Section = {"send_factor": True}
 FP32: Section = {"quantize": "none"}
 FP16: Section = {"quantize": "fp16"}
+INT8: Section = {"quantize": "int8"}
 VARIANTS: dict[str, tuple[str, dict[str, Section]]] = {
     "fedavg fp32": ("fedavg", {"codec": FP32}),
-    "ridge D=128": ("ridge", {"model": {"random_features": 128}, "analytic": TRIANGLE}),
-    "ridge D=256": ("ridge", {"model": {"random_features": 256}, "analytic": TRIANGLE}),
+    "ridge D=128": (
+        "ridge",
+        {"model": {"random_features": 128}, "codec": FP32, "analytic": TRIANGLE},
+    ),
+    "ridge D=256": (
+        "ridge",
+        {"model": {"random_features": 256}, "codec": FP32, "analytic": TRIANGLE},
+    ),
     "ridge D=256 int8": (
         "ridge",
-        {"model": {"random_features": 256}, "codec": {"quantize": "int8"}, "analytic": TRIANGLE},
+        {"model": {"random_features": 256}, "codec": INT8, "analytic": TRIANGLE},
     ),
-    "ridge D=512": ("ridge", {"model": {"random_features": 512}, "analytic": TRIANGLE}),
-    "ridge D=1024": ("ridge", {"model": {"random_features": 1024}, "analytic": TRIANGLE}),
+    "ridge D=512": (
+        "ridge",
+        {"model": {"random_features": 512}, "codec": FP32, "analytic": TRIANGLE},
+    ),
+    "ridge D=1024": (
+        "ridge",
+        {"model": {"random_features": 1024}, "codec": FP32, "analytic": TRIANGLE},
+    ),
     "ridge D=2048": ("ridge", {"codec": FP32, "analytic": TRIANGLE}),
     "ridge D=2048 fp16": ("ridge", {"codec": FP16, "analytic": TRIANGLE}),
-    "ridge D=2048 int8": ("ridge", {"codec": {"quantize": "int8"}, "analytic": TRIANGLE}),
-    "fedfmx_cf int8": ("fedfmx_cf", {"codec": {"quantize": "int8"}, "analytic": TRIANGLE}),
+    "ridge D=2048 int8": ("ridge", {"codec": INT8, "analytic": TRIANGLE}),
+    "fedfmx_cf int8": ("fedfmx_cf", {"codec": INT8, "analytic": TRIANGLE}),
     "ridge D=2048 factor fp32": ("ridge", {"codec": FP32, "analytic": FACTOR}),
     "ridge D=2048 factor fp16": ("ridge", {"codec": FP16, "analytic": FACTOR}),
     "fedfmx_cf triangle fp32": ("fedfmx_cf", {"codec": FP32, "analytic": TRIANGLE}),
     "fedfmx_cf triangle fp16": ("fedfmx_cf", {"codec": FP16, "analytic": TRIANGLE}),
     "fedfmx_cf factor fp32": ("fedfmx_cf", {"codec": FP32, "analytic": FACTOR}),
     "fedfmx_cf factor fp16": ("fedfmx_cf", {"codec": FP16, "analytic": FACTOR}),
+    "ridge D=2048 factor int8": ("ridge", {"codec": INT8, "analytic": FACTOR}),
+    "fedfmx_cf factor int8": ("fedfmx_cf", {"codec": INT8, "analytic": FACTOR}),
+    "ridge D=256 factor fp16": (
+        "ridge",
+        {"model": {"random_features": 256}, "codec": FP16, "analytic": FACTOR},
+    ),
+    "ridge D=512 factor fp16": (
+        "ridge",
+        {"model": {"random_features": 512}, "codec": FP16, "analytic": FACTOR},
+    ),
 }
 """Label -> (method, fleet sections changed); `ridge D=2048` and `ridge D=2048 fp16` are the
 triangle twins of the ridge factor rows."""
@@ -70,11 +95,18 @@ def main() -> None:
     parser.add_argument(
         "--reference", type=Path, help="take the fedavg fp32 cell from this earlier run's JSON"
     )
+    parser.add_argument(
+        "--append", action="store_true", help="keep the cells already in results/NAME.json"
+    )
     args = parser.parse_args()
     chosen = args.only or list(VARIANTS)
-    cells: dict[str, dict[str, float]] = {}
+    output = RESULTS / f"{args.name}.json"
+    cells: dict[str, dict[str, float]] = (
+        json.loads(output.read_text())["results"] if args.append else {}
+    )
     if args.reference is not None:
         cells["fedavg fp32"] = json.loads(args.reference.read_text())["results"]["fedavg fp32"]
+    if "fedavg fp32" in cells:
         chosen = [label for label in chosen if label != "fedavg fp32"]
     elif "fedavg fp32" not in chosen:
         chosen = ["fedavg fp32", *chosen]  # the reference the bytes are divided by
@@ -120,8 +152,8 @@ def main() -> None:
             "fedavg_reference": str(args.reference) if args.reference else "run here",
             "results": cells,
         }
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(document, indent=2))
-        plot(cells, RESULTS / f"{args.name}.png")
+        output.write_text(json.dumps(document, indent=2))
+        plot(cells, output.with_suffix(".png"))
 
 
 def record_shape(shapes: list[tuple[int, int]], device: str, update: bytes, _: object) -> bytes:
