@@ -174,8 +174,14 @@ def plot(cells: dict[str, dict[str, float]], path: Path) -> None:
     for label, cell in cells.items():
         x = cell["uplink_bytes_per_device_round"] / 1e3
         y = 100 * cell["final_accuracy"]
-        axis.scatter(x, y, color="tab:red" if "fedfmx" in label else "tab:blue")
-        axis.annotate(label, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+        marker = "^" if "factor" in label else "o"
+        axis.scatter(x, y, color="tab:red" if "fedfmx" in label else "tab:blue", marker=marker)
+        offset = (3, -9 if "fp16" in label else 3)  # fp16 twins below: labels do not overlap
+        axis.annotate(label, (x, y), fontsize="x-small", xytext=offset, textcoords="offset points")
+    if "fedavg fp32" in cells:
+        target = cells["fedavg fp32"]["uplink_bytes_per_device_round"] / 50 / 1e3
+        axis.axvline(target, color="grey", linestyle="--", linewidth=1)
+        axis.annotate("1/50 fedavg", (target, 20), fontsize="x-small", rotation=90)
     axis.set_xscale("log")
     axis.set_xlabel("uplink per device and round (KB, log)")
     axis.set_ylabel("final accuracy (%)")
