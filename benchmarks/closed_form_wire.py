@@ -41,28 +41,21 @@ FACTOR: Section = {"send_factor": True}
 FP32: Section = {"quantize": "none"}
 FP16: Section = {"quantize": "fp16"}
 INT8: Section = {"quantize": "int8"}
-VARIANTS: dict[str, tuple[str, dict[str, Section]]] = {
+Variant = tuple[str, dict[str, Section]]
+
+
+def narrow_ridge(width: int, codec: Section, analytic: Section) -> Variant:
+    """`ridge` on `width` random features instead of the bench fleet's 2,048."""
+    return ("ridge", {"model": {"random_features": width}, "codec": codec, "analytic": analytic})
+
+
+VARIANTS: dict[str, Variant] = {
     "fedavg fp32": ("fedavg", {"codec": FP32}),
-    "ridge D=128": (
-        "ridge",
-        {"model": {"random_features": 128}, "codec": FP32, "analytic": TRIANGLE},
-    ),
-    "ridge D=256": (
-        "ridge",
-        {"model": {"random_features": 256}, "codec": FP32, "analytic": TRIANGLE},
-    ),
-    "ridge D=256 int8": (
-        "ridge",
-        {"model": {"random_features": 256}, "codec": INT8, "analytic": TRIANGLE},
-    ),
-    "ridge D=512": (
-        "ridge",
-        {"model": {"random_features": 512}, "codec": FP32, "analytic": TRIANGLE},
-    ),
-    "ridge D=1024": (
-        "ridge",
-        {"model": {"random_features": 1024}, "codec": FP32, "analytic": TRIANGLE},
-    ),
+    "ridge D=128": narrow_ridge(128, FP32, TRIANGLE),
+    "ridge D=256": narrow_ridge(256, FP32, TRIANGLE),
+    "ridge D=256 int8": narrow_ridge(256, INT8, TRIANGLE),
+    "ridge D=512": narrow_ridge(512, FP32, TRIANGLE),
+    "ridge D=1024": narrow_ridge(1024, FP32, TRIANGLE),
     "ridge D=2048": ("ridge", {"codec": FP32, "analytic": TRIANGLE}),
     "ridge D=2048 fp16": ("ridge", {"codec": FP16, "analytic": TRIANGLE}),
     "ridge D=2048 int8": ("ridge", {"codec": INT8, "analytic": TRIANGLE}),
@@ -75,14 +68,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Section]]] = {
     "fedfmx_cf factor fp16": ("fedfmx_cf", {"codec": FP16, "analytic": FACTOR}),
     "ridge D=2048 factor int8": ("ridge", {"codec": INT8, "analytic": FACTOR}),
     "fedfmx_cf factor int8": ("fedfmx_cf", {"codec": INT8, "analytic": FACTOR}),
-    "ridge D=256 factor fp16": (
-        "ridge",
-        {"model": {"random_features": 256}, "codec": FP16, "analytic": FACTOR},
-    ),
-    "ridge D=512 factor fp16": (
-        "ridge",
-        {"model": {"random_features": 512}, "codec": FP16, "analytic": FACTOR},
-    ),
+    "ridge D=256 factor fp16": narrow_ridge(256, FP16, FACTOR),
+    "ridge D=512 factor fp16": narrow_ridge(512, FP16, FACTOR),
 }
 """Label -> (method, fleet sections changed); `ridge D=2048` and `ridge D=2048 fp16` are the
 triangle twins of the ridge factor rows."""
