@@ -94,16 +94,16 @@ def closed_form_features(maps: FixedMaps, rows: np.ndarray) -> np.ndarray:
 def _tap_features(maps: FixedMaps, rows: np.ndarray) -> np.ndarray:
     """`[φ_t]` over the maps' taps, `φ_t = ReLU(R_t · t / ‖t‖ · √n_t)` with the √n_t of
     `RandomReluFeatures`' `R/√n` folded back (`fedfmx.feature_maps.TapFeatures`)."""
+    widths = [TAPS_BY_NAME[name].width for name in maps.taps]
+    if sum(widths) != rows.shape[1]:
+        raise ValueError(f"tap rows are {rows.shape[1]} wide, the maps' taps {sum(widths)}")
     parts, start = [], 0
-    for name, expert in zip(maps.taps, maps.experts, strict=True):
+    for n, expert in zip(widths, maps.experts, strict=True):
         assert expert.projection is not None  # the file is checked when read
-        n = TAPS_BY_NAME[name].width
         u = rows[:, start : start + n]
         start += n
         norm = np.maximum(np.linalg.norm(u, axis=1, keepdims=True), np.float32(1e-12))
         parts.append(np.maximum((u * (np.float32(n**0.5) / norm)) @ expert.projection, 0))
-    if start != rows.shape[1]:
-        raise ValueError(f"tap rows are {rows.shape[1]} wide, the maps' taps {start}")
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
 
