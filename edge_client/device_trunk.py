@@ -48,12 +48,6 @@ def open_device_trunk(
     """The device's int8 trunk (`int8_trunk: true`), quantized from the fp32 trunk in
     `fp32_folder` (a device without torch: the one `export-serving` wrote); with `taps`, the
     trunk that outputs the maps they read, giving their vectors (`export.tap_trunk`)."""
-    if config.serves:
-        raise ConfigError(
-            "int8_trunk with serve_predictions is not supported yet (the exported model would "
-            "carry the fp32 trunk): serve from a `role: serve` device, or set "
-            "serve_predictions: false"
-        )
     if fleet.model.backbone != "efficientnet_lite0":
         raise ConfigError("int8_trunk needs model.backbone efficientnet_lite0 (a frozen trunk)")
     size = fleet.model.trunk_input_size

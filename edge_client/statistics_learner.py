@@ -7,7 +7,8 @@ Runtime (the device's int8 trunk with `int8_trunk: true`, else the fp32 file `ex
 wrote) and the fixed maps in numpy (`export.feature_maps`), so the process never imports
 torch (~220 MB less resident on a Pi). `fedfmx-edge join` picks it for a closed-form fleet
 whose feature maps file exists (`open_statistics_learner`); otherwise it says why in one line
-and the torch learner runs.
+and the torch learner runs. Such a device also serves without torch
+(`edge_client.closed_form_serving`: the current head over the same features).
 """
 
 from __future__ import annotations
@@ -117,8 +118,6 @@ def torch_free_problem(config: DeviceConfig, fleet: FleetConfig) -> str | None:
     """Why this device cannot train without torch, or None when it can."""
     if not fleet.closed_form:
         return f"method {fleet.method} trains a network"
-    if config.serves:
-        return "serve_predictions exports the model with torch"
     pretrained = fleet.model.backbone == "efficientnet_lite0"
     own_source = not isinstance(config.data, PartitionSource)
     if pretrained and own_source and not config.store.keep_raw_images:

@@ -18,6 +18,7 @@ import torch
 from fleet_helpers import device_yaml, small_fleet, write_fleet
 
 from aggregator.service import ServiceHooks, open_aggregator
+from edge_client.closed_form_serving import ClosedFormServer
 from edge_client.serving_model import TEMPLATE_FILE
 from edge_client.statistics_learner import StatisticsLearner
 from export.checkpoint import InputSpec
@@ -31,7 +32,8 @@ from fedfmx.device_round import STATISTICS_BATCH
 from fedfmx.errors import ConfigError
 from fedfmx.federation import RoundKeeper
 from fedfmx.fleet_data import load_fleet_dataset, own_partition
-from fedfmx.model import build_model
+from fedfmx.messages import ModelHeader
+from fedfmx.model import build_model, state_to_numpy
 from fedfmx.pretrained import weights_path
 from fedfmx.simulation import initial_model
 from fedfmx.stream import SampleTable
@@ -181,6 +183,37 @@ def test_opening_a_closed_form_device_imports_no_torch(tmp_path: Path) -> None:
     assert done.stdout.split()[-2:] == ["StatisticsLearner", "False"]
 
 
+def test_a_torch_free_device_serves_the_heads_logits_on_its_own_features(tmp_path: Path) -> None:
+    """`ClosedFormServer`: a version's head over the learner's numpy `φ` gives the torch
+    network's logits; the same version is not served twice, a version without classes never."""
+    fleet = _fleet("fedfmx_cf")
+    export_serving(out=tmp_path, fleet=write_fleet(tmp_path, fleet))
+    samples, stream = own_partition(fleet, load_fleet_dataset(fleet), 0)
+    maps = load_feature_maps(tmp_path / FEATURE_MAPS_FILE)
+    server = ClosedFormServer(StatisticsLearner("device-000", fleet, samples, stream, maps, None))
+    network = build_model(fleet.network, fleet.routing, 3, fleet.seed)
+    weights = state_to_numpy(network)
+    header = ModelHeader(fleet=fleet.name, version=4, class_names=["a", "b", "c"])
+    assert (
+        server.refresh(header.model_copy(update={"class_names": []}), weights, *_no_rows()) is None
+    )
+    served = server.refresh(header, weights, *_no_rows())
+    assert (
+        served is not None and server.served() is served and served.class_names == ["a", "b", "c"]
+    )
+    assert server.refresh(header, weights, *_no_rows()) is None
+    images = load_fleet_dataset(fleet).train_x[:32]
+    with torch.no_grad():
+        expected = network(torch.from_numpy(images)).numpy()
+    computed = served.logits(images)
+    assert computed.shape == expected.shape == (32, 3)
+    np.testing.assert_allclose(computed, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def _no_rows() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.str_)
+
+
 def _watch_maps(process: subprocess.Popen[bytes], seen: list[str]) -> None:
     """Every library the running process maps, sampled until it exits."""
     while process.poll() is None:
@@ -203,6 +236,7 @@ def test_torch_free_devices_join_and_the_head_is_the_pooled_solve(
     tmp_path: Path, mosquitto_broker: object, method: str, model: dict[str, object]
 ) -> None:
     url = mosquitto_broker.url  # type: ignore[attr-defined]
+    serves = model == LITE0_TAPS
     # closed-form rounds take milliseconds: a device's statuses come faster than the default
     # rate limit; plain float32 on the uplink so the merged sums are the pooled ones to fp32
     fleet = small_fleet(url, clients=2, tasks=2, rate_limit={"messages_per_s": 100.0, "burst": 500})
@@ -225,8 +259,11 @@ def test_torch_free_devices_join_and_the_head_is_the_pooled_solve(
             log = (tmp_path / f"device-{index}.log").open("w")
             logs.append(log)
             command = [sys.executable, "-m", "fedfmx_cli", "join", "--config"]
+            config = device_yaml(tmp_path, fleet_file, index, url)
+            if serves:  # predictions between rounds, still without torch
+                config.write_text(config.read_text() + "serve_predictions: true\n")
             process = subprocess.Popen(
-                [*command, str(device_yaml(tmp_path, fleet_file, index, url))],
+                [*command, str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=tmp_path,
@@ -250,6 +287,7 @@ def test_torch_free_devices_join_and_the_head_is_the_pooled_solve(
         assert maps, output
         assert not any("libtorch" in sample for sample in maps)
         assert "closed-form device without torch" in output
+        assert ("serving closed-form head version" in output) == serves
     model = aggregator.keeper.model
     assert model.version == fleet.protocol.num_rounds
     pooled = FeatureStatistics.empty(model.weights["head.weight"].shape[1])
