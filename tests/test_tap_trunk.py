@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from lite0_helpers import needs_weights
 from onnx import TensorProto
 
 from export.checkpoint import InputSpec
@@ -19,18 +20,10 @@ from export.tap_trunk import STREAM_SUFFIX, export_tap_trunk
 from export.trunk import quantize_trunk
 from export.trunk_runtime import TrunkRuntime, fp32_trunk_path
 from fedfmx.datasets import load_dataset
-from fedfmx.errors import ConfigError
 from fedfmx.feature_maps import TapFeatures
-from fedfmx.pretrained import weights_path
 from fedfmx.trunk_spec import FEATURES_NAME
 from fedfmx.trunk_taps import TAP_WIDTH, TAPS, tap_slice, tap_sources, tap_vector
 
-try:
-    weights_path()
-    HAVE_WEIGHTS = True
-except ConfigError:  # the weights package is not installed
-    HAVE_WEIGHTS = False
-needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="EfficientNet-Lite0 not installed")
 FLEET_TAPS = ("pool", "block4_4x4", "block7_4x4", "block10_2x2")
 """The default fleet's: `φ_0`'s pool and the three expert taps."""
 SIZE = 64

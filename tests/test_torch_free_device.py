@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 from fleet_helpers import device_yaml, small_fleet, write_fleet
+from lite0_helpers import needs_weights
 
 from aggregator.service import ServiceHooks, open_aggregator
 from edge_client.closed_form_serving import ClosedFormServer
@@ -34,7 +35,6 @@ from fedfmx.federation import RoundKeeper
 from fedfmx.fleet_data import load_fleet_dataset, own_partition
 from fedfmx.messages import ModelHeader
 from fedfmx.model import build_model, state_to_numpy
-from fedfmx.pretrained import weights_path
 from fedfmx.simulation import initial_model
 from fedfmx.stream import SampleTable
 from fedfmx.trunk_taps import tap_sources
@@ -42,12 +42,6 @@ from fedfmx_cli.serving import export_serving
 
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 JOIN_S = 120.0
-try:
-    weights_path()
-    HAVE_WEIGHTS = True
-except ConfigError:  # the weights package is not installed
-    HAVE_WEIGHTS = False
-needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="EfficientNet-Lite0 not installed")
 LITE0_TAPS = {"backbone": "efficientnet_lite0"}
 """`fedfmx_cf` on the trunk: its experts read the trunk's taps by default."""
 
