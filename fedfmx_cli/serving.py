@@ -7,7 +7,8 @@ template (`export.template`) and, for a frozen pretrained trunk, the fp32 trunk
 fleet, its fixed feature maps (`export.feature_maps`: a training device then needs no torch
 either). All depend on the fleet's model settings only, never on a version's weights: they are
 made once per fleet. For `fedfmx_cf` on the trunk's taps the trunk also outputs the maps its
-taps read (`export.tap_trunk`); its serving template is not made yet (it serves with torch).
+taps read (`export.tap_trunk`); its serving template is not made yet (its training devices
+serve it themselves: `edge_client.closed_form_serving`).
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ def export_serving(
     checkpoint = Checkpoint(config, header, spec, state_to_numpy(model))
     written: list[Path] = []
     trunk = None
-    if model.uses_taps:  # its training devices need no template, only the tap trunk and maps
+    if model.uses_taps:  # its training devices need only the tap trunk and the maps
         Console().print(
-            "no serving template: fedfmx_cf on the trunk's taps is served with torch "
-            "(`serve_predictions`), not by a `role: serve` device yet"
+            "no serving template: a `role: serve` device cannot serve fedfmx_cf on the "
+            "trunk's taps yet (its training devices serve it, `serve_predictions`)"
         )
     else:
         written.append(export_template(checkpoint, out / TEMPLATE_FILE))
