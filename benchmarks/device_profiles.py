@@ -20,10 +20,12 @@ torch): the template and fp32 trunk are written first (with torch, as `export-se
 then a child process that never imports torch makes its int8 trunk, fills, quantizes and
 parity-checks one model version on 512 of the device's images and classifies 300 frames at
 batch 1. `--torch-free` measures a closed-form training device without torch
-(`edge_client.statistics_learner`): the parent writes the serving files (fp32 trunk, feature
-maps) with torch and keeps the aggregator's side; the child, which never imports torch, loads
-its share, makes its int8 trunk (with `--int8-trunk`) or opens the fp32 one, and answers the
-parent's rounds over a pipe (so its memory is the device's alone). `--malloc-arena-max N` runs
+(`edge_client.statistics_learner`): the parent writes the serving files with torch, as
+`fedfmx-edge export-serving` does (fp32 trunk — for `fedfmx_cf` on the trunk the one that also
+outputs its taps — and feature maps), and keeps the aggregator's side; the child, which never
+imports torch, loads its share, opens its learner as `join` does (making its int8 trunk with
+`--int8-trunk`, else opening the fp32 one), and answers the parent's rounds over a pipe (so
+its memory is the device's alone). `--malloc-arena-max N` runs
 each child with `MALLOC_ARENA_MAX=N` (glibc).
 
 Peak RSS: the highest of /proc/self/status VmRSS sampled every 10 ms during each round (the
