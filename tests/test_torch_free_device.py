@@ -68,11 +68,9 @@ def _torch_features(fleet: FleetConfig, rows: np.ndarray) -> np.ndarray:
 
 
 @needs_weights
-def test_fedfmx_cf_on_trunk_taps_gets_its_tap_trunk_and_maps(
-    tap_serving: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_fedfmx_cf_on_trunk_taps_gets_its_tap_trunk_and_maps(tap_serving: Path) -> None:
     """Its experts read the trunk's stage outputs: `export-serving` writes the trunk that
-    outputs them beside the pool (one pass) and the maps, and no serving template (said)."""
+    outputs them beside the pool (one pass) and the maps, and no serving template."""
     fleet = load_fleet(tap_serving / "fleet.yaml")
     sources = tap_sources(fleet.model.expert_taps)
     assert sources == ("block4", "block7", "block10")
