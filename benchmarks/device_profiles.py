@@ -20,10 +20,12 @@ torch): the template and fp32 trunk are written first (with torch, as `export-se
 then a child process that never imports torch makes its int8 trunk, fills, quantizes and
 parity-checks one model version on 512 of the device's images and classifies 300 frames at
 batch 1. `--torch-free` measures a closed-form training device without torch
-(`edge_client.statistics_learner`): the parent writes the serving files (fp32 trunk, feature
-maps) with torch and keeps the aggregator's side; the child, which never imports torch, loads
-its share, makes its int8 trunk (with `--int8-trunk`) or opens the fp32 one, and answers the
-parent's rounds over a pipe (so its memory is the device's alone). `--malloc-arena-max N` runs
+(`edge_client.statistics_learner`): the parent writes the serving files with torch, as
+`fedfmx-edge export-serving` does (fp32 trunk — for `fedfmx_cf` on the trunk the one that also
+outputs its taps — and feature maps), and keeps the aggregator's side; the child, which never
+imports torch, loads its share, opens its learner as `join` does (making its int8 trunk with
+`--int8-trunk`, else opening the fp32 one), and answers the parent's rounds over a pipe (so
+its memory is the device's alone). `--malloc-arena-max N` runs
 each child with `MALLOC_ARENA_MAX=N` (glibc).
 
 Peak RSS: the highest of /proc/self/status VmRSS sampled every 10 ms during each round (the
@@ -60,7 +62,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from export.checkpoint import InputSpec
 from fedfmx.config import FleetConfig
 from fedfmx.profiles import PROFILES_DIR, DeviceProfile, PeakRss, apply_profile, load_profile
 
@@ -150,19 +151,21 @@ def run_torch_free(profile_name: str, method: str, backbone: str, int8_trunk: bo
     """The aggregator's side in this process (torch: the initial model), the device in a child
     that never imports torch: each round's announcement and device-view model go down a pipe,
     the update comes back, so the child's memory is the device's alone. Returns its JSON."""
-    from export.feature_maps import FEATURE_MAPS_FILE, export_feature_maps
-    from export.trunk import export_trunk, fp32_trunk_path
+    import yaml
+
+    from export.feature_maps import FEATURE_MAPS_FILE
     from fedfmx.federation import RoundKeeper
     from fedfmx.simulation import initial_model
+    from fedfmx_cli.serving import export_serving
 
     fleet = fleet_of(load_profile(profile_name), method, backbone)
     with tempfile.TemporaryDirectory(prefix="torch-free-device-") as scratch:
         serving = Path(scratch) / "serving"
-        if export_feature_maps(fleet, serving / FEATURE_MAPS_FILE) is None:
+        fleet_file = Path(scratch) / "fleet.yaml"
+        fleet_file.write_text(yaml.safe_dump(fleet.model_dump(mode="json")))
+        export_serving(out=serving, fleet=fleet_file)  # what an operator runs, with torch
+        if not (serving / FEATURE_MAPS_FILE).is_file():
             raise SystemExit(f"{method} on {backbone}: numpy cannot compute its features")
-        if backbone == "efficientnet_lite0":
-            size = fleet.model.trunk_input_size
-            export_trunk(InputSpec.of_fleet(fleet), size, fp32_trunk_path(serving, size))
         command = [sys.executable, __file__, "--child", profile_name, "--method", method]
         command += ["--backbone", backbone, "--torch-free-folder", scratch]
         command += ["--int8-trunk"] if int8_trunk else []
@@ -189,10 +192,9 @@ def measure_torch_free(
 ) -> dict[str, object]:
     """A closed-form device's rounds in this process, which must not import torch: the rounds
     come from the parent (`run_torch_free`) over stdin, the updates go back over stdout."""
-    from edge_client.device_trunk import calibration_images, make_trunk_in_child
-    from edge_client.statistics_learner import OnnxTrunk, StatisticsLearner
-    from export.feature_maps import FEATURE_MAPS_FILE, load_feature_maps
-    from export.trunk_runtime import TrunkRuntime, fp32_trunk_path
+    from edge_client.config import DeviceConfig, PartitionSource
+    from edge_client.device_data import DeviceData
+    from edge_client.statistics_learner import open_statistics_learner
     from fedfmx.codec import MAX_MODEL_BYTES, decode_model
     from fedfmx.fleet_data import load_fleet_dataset, own_partition
     from fedfmx.messages import RoundAnnouncement
@@ -202,20 +204,16 @@ def measure_torch_free(
     dataset = load_fleet_dataset(fleet)
     samples, stream = own_partition(fleet, dataset, 0)
     del dataset  # a device holds its own rows only
-    serving = folder / "serving"
-    maps = load_feature_maps(serving / FEATURE_MAPS_FILE)
-    trunk: OnnxTrunk | None = None
-    if backbone == "efficientnet_lite0":
-        size = fleet.model.trunk_input_size
-        if int8_trunk:
-            images = calibration_images(samples, stream, fleet.protocol.num_rounds)
-            spec = InputSpec.of_fleet(fleet)
-            path = make_trunk_in_child(folder / "trunk", spec, size, images, serving)
-        else:
-            path = fp32_trunk_path(serving, size)
-        trunk = TrunkRuntime.load(path, size, profile.threads)
+    config = DeviceConfig(
+        device_id="device-000",
+        data=PartitionSource(client_index=0),
+        state_dir=folder,
+        serving_files=folder / "serving",
+        int8_trunk=int8_trunk,
+        serve_predictions=False,
+    )
+    device = open_statistics_learner(config, fleet, DeviceData(samples, stream, None))
     before = process_memory_mb()
-    device = StatisticsLearner("device-000", fleet, samples, stream, maps, trunk)
     rounds: list[dict[str, float | int | bool]] = []
     pipe_in, pipe_out = sys.stdin.buffer, sys.stdout.buffer
     while message := read_frame(pipe_in):

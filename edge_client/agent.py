@@ -27,7 +27,11 @@ from edge_client.config import DeviceConfig, PartitionSource
 from edge_client.device_data import open_device_data
 from edge_client.health import free_disk_mb, process_rss_mb, source_state
 from edge_client.state import Progress, Snapshot, load_snapshot, save_snapshot
-from edge_client.statistics_learner import open_statistics_learner, torch_free_problem
+from edge_client.statistics_learner import (
+    StatisticsLearner,
+    open_statistics_learner,
+    torch_free_problem,
+)
 from fedfmx.aggregation import Arrays
 from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
@@ -66,10 +70,10 @@ from transport import (
 )
 
 if TYPE_CHECKING:
+    from edge_client.closed_form_serving import ClosedFormServer
     from edge_client.device_data import DeviceData
     from edge_client.feed import StreamFeed
     from edge_client.inference import DeviceModelServer
-    from edge_client.statistics_learner import StatisticsLearner
     from fedfmx.device import DeviceLearner
 
 log = logging.getLogger(__name__)
@@ -110,7 +114,7 @@ class EdgeDevice:
         learner: DeviceLearner | StatisticsLearner,
         session: MqttSession,
         public_key: Ed25519PublicKey | None,
-        inference: DeviceModelServer | None = None,
+        inference: DeviceModelServer | ClosedFormServer | None = None,
         feed: StreamFeed | None = None,
     ) -> None:
         self.config = config
@@ -673,8 +677,12 @@ def open_device(config: DeviceConfig) -> EdgeDevice:
         log.info("training with torch: %s", problem)
         training_device(profile)  # says clearly (or refuses) when the profile's GPU is missing
         learner = _torch_learner(config, fleet, data, seed)
-    inference = None
-    if config.serves:
+    inference: DeviceModelServer | ClosedFormServer | None = None
+    if config.serves and isinstance(learner, StatisticsLearner):
+        from edge_client.closed_form_serving import ClosedFormServer  # the learner's own φ
+
+        inference = ClosedFormServer(learner)
+    elif config.serves:
         # The export stack (onnx, onnxruntime: ~50 MB resident) loads only on serving devices.
         from edge_client.inference import DeviceModelServer
         from export.checkpoint import InputSpec
@@ -703,6 +711,12 @@ def _torch_learner(
 
     torch.set_num_threads(fleet.training.threads)
     trunk = None
+    if config.int8_trunk and config.serves:
+        raise ConfigError(
+            "int8_trunk with serve_predictions is not supported yet with torch (the exported "
+            "model would carry the fp32 trunk): serve from a `role: serve` device, or set "
+            "serve_predictions: false"
+        )
     if config.int8_trunk:
         from edge_client.device_trunk import open_device_trunk  # ONNX Runtime
 

@@ -18,10 +18,11 @@ import numpy as np
 from edge_client.config import DeviceConfig
 from edge_client.device_data import DeviceData
 from export.checkpoint import InputSpec
-from export.trunk_runtime import TrunkRuntime
+from export.trunk_runtime import TrunkRuntime, int8_trunk_path
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ConfigError
 from fedfmx.stream import DeviceStream, SampleTable
+from fedfmx.trunk_taps import tap_sources
 
 CALIBRATION_IMAGES = 256
 
@@ -38,25 +39,26 @@ def calibration_images(samples: SampleTable, stream: DeviceStream, rounds: int) 
 
 
 def open_device_trunk(
-    config: DeviceConfig, fleet: FleetConfig, data: DeviceData, fp32_folder: Path | None = None
+    config: DeviceConfig,
+    fleet: FleetConfig,
+    data: DeviceData,
+    fp32_folder: Path | None = None,
+    taps: tuple[str, ...] = (),
 ) -> TrunkRuntime:
     """The device's int8 trunk (`int8_trunk: true`), quantized from the fp32 trunk in
-    `fp32_folder` (a device without torch: the one `export-serving` wrote)."""
-    if config.serves:
-        raise ConfigError(
-            "int8_trunk with serve_predictions is not supported yet (the exported model would "
-            "carry the fp32 trunk): serve from a `role: serve` device, or set "
-            "serve_predictions: false"
-        )
+    `fp32_folder` (a device without torch: the one `export-serving` wrote); with `taps`, the
+    trunk that outputs the maps they read, giving their vectors (`export.tap_trunk`)."""
     if fleet.model.backbone != "efficientnet_lite0":
         raise ConfigError("int8_trunk needs model.backbone efficientnet_lite0 (a frozen trunk)")
     size = fleet.model.trunk_input_size
     folder = config.state_dir / "trunk"
     images = calibration_images(data.samples, data.stream, fleet.protocol.num_rounds)
-    if not len(images) and not any(folder.glob("*.int8.onnx")):
+    sources = tap_sources(taps)
+    if not len(images) and not int8_trunk_path(folder, size, sources).is_file():
         raise ConfigError("int8_trunk: the device holds no images yet to calibrate its trunk on")
-    path = make_trunk_in_child(folder, InputSpec.of_fleet(fleet), size, images, fp32_folder)
-    return TrunkRuntime.load(path, size, fleet.training.threads)
+    spec = InputSpec.of_fleet(fleet)
+    path = make_trunk_in_child(folder, spec, size, images, fp32_folder, sources)
+    return TrunkRuntime.load(path, size, fleet.training.threads, taps)
 
 
 def make_trunk_in_child(
@@ -65,6 +67,7 @@ def make_trunk_in_child(
     input_size: int,
     images: np.ndarray,
     fp32_folder: Path | None = None,
+    sources: tuple[str, ...] = (),
 ) -> Path:
     """`export.trunk.device_trunk` run in a fresh Python process (its memory goes with it)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,11 +77,18 @@ def make_trunk_in_child(
         "import sys, numpy as np; from pathlib import Path; "
         "from export.checkpoint import InputSpec; from export.trunk import device_trunk; "
         "print(device_trunk(Path(sys.argv[1]), InputSpec.model_validate_json(sys.argv[2]), "
-        "int(sys.argv[3]), np.load(sys.argv[4]), Path(sys.argv[5])))"
+        "int(sys.argv[3]), np.load(sys.argv[4]), Path(sys.argv[5]), "
+        "tuple(filter(None, sys.argv[6].split(',')))))"
     )
     command = [sys.executable, "-c", code, str(folder), spec.model_dump_json()]
     done = subprocess.run(
-        [*command, str(input_size), str(calibration), str(fp32_folder or folder)],
+        [
+            *command,
+            str(input_size),
+            str(calibration),
+            str(fp32_folder or folder),
+            ",".join(sources),
+        ],
         capture_output=True,
         text=True,
     )

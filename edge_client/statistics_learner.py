@@ -7,7 +7,8 @@ Runtime (the device's int8 trunk with `int8_trunk: true`, else the fp32 file `ex
 wrote) and the fixed maps in numpy (`export.feature_maps`), so the process never imports
 torch (~220 MB less resident on a Pi). `fedfmx-edge join` picks it for a closed-form fleet
 whose feature maps file exists (`open_statistics_learner`); otherwise it says why in one line
-and the torch learner runs.
+and the torch learner runs. Such a device also serves without torch
+(`edge_client.closed_form_serving`: the current head over the same features).
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ from fedfmx.errors import ConfigError
 from fedfmx.exemplars import ExemplarBuffer
 from fedfmx.messages import ModelHeader, RoundAnnouncement
 from fedfmx.stream import DeviceStream, SampleTable
+from fedfmx.trunk_taps import tap_sources
 
 log = logging.getLogger(__name__)
 
 
 class OnnxTrunk(Protocol):
-    """What the learner needs of a trunk: images [N, C, H, W] -> features (`TrunkRuntime`)."""
+    """What the learner needs of a trunk: images [N, C, H, W] -> the rows its maps read
+    (`TrunkRuntime`: pooled features, or the fleet's tap vectors)."""
 
     def features(self, images: np.ndarray) -> np.ndarray: ...
 
@@ -78,8 +81,9 @@ class StatisticsLearner:
         """Always empty: a closed-form head replays nothing (kept for the saved state)."""
 
     def features(self, rows: np.ndarray) -> np.ndarray:
-        """`φ` of stored rows: images through the trunk first (rows that already are trunk
-        features, from a features-only sample store, pass as they are)."""
+        """`φ` of stored rows: images through the trunk first (its pooled features, or the
+        tap vectors the maps read; rows that already are trunk features, from a features-only
+        sample store, pass as they are)."""
         if self.trunk is not None and rows.ndim == 4:
             rows = self.trunk.features(rows)
         return closed_form_features(self.maps, rows)
@@ -114,8 +118,6 @@ def torch_free_problem(config: DeviceConfig, fleet: FleetConfig) -> str | None:
     """Why this device cannot train without torch, or None when it can."""
     if not fleet.closed_form:
         return f"method {fleet.method} trains a network"
-    if config.serves:
-        return "serve_predictions exports the model with torch"
     pretrained = fleet.model.backbone == "efficientnet_lite0"
     own_source = not isinstance(config.data, PartitionSource)
     if pretrained and own_source and not config.store.keep_raw_images:
@@ -138,10 +140,11 @@ def open_statistics_learner(
         if config.int8_trunk:
             from edge_client.device_trunk import open_device_trunk
 
-            trunk = open_device_trunk(config, fleet, data, fp32_folder=folder)
+            trunk = open_device_trunk(config, fleet, data, fp32_folder=folder, taps=maps.taps)
         else:
             from export.trunk_runtime import TrunkRuntime, fp32_trunk_path
 
-            trunk = TrunkRuntime.load(fp32_trunk_path(folder, size), size, fleet.training.threads)
+            path = fp32_trunk_path(folder, size, tap_sources(maps.taps))
+            trunk = TrunkRuntime.load(path, size, fleet.training.threads, maps.taps)
     log.info("closed-form device without torch: features through ONNX Runtime and numpy")
     return StatisticsLearner(config.device_id, fleet, data.samples, data.stream, maps, trunk)

@@ -21,6 +21,7 @@ pooled features [N, 1280] (the trunk itself runs in ONNX Runtime) or raw images 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from safetensors.numpy import load_file, save_file
 
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ConfigError, DataError
-from fedfmx.trunk_spec import TRUNK_FEATURES
+from fedfmx.trunk_spec import FEATURES_NAME, TRUNK_FEATURES
+from fedfmx.trunk_taps import TAPS_BY_NAME
 
 FEATURE_MAPS_FILE = "feature-maps.safetensors"
 PROJECTION = "random_features.projection"
@@ -43,7 +45,7 @@ CHECK_ROWS = 8
 @dataclass(frozen=True)
 class ExpertBank:
     """One closed-form expert: its filters [F, 1, k, k] and pooling grid, or (trunk features)
-    its vector projection [n, D]."""
+    its vector projection [n, D] (a tap's expert has no filters: `bank` is empty)."""
 
     bank: np.ndarray
     grid: int
@@ -61,6 +63,9 @@ class FixedMaps:
     experts: tuple[ExpertBank, ...]
     parameters: dict[str, tuple[int, ...]]
     """The network's parameter shapes (a version's tensors are checked against them)."""
+    taps: tuple[str, ...] = ()
+    """Closed-form FedFMX on the trunk: the tap each expert reads (`fedfmx.trunk_taps`); the
+    rows are then those taps' vectors side by side (`tap_rows`)."""
 
     @property
     def width(self) -> int:
@@ -69,8 +74,11 @@ class FixedMaps:
 
 
 def closed_form_features(maps: FixedMaps, rows: np.ndarray) -> np.ndarray:
-    """`φ` [N, d] float32 of `rows`: trunk features [N, 1280] or images [N, C, H, W]."""
+    """`φ` [N, d] float32 of `rows`: trunk features [N, 1280], images [N, C, H, W], or (maps
+    with `taps`) the taps' vectors [N, Σ n_t]."""
     x = np.asarray(rows, dtype=np.float32)
+    if maps.taps:
+        return _tap_features(maps, x)
     u = x.reshape(len(x), -1)
     shared = u if maps.projection is None else np.maximum(u @ maps.projection, 0)
     parts = [shared]
@@ -80,6 +88,22 @@ def closed_form_features(maps: FixedMaps, rows: np.ndarray) -> np.ndarray:
             parts.append(np.maximum(x @ expert.projection, 0))
         else:
             parts.append(_bank_features(expert, x))
+    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+
+def _tap_features(maps: FixedMaps, rows: np.ndarray) -> np.ndarray:
+    """`[φ_t]` over the maps' taps, `φ_t = ReLU(R_t · t / ‖t‖ · √n_t)` with the √n_t of
+    `RandomReluFeatures`' `R/√n` folded back (`fedfmx.feature_maps.TapFeatures`)."""
+    widths = [TAPS_BY_NAME[name].width for name in maps.taps]
+    if sum(widths) != rows.shape[1]:
+        raise ValueError(f"tap rows are {rows.shape[1]} wide, the maps' taps {sum(widths)}")
+    parts, start = [], 0
+    for n, expert in zip(widths, maps.experts, strict=True):
+        assert expert.projection is not None  # the file is checked when read
+        u = rows[:, start : start + n]
+        start += n
+        norm = np.maximum(np.linalg.norm(u, axis=1, keepdims=True), np.float32(1e-12))
+        parts.append(np.maximum((u * (np.float32(n**0.5) / norm)) @ expert.projection, 0))
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
 
@@ -93,15 +117,35 @@ def _bank_features(expert: ExpertBank, x: np.ndarray) -> np.ndarray:
     padded = np.pad(summed, ((0, 0), (pad, pad), (pad, pad)))
     windows = np.lib.stride_tricks.sliding_window_view(padded, (kernel, kernel), axis=(1, 2))
     maps = np.maximum(np.einsum("nhwij,fij->nfhw", windows, filters, optimize=True), 0)
+    return adaptive_avg_pool(maps, expert.grid).reshape(len(x), -1)
+
+
+def adaptive_avg_pool(maps: np.ndarray, grid: int) -> np.ndarray:
+    """`maps` [N, C, H, W] -> [N, C, g, g], the mean of each cell, as torch's
+    adaptive_avg_pool2d (cell i spans ⌊iH/g⌋…⌈(i+1)H/g⌉)."""
     height, width = maps.shape[2:]
-    grid = expert.grid
-    pooled = np.empty((len(x), len(filters), grid, grid), np.float32)
+    pooled = np.empty((*maps.shape[:2], grid, grid), np.float32)
     for i in range(grid):
         top, bottom = (i * height) // grid, -((-(i + 1) * height) // grid)
         for j in range(grid):
             left, right = (j * width) // grid, -((-(j + 1) * width) // grid)
             pooled[:, :, i, j] = maps[:, :, top:bottom, left:right].mean(axis=(2, 3))
-    return pooled.reshape(len(x), -1)
+    return pooled
+
+
+def tap_rows(outputs: Mapping[str, np.ndarray], taps: Sequence[str]) -> np.ndarray:
+    """The vectors of `taps` side by side [N, Σ n_t], from a tap trunk's named outputs
+    (`export.tap_trunk`): `t = vec(pool_{g×g}(A_s))` as `fedfmx.trunk_taps.tap_vector`
+    computes it, the pool tap being the trunk's pooled output itself."""
+    parts = []
+    for name in taps:
+        tap = TAPS_BY_NAME[name]
+        if name == "pool":
+            parts.append(np.asarray(outputs[FEATURES_NAME], np.float32))
+        else:
+            maps = np.asarray(outputs[tap.source], np.float32)
+            parts.append(adaptive_avg_pool(maps, tap.grid).reshape(len(maps), -1))
+    return np.concatenate(parts, axis=1)
 
 
 def load_feature_maps(path: Path) -> FixedMaps:
@@ -118,26 +162,36 @@ def load_feature_maps(path: Path) -> FixedMaps:
         layout = json.loads(metadata["layout"])
         parameters = {name: tuple(shape) for name, shape in layout["parameters"].items()}
         grids = [int(g) for g in layout["grids"]]
+        taps = tuple(str(t) for t in layout.get("taps", []))
         pretrained = bool(layout["pretrained"])
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
         raise DataError(f"{path}: unreadable feature maps ({error})") from None
+    unknown = [t for t in taps if t not in TAPS_BY_NAME]
+    if unknown or (taps and (grids or not pretrained)):
+        raise ConfigError(f"{path}: trunk taps {unknown or list(taps)} this module cannot read")
     experts = []
-    for index, grid in enumerate(grids):
+    for index in range(len(taps) or len(grids)):
         prefix = f"{EXPERTS_PREFIX}{index}."
         bank = arrays.pop(prefix + "bank", None)
         vector = arrays.pop(prefix + "vector.projection", None)
-        if bank is None or (pretrained and vector is None):
+        if (bank is None and not taps) or (pretrained and vector is None):
             raise ConfigError(f"{path}: expert {index} lacks its bank or projection")
-        experts.append(ExpertBank(bank, grid, vector))
+        if taps and vector is not None and len(vector) != TAPS_BY_NAME[taps[index]].width:
+            raise ConfigError(f"{path}: expert {index}'s projection does not fit its tap")
+        grid = 0 if taps else grids[index]
+        experts.append(ExpertBank(np.zeros(0) if bank is None else bank, grid, vector))
     projection = arrays.pop(PROJECTION, None)
     if arrays:
         raise ConfigError(f"{path}: feature maps {sorted(arrays)[:3]} need torch to compute")
-    return FixedMaps(pretrained, projection, tuple(experts), parameters)
+    return FixedMaps(pretrained, projection, tuple(experts), parameters, taps)
 
 
-def export_feature_maps(fleet: FleetConfig, out: Path) -> Path | None:
+def export_feature_maps(fleet: FleetConfig, out: Path, trunk: Path | None = None) -> Path | None:
     """Write `fleet`'s fixed maps to `out` (torch), or None when numpy cannot reproduce its
-    features (module docstring): its devices then train with torch."""
+    features (module docstring): its devices then train with torch.
+
+    A fleet whose experts read trunk taps is checked end to end, on images: numpy `φ` of the
+    fp32 tap trunk's outputs (`trunk`, `export.tap_trunk`) against the torch network's `φ`."""
     import torch
 
     from export.checkpoint import InputSpec
@@ -147,7 +201,7 @@ def export_feature_maps(fleet: FleetConfig, out: Path) -> Path | None:
     pretrained = fleet.model.backbone == "efficientnet_lite0"
     spec = InputSpec.of_fleet(fleet)
     shape: tuple[int, ...] = (CHECK_ROWS, TRUNK_FEATURES)
-    if not pretrained:
+    if not pretrained or network.uses_taps:
         shape = (CHECK_ROWS, spec.channels, spec.height, spec.width)
     rows = torch.rand(shape, generator=torch.Generator().manual_seed(fleet.seed))
     with torch.no_grad():  # drawing the lazily sized projections, and the reference φ
@@ -157,9 +211,11 @@ def export_feature_maps(fleet: FleetConfig, out: Path) -> Path | None:
         for name, buffer in network.named_buffers()
         if buffer.numel() and (name == PROJECTION or name.startswith(EXPERTS_PREFIX))
     }
+    experts = list(network.feature_experts)
     layout = {
         "pretrained": pretrained,
-        "grids": [expert.grid for expert in network.feature_experts],
+        "grids": [] if network.uses_taps else [expert.grid for expert in experts],
+        "taps": [str(expert.tap) for expert in experts] if network.uses_taps else [],
         "parameters": {n: list(v.shape) for n, v in network.state_dict().items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +223,7 @@ def export_feature_maps(fleet: FleetConfig, out: Path) -> Path | None:
     save_file(arrays, partial, metadata={"layout": json.dumps(layout)})
     try:
         maps = load_feature_maps(partial)
-        computed = closed_form_features(maps, rows.numpy())
+        computed = closed_form_features(maps, _check_rows(maps, rows.numpy(), fleet, trunk))
     except (ConfigError, DataError, ValueError):
         partial.unlink()
         return None
@@ -177,3 +233,17 @@ def export_feature_maps(fleet: FleetConfig, out: Path) -> Path | None:
         return None
     partial.replace(out)
     return out
+
+
+def _check_rows(
+    maps: FixedMaps, rows: np.ndarray, fleet: FleetConfig, trunk: Path | None
+) -> np.ndarray:
+    """What a device feeds `closed_form_features` for the check's `rows`: the images' tap
+    vectors through the fp32 tap `trunk` (ConfigError without one), else the rows."""
+    if not maps.taps:
+        return rows
+    if trunk is None:
+        raise ConfigError("closed-form FedFMX on trunk taps is checked through its tap trunk")
+    from export.trunk_runtime import TrunkRuntime
+
+    return TrunkRuntime.load(trunk, fleet.model.trunk_input_size, taps=maps.taps).features(rows)

@@ -49,12 +49,13 @@ def export_onnx(
 def trace_onnx(
     module: torch.nn.Module,
     example: torch.Tensor,
-    output_name: str,
+    output_name: str | list[str],
     opset: int = OPSET,
     optimize: bool = True,
 ) -> onnx.ModelProto:
     """`module` traced by the dynamo exporter with a dynamic batch dimension, input
-    `INPUT_NAME` (`optimize=False` keeps parameters as initialisers under their names)."""
+    `INPUT_NAME` (`optimize=False` keeps parameters as initialisers under their names); a
+    module returning a tuple names its outputs with a list."""
     import torch
 
     with _quiet_exporter():
@@ -65,7 +66,7 @@ def trace_onnx(
             optimize=optimize,
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             input_names=[INPUT_NAME],
-            output_names=[output_name],
+            output_names=[output_name] if isinstance(output_name, str) else output_name,
             opset_version=opset,
             external_data=False,
             verbose=False,

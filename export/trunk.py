@@ -50,11 +50,11 @@ from export.onnx_model import trace_onnx
 from export.quantize import ImageCalibration, quiet_quantizer
 from export.reconstruction import reconstruct
 from export.rounding import adarounded_weights, conv_inputs, rounded_weights
-from export.trunk_runtime import FEATURES_NAME
 from export.trunk_runtime import fp32_trunk_path as fp32_trunk_path  # importable from here
+from export.trunk_runtime import int8_trunk_path
 from fedfmx.analytic import FeatureStatistics, ridge_scale, solve_head
 from fedfmx.errors import DataError
-from fedfmx.trunk_spec import backbone_id
+from fedfmx.trunk_spec import FEATURES_NAME
 
 QUANTIZED_OPS = ["Conv", "Clip", "Add", "ReduceMean"]
 Rounding = Literal["nearest", "adaround"]
@@ -87,7 +87,11 @@ def export_trunk(spec: InputSpec, input_size: int, out: Path) -> Path:
             return maps.mean(dim=(2, 3))
 
     example = torch.zeros(2, spec.channels, spec.height, spec.width)
-    proto = trace_onnx(TrunkFeatures().eval(), example, FEATURES_NAME)
+    return save_prepared(trace_onnx(TrunkFeatures().eval(), example, FEATURES_NAME), out)
+
+
+def save_prepared(proto: onnx.ModelProto, out: Path) -> Path:
+    """A traced trunk written to `out` prepared for quantization (`quant_pre_process`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         traced = Path(scratch) / "traced.onnx"
@@ -282,19 +286,21 @@ def device_trunk(
     input_size: int,
     calibration: np.ndarray,
     fp32_folder: Path | None = None,
+    sources: tuple[str, ...] = (),
 ) -> Path:
-    """The device's int8 trunk under `folder`, made once from its own `calibration` images.
+    """The device's int8 trunk under `folder`, made once from its own `calibration` images;
+    with `sources`, the trunk that also outputs those maps (`export.tap_trunk`).
 
     The fp32 trunk is exported here when torch is installed; a serving-only device (no torch)
     reads the one `fedfmx-edge export-serving` wrote into `fp32_folder` (default: `folder`;
     it may be read-only, as /etc is under systemd's ProtectSystem). Files are written under a
     temporary name and renamed, so a crash never leaves half a trunk behind.
     """
-    int8 = folder / f"{backbone_id(input_size)}.int8.onnx"
+    int8 = int8_trunk_path(folder, input_size, sources)
     if int8.is_file():
         return int8
     folder.mkdir(parents=True, exist_ok=True)
-    fp32 = fp32_trunk_path(fp32_folder or folder, input_size)
+    fp32 = fp32_trunk_path(fp32_folder or folder, input_size, sources)
     if not fp32.is_file():
         try:
             import torch  # noqa: F401  (only to say clearly what is missing)
@@ -303,8 +309,10 @@ def device_trunk(
                 f"{fp32}: no fp32 trunk; write it with `fedfmx-edge export-serving` on a "
                 "machine with torch"
             ) from None
+        from export.tap_trunk import export_tap_trunk
+
         partial = fp32.with_suffix(".tmp")
-        export_trunk(spec, input_size, partial)
+        export_tap_trunk(spec, input_size, sources, partial)
         partial.replace(fp32)
     partial = int8.with_suffix(".tmp")
     quantize_trunk(fp32, partial, calibration)

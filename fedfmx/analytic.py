@@ -88,13 +88,7 @@ class FeatureStatistics:
         if features.ndim != 2 or features.shape[1] != self.dim or len(names) != len(features):
             raise ValueError(f"rows {features.shape} do not fit statistics of dimension {self.dim}")
         self.gram += features.T @ features
-        labels = np.asarray(names)
-        for name in sorted(set(labels.tolist())):
-            rows = labels == name
-            key = str(name)
-            moment = features[rows].sum(axis=0, dtype=np.float64)
-            self.moments[key] = self.moments.get(key, 0.0) + moment
-            self.counts[key] = self.counts.get(key, 0) + int(rows.sum())
+        add_class_sums(self.moments, self.counts, features, names)
 
     def copy(self) -> FeatureStatistics:
         return FeatureStatistics(
@@ -102,6 +96,21 @@ class FeatureStatistics:
             {n: m.copy() for n, m in self.moments.items()},
             dict(self.counts),
         )
+
+
+def add_class_sums(
+    moments: dict[str, np.ndarray],
+    counts: dict[str, int],
+    features: np.ndarray,
+    names: Sequence[str],
+) -> None:
+    """`q_c += Σ_{y=c} φ` (accumulated in float64) and `n_c += |{n: y_n = c}|`, in place."""
+    labels = np.asarray(names)
+    for name in sorted(set(labels.tolist())):
+        rows = labels == name
+        key = str(name)
+        moments[key] = moments.get(key, 0.0) + features[rows].sum(axis=0, dtype=np.float64)
+        counts[key] = counts.get(key, 0) + int(rows.sum())
 
 
 def merged(parts: Iterable[FeatureStatistics], dim: int) -> FeatureStatistics:
@@ -213,6 +222,66 @@ def unpack_triangle(packed: np.ndarray, dim: int) -> np.ndarray:
     return matrix
 
 
+# --- exact low-rank factor of a round's Gram matrix ---------------------------------------------
+
+
+def factor_is_smaller(rows: int, dim: int) -> bool:
+    """Whether the exact factor of `n` rows' Gram matrix (`d·n` values) is smaller than its
+    triangle (`d(d+1)/2`): `2n < d + 1`. At `d` = 2,048, up to 1,024 rows."""
+    return 2 * rows < dim + 1
+
+
+def gram_factor(features: np.ndarray) -> np.ndarray:
+    """`F = Lᵀ` [r, d] with `FᵀF = ΦᵀΦ = G` exactly, for rows `Φ` [n, d].
+
+    From the thin SVD `Φ = U S Vᵀ`: `ΦᵀΦ = V S Uᵀ U S Vᵀ = V S² Vᵀ`, so `L = V S` (row `k` of
+    `F` is `σ_k v_kᵀ`). Singular values below numpy's rank tolerance (`σ_max·max(n, d)·ε`) are
+    dropped (what they add to `G` is below float64 rounding), so `r ≤ min(n, d)`, and at least
+    one row is kept (a zero row when every feature is zero). Each row's sign is fixed (its
+    largest entry in magnitude positive): `σ_k²` and `v_k` are the eigenpairs of `G`, so `F` is
+    computed from `G` alone, up to the basis within a repeated eigenvalue (docs/decisions.md).
+    The SVD runs in the rows' own precision, as `FeatureStatistics.add_rows` takes `ΦᵀΦ`
+    (float32 on a device: the same rounding as its triangle; float64 rows: float64).
+    """
+    phi = np.asarray(features)
+    if not np.issubdtype(phi.dtype, np.floating):
+        phi = phi.astype(np.float64)
+    _, sigma, vt = np.linalg.svd(phi, full_matrices=False)
+    keep = sigma > sigma.max(initial=0.0) * max(phi.shape) * np.finfo(phi.dtype).eps
+    keep[:1] = True
+    rows = sigma[keep, None] * vt[keep]
+    signs = np.sign(rows[np.arange(len(rows)), np.abs(rows).argmax(axis=1)])
+    signs[signs == 0] = 1.0
+    result: np.ndarray = rows * signs[:, None]
+    return result
+
+
+def factor_rank_problem(rank: int, rows: int, dim: int) -> str | None:
+    """Why a factor of `rank` rows cannot be the exact factor of `rows` rows' `d×d` Gram
+    matrix (its rank is at most `min(rows, d)`, and a factor has at least one row), or None."""
+    if not 1 <= rank <= min(rows, dim):
+        return f"factor of rank {rank}, allowed 1..{min(rows, dim)} for {rows} rows of {dim}"
+    return None
+
+
+def factor_problem(factor: np.ndarray, rows: int, dim: int, max_feature_norm: float) -> str | None:
+    """Why `factor` [r, d] cannot be the exact factor `F` (`G = FᵀF`) of `rows` real rows, or
+    None: its rank (`factor_rank_problem`), finite values, and `‖F‖²_F = tr(G) ≤ N·B²`, the
+    bound `statistics_problem` puts on `tr(G)`, checked before `G` is formed (so an absurd
+    factor cannot overflow it). `G = FᵀF` is symmetric and positive semi-definite whatever
+    `F` is; the rest of `statistics_problem` then applies to it."""
+    if factor.ndim != 2 or factor.shape[1] != dim:
+        return f"factor {list(factor.shape)}, expected [r, {dim}]"
+    problem = factor_rank_problem(factor.shape[0], rows, dim)
+    if problem is not None:
+        return problem
+    if not np.all(np.isfinite(factor)):
+        return "factor holds non-finite values"
+    with np.errstate(over="ignore"):
+        trace = float(np.sum(np.square(factor)))
+    return trace_problem(trace, rows, max_feature_norm)
+
+
 # --- validation ---------------------------------------------------------------------------------
 
 
@@ -261,6 +330,12 @@ def statistics_problem(
             return f"class {name!r} has a moment but no rows"
         if np.any(np.abs(moment) > np.sqrt(count) * root + math.sqrt(max(count, 1)) * slack):
             return f"moment of class {name!r} breaks |q_i| ≤ √(n·G_ii)"
-    if float(np.trace(gram)) > total * max_feature_norm**2 * (1 + PSD_TOLERANCE):
+    return trace_problem(float(np.trace(gram)), total, max_feature_norm)
+
+
+def trace_problem(trace: float, rows: int, max_feature_norm: float) -> str | None:
+    """Why `tr(G) = Σ‖φ‖²` cannot come from `rows` features of norm at most `B`, or None:
+    the mean squared norm `tr(G)/N` must be at most `B²` (up to `PSD_TOLERANCE`)."""
+    if not trace <= rows * max_feature_norm**2 * (1 + PSD_TOLERANCE):
         return f"mean squared feature norm exceeds the bound {max_feature_norm:.3g}²"
     return None

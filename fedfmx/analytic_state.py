@@ -8,6 +8,11 @@ codecs of `fedfmx.codec` apply to them as to any tensor; the receiver multiplies
 A device sends the statistics of the rows it has not sent before, and nothing in a round
 without new rows.
 
+An update of fewer rows than `(d + 1)/2` carries, instead of the triangle, `stats.factor`: the
+exact factor `F/√N` [r, d] of the same mean Gram matrix (`G = FᵀF`, `fedfmx.analytic.gram_factor`,
+`r ≤ N` rows; the header's `factor_rank` is `r`), `d·r` values instead of `d(d+1)/2`. The
+receiver forms `G = N·(F/√N)ᵀ(F/√N)` and validates it as any Gram matrix.
+
 **In the model** the fleet's running sums are kept per fold of devices (a device's fold is a
 hash of its id) beside the weights, so they persist and resume with the model version:
 `analytic.fold<k>.gram` (packed triangle of `G`), `analytic.fold<k>.moments` ([C, d], rows in
@@ -41,6 +46,8 @@ from fedfmx.analytic import (
     CLOSED_FORM_PREFIX,
     FeatureStatistics,
     choose_lambda,
+    factor_problem,
+    factor_rank_problem,
     merged,
     pack_triangle,
     ridge_scale,
@@ -54,6 +61,7 @@ from fedfmx.errors import ProtocolError
 from fedfmx.messages import UpdateHeader
 
 GRAM = "stats.gram"
+FACTOR = "stats.factor"
 MOMENTS = "stats.moments"
 LAMBDA = CLOSED_FORM_PREFIX + "lambda"
 CANDIDATES = CLOSED_FORM_PREFIX + "candidates"
@@ -65,22 +73,68 @@ HEAD_WEIGHT = "head.weight"
 Arrays = dict[str, np.ndarray]
 
 
+def class_means(
+    moments: Mapping[str, np.ndarray], counts: Mapping[str, int], head_classes: Sequence[str]
+) -> np.ndarray:
+    """`stats.moments`: the class means `q_c/n_c` [C, d] in `head_classes` order, float32."""
+    return np.stack([moments[name] / counts[name] for name in head_classes]).astype(np.float32)
+
+
 def statistics_tensors(stats: FeatureStatistics, head_classes: Sequence[str]) -> Arrays:
-    """An update's statistics tensors (see the module docstring); every class has rows."""
-    total = stats.samples
+    """An update's statistics tensors with `G`'s triangle (module docstring); every class has
+    rows."""
     packed = pack_triangle(stats.gram)  # half of G, divided in place: no second d×d copy
-    packed /= total
+    packed /= stats.samples
     return {
         GRAM: packed.astype(np.float32),
-        MOMENTS: np.stack(
-            [stats.moments[name] / stats.counts[name] for name in head_classes]
-        ).astype(np.float32),
+        MOMENTS: class_means(stats.moments, stats.counts, head_classes),
+    }
+
+
+def factor_tensors(
+    factor: np.ndarray,
+    moments: Mapping[str, np.ndarray],
+    counts: Mapping[str, int],
+    head_classes: Sequence[str],
+) -> Arrays:
+    """An update's statistics tensors with `G`'s exact factor `F` (`G = FᵀF`, [r, d]) instead
+    of its triangle, sent as `F/√N` so that it is bounded whatever `N` is, as the mean is."""
+    rows = sum(counts[name] for name in head_classes)
+    return {
+        FACTOR: (factor / np.sqrt(rows)).astype(np.float32),
+        MOMENTS: class_means(moments, counts, head_classes),
     }
 
 
 def statistics_shapes(header: UpdateHeader, dim: int) -> dict[str, tuple[int, ...]]:
-    """The tensors a statistics update must carry, and their shapes."""
-    return {GRAM: triangle_shape(dim), MOMENTS: (len(header.head_classes), dim)}
+    """The tensors a statistics update must carry, and their shapes (ProtocolError for a
+    factor rank no `num_samples` rows can have)."""
+    moments = (len(header.head_classes), dim)
+    if not header.factor_rank:
+        return {GRAM: triangle_shape(dim), MOMENTS: moments}
+    problem = factor_rank_problem(header.factor_rank, header.num_samples, dim)
+    if problem is not None:
+        raise ProtocolError(f"statistics rejected: {problem}")
+    return {FACTOR: (header.factor_rank, dim), MOMENTS: moments}
+
+
+def gram_of_update(
+    header: UpdateHeader, tensors: Mapping[str, np.ndarray], dim: int, limits: AnalyticConfig
+) -> np.ndarray:
+    """`G` [d, d] float64 from an update's triangle (`N·G/N`) or factor (`N·(F/√N)ᵀ(F/√N)`);
+    ProtocolError for a malformed triangle or a factor `factor_problem` refuses."""
+    rows = header.num_samples
+    if not header.factor_rank:
+        try:
+            return unpack_triangle(tensors[GRAM], dim) * rows
+        except ValueError as error:
+            raise ProtocolError(f"statistics: {error}") from None
+    factor = np.asarray(tensors[FACTOR], dtype=np.float64) * np.sqrt(rows)
+    problem = factor_problem(factor, rows, dim, limits.max_feature_norm)
+    if problem is not None:
+        raise ProtocolError(f"statistics rejected: {problem}")
+    gram: np.ndarray = factor.T @ factor
+    return gram
 
 
 def statistics_of_update(
@@ -94,10 +148,7 @@ def statistics_of_update(
             f"num_samples {header.num_samples} is not the sum of class_counts "
             f"{sum(header.class_counts)}"
         )
-    try:
-        gram = unpack_triangle(tensors[GRAM], dim) * header.num_samples
-    except ValueError as error:
-        raise ProtocolError(f"statistics: {error}") from None
+    gram = gram_of_update(header, tensors, dim, limits)
     rows = np.asarray(tensors[MOMENTS], dtype=np.float64)
     counts = dict(zip(header.head_classes, header.class_counts, strict=True))
     moments = {name: rows[i] * counts[name] for i, name in enumerate(header.head_classes)}

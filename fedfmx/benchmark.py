@@ -98,7 +98,7 @@ def bench_fleet(
         },
     }
     for section, values in grid.tuned.get(method, {}).items():
-        document[section] = document[section] | dict(values)
+        document[section] = (document[section] or {}) | dict(values)  # `codec` may be None
     return FleetConfig.model_validate(document)
 
 

@@ -231,6 +231,10 @@ class AnalyticConfig(Section):
     """Reject statistics whose mean squared feature norm `tr(G)/N` exceeds this squared."""
     max_samples: int = Field(default=1_000_000, ge=1)
     """Reject statistics claiming more rows than this in one update."""
+    send_factor: bool = True
+    """Devices send a round's Gram matrix as its exact factor (`d·r` values, `r ≤` the rows)
+    when that is smaller than its triangle (`d(d+1)/2`); False: always the triangle. The
+    aggregator accepts both either way (`fedfmx.analytic_state`)."""
 
 
 class BrokerConfig(Section):

@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedfmx.aggregation import HEAD_WEIGHT, Arrays
-from fedfmx.analytic import CLOSED_FORM_PREFIX, FeatureStatistics
+from fedfmx.analytic import (
+    CLOSED_FORM_PREFIX,
+    FeatureStatistics,
+    add_class_sums,
+    factor_is_smaller,
+    gram_factor,
+)
 from fedfmx.analytic_state import (
     CANDIDATES,
     ROWS_PREFIX,
+    factor_tensors,
     prequential_hits,
     rows_held,
     statistics_tensors,
@@ -146,16 +153,25 @@ def statistics_update(
     fleet's model does not hold yet (None when there are none: nothing on the wire).
 
     `features` maps a batch of stored rows (images, or trunk features) to `φ` [n, d]; rows are
-    read and summed `STATISTICS_BATCH` at a time, so a device never holds every row's images or
-    features at once. `state.contributed` is cut to what the model holds, then extended by the
-    rows sent (the model's count says which were lost on the way and are sent again)."""
+    read and summed `STATISTICS_BATCH` at a time, so a device never holds every row's images at
+    once. With fewer new rows than `(d + 1)/2` (and `analytic.send_factor`) it sends `G`'s exact
+    factor instead of its triangle (`fedfmx.analytic.gram_factor`): that needs the round's
+    features `Φ` [n, d] together, at most the size of the triangle, and only until the update
+    is encoded (no image is kept). `state.contributed` is cut to what the model holds, then
+    extended by the rows sent (the model's count says which were lost on the way and are sent
+    again)."""
     weights, model = round_.weights, round_.model
     held_before = rows_held(weights, round_.device_id)
     state.contributed = state.contributed[:held_before]
     fresh = state.held[~np.isin(state.held, state.contributed)]
     if not len(fresh):
         return None
-    stats = FeatureStatistics.empty(weights[HEAD_WEIGHT].shape[1])
+    dim = weights[HEAD_WEIGHT].shape[1]
+    send_factor = round_.fleet.analytic.send_factor and factor_is_smaller(len(fresh), dim)
+    moments: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    gram = None if send_factor else np.zeros((dim, dim))
+    kept: list[np.ndarray] = []  # the round's features, for the factor
     hits = np.zeros(0, dtype=np.int64)
     for start in range(0, len(fresh), STATISTICS_BATCH):
         images, row_names = samples.rows(fresh[start : start + STATISTICS_BATCH])
@@ -163,27 +179,38 @@ def statistics_update(
         names = [str(n) for n in row_names]
         batch_hits = prequential_hits(weights, model.class_names, phi, names)
         hits = batch_hits if not len(hits) else hits + batch_hits
-        stats.add_rows(phi, names)
-    classes = sorted(stats.counts)
+        add_class_sums(moments, counts, phi, names)
+        if gram is None:
+            kept.append(phi)
+        else:
+            gram += phi.T @ phi  # in the rows' precision, accumulated in float64
+    classes = sorted(counts)
+    if gram is None:
+        factor = gram_factor(np.concatenate(kept))
+        del kept
+        tensors = factor_tensors(factor, moments, counts, classes)
+    else:
+        factor = None
+        tensors = statistics_tensors(FeatureStatistics(gram, moments, counts), classes)
+        del gram  # `G` (8d² bytes: 33.5 MB at d = 2,048) goes before the encoding's copies
     announcement = round_.announcement
     header = UpdateHeader(
         fleet=announcement.fleet,
         device_id=round_.device_id,
         round=announcement.round,
         base_version=model.version,
-        num_samples=stats.samples,
+        num_samples=sum(counts.values()),
         expert_ids=[],
         head_classes=classes,
-        class_counts=[stats.counts[name] for name in classes],
+        class_counts=[counts[name] for name in classes],
         expert_usage=[0.0] * round_.fleet.model.num_experts,
         includes_statistics=True,
+        factor_rank=0 if factor is None else len(factor),
         rows_before=held_before,
         lambda_hits=[int(h) for h in hits],
         codec=round_.fleet.uplink_codec,
         train_loss=0.0,
     )
-    tensors = statistics_tensors(stats, classes)
-    del stats  # `G` (8d² bytes: 33.5 MB at d = 2,048) goes before the encoding's copies
     payload = encode_update(header, tensors).payload
     state.contributed = np.concatenate([state.contributed, fresh])
     return payload

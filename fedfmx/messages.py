@@ -94,9 +94,13 @@ class UpdateHeader(Message):
     includes_fisher: bool = False
     """Whether `fisher.experts.<e>.<param>` accompany the expert deltas."""
     includes_statistics: bool = False
-    """A closed-form head's update: `stats.gram` and `stats.moments` (the features' sums over
-    the rows not sent before, `fedfmx.analytic_state`) instead of deltas; `class_counts` are
-    the rows per class and `num_samples` their sum."""
+    """A closed-form head's update: `stats.gram` (or `stats.factor`) and `stats.moments` (the
+    features' sums over the rows not sent before, `fedfmx.analytic_state`) instead of deltas;
+    `class_counts` are the rows per class and `num_samples` their sum."""
+    factor_rank: int = Field(default=0, ge=0)
+    """With statistics: 0 when `stats.gram` carries the Gram matrix's triangle; `r ≥ 1` when
+    `stats.factor` carries its exact factor instead, `r` rows of `d` (`fedfmx.analytic_state`:
+    smaller when the update has fewer than `(d + 1)/2` rows)."""
     rows_before: int = Field(default=0, ge=0)
     """With statistics: how many of this device's rows the fleet's model already holds, as the
     device read it from the model it started from (the aggregator refuses a mismatch)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 TRUNK_FEATURES = 1280
 """Width of the trunk's pooled features."""
+FEATURES_NAME = "features"
+"""The pooled features' output name in an ONNX trunk (`export.trunk`, `export.tap_trunk`)."""
 INPUT_SIZE = 64
 """Default trunk input side (`model.trunk_input_size`): small images are upsampled to it
 (`../shared/datasets/README.md`: 64-96 px for 28-32 px); camera fleets use 128-224."""

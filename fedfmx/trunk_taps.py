@@ -20,6 +20,7 @@ grid that divides the map: the mean of each cell), easy to repeat in numpy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,14 @@ def tap_slice(name: str) -> slice:
             return slice(start, start + tap.width)
         start += tap.width
     raise KeyError(f"unknown trunk tap {name!r}; known: {', '.join(TAPS_BY_NAME)}")
+
+
+def tap_sources(taps: Sequence[str]) -> tuple[str, ...]:
+    """The trunk maps `taps` read besides the global pool (which is the trunk's pooled
+    output), in trunk order: what an ONNX trunk must output for them (`export.tap_trunk`)."""
+    order = {tap.source: i for i, tap in enumerate(reversed(TAPS))}
+    wanted = {TAPS_BY_NAME[name].source for name in taps if name != "pool"}
+    return tuple(sorted(wanted, key=order.__getitem__))
 
 
 def taps_id(backbone_id: str) -> str:

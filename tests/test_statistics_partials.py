@@ -23,14 +23,18 @@ DEVICES = ["device-000", "device-001", "device-002", "device-003"]
 WEST, EAST = DEVICES[:2], DEVICES[2:]
 
 
-def district_partial(root: RoundKeeper, district: str, devices: list[str]) -> bytes:
-    """What a district sends: its devices' statistics updates accepted by its own keeper (on
-    the same model version), then forwarded per fold."""
+def district_partial(
+    root: RoundKeeper, district: str, devices: list[str], updates: dict[str, bytes] | None = None
+) -> bytes:
+    """What a district sends: its devices' statistics updates (`updates`, or triangles of
+    `device_statistics`) accepted by its own keeper (on the same model version), then
+    forwarded per fold."""
     own = RoundKeeper(root.fleet, root.model)
     own.open_round(0, devices, 0.0)
     for device in devices:
         stats = device_statistics(DEVICES.index(device))
-        assert own.accept(payload(root.fleet, stats, device)) is not None
+        update = payload(root.fleet, stats, device) if updates is None else updates[device]
+        assert own.accept(update) is not None
     current = own.current
     assert current is not None
     header = PartialHeader(
@@ -72,9 +76,7 @@ def west_parts() -> tuple[PartialHeader, list[FeatureStatistics]]:
     config = fleet()
     folds = [FeatureStatistics.empty(16) for _ in range(config.analytic.folds)]
     for device in WEST:
-        folds[fold_of(device, config.analytic.folds)].add(
-            device_statistics(DEVICES.index(device))
-        )
+        folds[fold_of(device, config.analytic.folds)].add(device_statistics(DEVICES.index(device)))
     header = PartialHeader(
         fleet=config.name, district="west", round=0, base_version=0, updates=2, answered=2,
         head_classes=[], new_classes=[], update_bytes=0,
@@ -91,7 +93,7 @@ def broken(what: str) -> bytes:
         return encode_statistics_partial(one, folds[:1])
     if what == "rows inflated":
         payload = encode_statistics_partial(header, folds)
-        return payload.replace(b'[0,30]', b'[0,31]', 1)
+        return payload.replace(b"[0,30]", b"[0,31]", 1)
     if what == "hits beyond rows":
         return encode_statistics_partial(
             header.model_copy(update={"lambda_hits": [61.0, 0.0, 0.0, 0.0]}), folds

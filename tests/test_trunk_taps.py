@@ -7,26 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lite0_helpers import needs_weights
 from pydantic import ValidationError
 
 from fedfmx.analytic import FeatureStatistics, solve_head
 from fedfmx.analytic_state import LAMBDA
 from fedfmx.config import FleetConfig, ModelConfig, load_fleet
 from fedfmx.datasets import ImageDataset
-from fedfmx.errors import ConfigError
 from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
 from fedfmx.feature_maps import TapFeatures
 from fedfmx.model import build_model
-from fedfmx.pretrained import weights_path
 from fedfmx.simulation import make_plan, run_inproc
 from fedfmx.trunk_taps import TAP_WIDTH, TAPS, tap_slice, tap_vector, taps_id
 
-try:
-    weights_path()
-    HAVE_WEIGHTS = True
-except ConfigError:  # the weights package is not installed
-    HAVE_WEIGHTS = False
-needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="EfficientNet-Lite0 not installed")
 CI_FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 
 
