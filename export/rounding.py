@@ -110,7 +110,9 @@ def patch_grams(
     return grams
 
 
-def adaround(weights: np.ndarray, gram: np.ndarray, sweeps: int = 4) -> np.ndarray:
+def adaround(
+    weights: np.ndarray, gram: np.ndarray, sweeps: int = 4, cross: np.ndarray | None = None
+) -> np.ndarray:
     """`W̃` (dequantized, `weights`' shape): each weight on the level below or above `W/s`,
     whichever (jointly) keeps `E = tr(ΔW G ΔWᵀ)` smallest; `gram` is `[groups, K, K]`
     (`patch_grams`).
@@ -119,7 +121,13 @@ def adaround(weights: np.ndarray, gram: np.ndarray, sweeps: int = 4) -> np.ndarr
     neighbouring level when that lowers `E`: with `g = ΔW G` the change is
     `2δ·g_k + δ²·G_kk` for a move `δ = ±s`, and `g` is updated in `O(K)` per move, so a sweep
     over a layer costs about one `ΔW G` product. `E` never rises, so the result is never worse
-    than nearest on the calibration images; stops after `sweeps` sweeps or one without a move."""
+    than nearest on the calibration images; stops after `sweeps` sweeps or one without a move.
+
+    With `cross` (`C = Σ x̃ xᵀ`, `[groups, K, K]`) the layer reads other inputs `x̃` than the
+    ones `W` was trained on (the quantized trunk's), `gram` is theirs (`Σ x̃ x̃ᵀ`), and the
+    objective is the output error against the float layer on its float inputs,
+    `E = Σ ‖W̃x̃ − Wx‖² = tr(W̃ G W̃ᵀ) − 2 tr(W̃ C Wᵀ) + const`: the same moves with
+    `g = W̃ G − W Cᵀ` (which is `ΔW G` when `x̃ = x`)."""
     groups = len(gram)
     shape = weights.shape
     w = weights.reshape(groups, -1, gram.shape[1]).astype(np.float64)
@@ -130,8 +138,10 @@ def adaround(weights: np.ndarray, gram: np.ndarray, sweeps: int = 4) -> np.ndarr
     # fixes the scale ONNX Runtime computes)
     other = np.where(levels > exact, np.floor(exact), np.ceil(exact))
     movable = (np.abs(levels) < WEIGHT_LEVELS) & (np.abs(other) <= WEIGHT_LEVELS)
-    delta = levels * s - w
-    g = np.matmul(delta, gram)
+    if cross is None:
+        g = np.matmul(levels * s - w, gram)
+    else:
+        g = np.matmul(levels * s, gram) - np.matmul(w, cross.transpose(0, 2, 1))
     diagonal = np.diagonal(gram, axis1=1, axis2=2)
     for _ in range(sweeps):
         moved = False

@@ -45,9 +45,10 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from export.checkpoint import InputSpec
-from export.equalisation import MIGRATION, equalise_streams
+from export.equalisation import MIGRATION, equalise_streams, residual_streams
 from export.onnx_model import trace_onnx
 from export.quantize import ImageCalibration, quiet_quantizer
+from export.reconstruction import reconstruct
 from export.rounding import adarounded_weights, conv_inputs, rounded_weights
 from export.trunk_runtime import fp32_trunk_path as fp32_trunk_path  # importable from here
 from export.trunk_runtime import int8_trunk_path
@@ -108,11 +109,17 @@ def quantize_trunk(
     rounding: Rounding = "adaround",
     float_convs: int = FLOAT_CONVS,
     migration: float | None = MIGRATION,
+    wide_streams: bool = False,
+    reconstruction: bool = False,
 ) -> Path:
     """The int8 trunk of the `export_trunk` file `fp32`, calibrated on `calibration` images
     (ONNX Runtime only): residual streams equalised (`migration` α, None: not), everything
     before the `float_convs`-th convolution kept float, the other weights rounded by
     `rounding`, biases corrected, then static QDQ.
+
+    Two levers measured and not shipped (`docs/decisions.md`): `wide_streams` (the residual
+    streams' tensors in uint16: closer to parity, but slower than fp32) and `reconstruction`
+    (`export.reconstruction` on the quantized graph: no gain, 4x the time).
 
     The keyword arguments exist for the benchmark's ablation of the recipe."""
     if not len(calibration):
@@ -123,10 +130,14 @@ def quantize_trunk(
         if migration is not None:
             equalise_streams(model, calibration, migration)
         kept, quantized = float_prefix(model, float_convs)
+        teacher = onnx.ModelProto()
+        if reconstruction:
+            teacher.CopyFrom(model)  # the float function, before any weight is rounded
         weights = {} if rounding == "nearest" else adarounded_weights(model, calibration, quantized)
         if bias_correction:
             correct_biases(model, calibration, quantized, weights)
         set_weights(model, weights)
+        overrides = wide_stream_overrides(model) if wide_streams else {}
         onnx.save_model(model, corrected)
         quantize_static(
             corrected,
@@ -139,8 +150,25 @@ def quantize_trunk(
             op_types_to_quantize=op_types,
             nodes_to_exclude=[node.name for node in kept],
             calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"TensorQuantOverrides": overrides},
         )
+        if reconstruction:
+            int8 = onnx.load_model(str(out))
+            reconstruct(int8, teacher, calibration, [node.name for node in quantized])
+            onnx.save_model(int8, str(out))
     return out
+
+
+def wide_stream_overrides(model: onnx.ModelProto) -> dict[str, list[dict[str, object]]]:
+    """ONNX Runtime's `TensorQuantOverrides` that quantize every residual stream's tensors
+    (`export.equalisation.residual_streams`) as uint16, the rest staying uint8. uint16 has
+    256x the levels (quantization noise −48 dB); ONNX Runtime has no int8×uint16 kernel, so the
+    convolutions that read or write a stream then run as DequantizeLinear → float Conv."""
+    return {
+        name: [{"quant_type": QuantType.QUInt16}]
+        for stream in residual_streams(model)
+        for name in stream.tensors
+    }
 
 
 def float_prefix(
