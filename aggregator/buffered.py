@@ -2,8 +2,8 @@
 
 The open round is a *buffer*. Any registered device's update trained from one of the last
 `service.buffered.max_staleness` versions is folded in with the staleness weight of
-`fedfmx.buffered`; once the buffer holds `K` updates (`FleetConfig.buffer_size`), or every
-participant has answered its version (an update or a skip: nothing fresh will come), or it
+`fedfmx.federation.buffered`; once the buffer holds `K` updates (`FleetConfig.buffer_size`), or
+every participant has answered its version (an update or a skip: nothing fresh will come), or it
 holds at least one when `service.round_deadline_s` has passed, it is merged into a new signed
 version and the next buffer opens on it at once. A slow device's update, trained from an
 older version, still counts (less); one staler than the bound is refused with its reason.
@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from aggregator.events import log_event
 from aggregator.service import Acceptance, Aggregator, ServiceHooks
 from aggregator.state import AggregatorState, UpdateRow
-from fedfmx.buffered import BufferKeeper
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
-from fedfmx.messages import RoundAnnouncement
+from fedfmx.federation.buffered import BufferKeeper
+from fedfmx.wire.messages import RoundAnnouncement
 from transport import MqttSession
 
 

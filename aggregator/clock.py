@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from fedfmx.messages import ClockProbe
+from fedfmx.wire.messages import ClockProbe
 
 
 def clock_answer(message: bytes, now: float) -> bytes | None:

@@ -40,7 +40,7 @@ from aggregator.provisioning import AGGREGATOR, issue_client_certificate, load_c
 from edge_client.enrolment import key_fingerprint
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
-from fedfmx.messages import EnrolmentReply, EnrolmentRequest
+from fedfmx.wire.messages import EnrolmentReply, EnrolmentRequest
 from transport import MqttSession, SessionSettings, TlsSettings, check_id
 
 ENROL_PREFIX = "enrol-"

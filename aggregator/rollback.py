@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 
 from aggregator.state import KEEP_MODEL_PAYLOADS, AggregatorState, StoredModel
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model, encode_model
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ConfigError
-from fedfmx.messages import RoundAnnouncement
+from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model, encode_model
+from fedfmx.wire.messages import RoundAnnouncement
 
 
 @dataclass(frozen=True)

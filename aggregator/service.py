@@ -27,12 +27,12 @@ from aggregator.crash_points import crash_point
 from aggregator.events import log_event
 from aggregator.rate_limit import RateLimiter
 from aggregator.state import AggregatorState, Evaluation, RoundTotals, StoredModel, UpdateRow
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig
 from fedfmx.errors import FedFMXError, ProtocolError
-from fedfmx.federation import GlobalModel, RoundKeeper
-from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement, UpdateReceipt
-from fedfmx.signing import (
+from fedfmx.federation.rounds import GlobalModel, RoundKeeper
+from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model
+from fedfmx.wire.messages import DeviceStatus, Hello, RoundAnnouncement, UpdateReceipt
+from fedfmx.wire.signing import (
     DeltaPayload,
     chunk_payload,
     load_signing_key,
@@ -84,7 +84,7 @@ class ServiceHooks:
 
 def first_model(fleet: FleetConfig) -> GlobalModel:
     """Version 0 of a new fleet (the only place the aggregator needs torch)."""
-    from fedfmx.simulation import initial_model  # torch: only for a fleet's first start
+    from fedfmx.federation.simulation import initial_model  # torch: only for a fleet's first start
 
     return initial_model(fleet)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedfmx.errors import ConfigError
-from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement
 from fedfmx.storage import transaction
+from fedfmx.wire.messages import DeviceStatus, Hello, RoundAnnouncement
 
 SCHEMA_VERSION = 3
 KEEP_MODEL_PAYLOADS = 3

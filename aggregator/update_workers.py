@@ -35,11 +35,11 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from aggregator.crash_points import crash_point
-from fedfmx.aggregation import MergeSums
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
-from fedfmx.federation import GlobalModel, RoundKeeper
-from fedfmx.messages import RoundAnnouncement
+from fedfmx.federation.aggregation import MergeSums
+from fedfmx.federation.rounds import GlobalModel, RoundKeeper
+from fedfmx.wire.messages import RoundAnnouncement
 
 MAX_IN_FLIGHT = 32
 """Updates sent to one worker and not yet answered; beyond, sending waits for a verdict (so

@@ -45,11 +45,11 @@ from aggregator.provisioning import signing_key_files
 from aggregator.service import ServiceHooks, open_aggregator
 from aggregator.state import RoundTotals
 from edge_client.config import DeviceConfig, PartitionSource, save_device_config
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.federation import GlobalModel
+from fedfmx.federation.rounds import GlobalModel
+from fedfmx.federation.simulation import device_id, evaluate, load_fleet_dataset, make_plan
 from fedfmx.profiles import load_profile
-from fedfmx.simulation import device_id, evaluate, load_fleet_dataset, make_plan
+from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model
 from transport import MosquittoBroker
 
 RESULTS = Path(__file__).parent / "results"

@@ -11,8 +11,8 @@ the test set is read once, for the chosen `λ`.
 
 Variants: every expert (`fedfmx_cf`); no experts (the shared projection `φ_0` alone, i.e.
 `fedfmx_cf_no_experts`); each expert left out; and the experts gated per sample by AES
-(`fedfmx.routing.aes_mask` over a fixed random router on `φ_0`, each expert's block scaled by
-its renormalised gate), to see whether sparse routing helps an exact head.
+(`fedfmx.learner.routing.aes_mask` over a fixed random router on `φ_0`, each expert's block scaled
+by its renormalised gate), to see whether sparse routing helps an exact head.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedfmx.analytic import FeatureStatistics, solve_head
-from fedfmx.benchmark import BENCH_FLEET
+from fedfmx.closed_form.head import FeatureStatistics, solve_head
 from fedfmx.config import FleetConfig
-from fedfmx.datasets import load_dataset, subsample
-from fedfmx.model import build_model
-from fedfmx.routing import aes_mask
-from fedfmx.simulation import holdout_validation
+from fedfmx.data.datasets import load_dataset, subsample
+from fedfmx.evaluation.benchmark import BENCH_FLEET
+from fedfmx.federation.simulation import holdout_validation
+from fedfmx.learner.model import build_model
+from fedfmx.learner.routing import aes_mask
 
 RESULTS = Path(__file__).parent / "results"
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1)

@@ -15,7 +15,7 @@ federation: each device's rows (`make_plan`) through the `fedfmx_cf` feature map
 - `fedfmx_cf_no_experts` and `ridge` at each `--ridge` width, on their own feature maps.
 
 `λ` here comes from the folds' held-out error, where the engine uses prequential accuracy
-(`fedfmx.analytic_state`): the heads equal the engine's up to that choice of `λ`.
+(`fedfmx.closed_form.state`): the heads equal the engine's up to that choice of `λ`.
 
 The test split is read once per variant, after every choice is made.
 """
@@ -34,20 +34,20 @@ import numpy as np
 import torch
 from manyclass import DATASETS, REDUCED, SETTING, TrunkFeatures, base_fleet, cell_grid
 
-from fedfmx.analytic import (
+from fedfmx.closed_form.fres import fres_block_scores, fres_keep
+from fedfmx.closed_form.head import (
     FeatureStatistics,
     choose_lambda,
     merged,
     ridge_scale,
     solve_head,
 )
-from fedfmx.analytic_fres import fres_block_scores, fres_keep
-from fedfmx.analytic_state import fold_of
-from fedfmx.benchmark import bench_fleet
+from fedfmx.closed_form.state import fold_of
 from fedfmx.config import FleetConfig
-from fedfmx.datasets import ImageDataset
-from fedfmx.model import build_model
-from fedfmx.simulation import make_plan
+from fedfmx.data.datasets import ImageDataset
+from fedfmx.evaluation.benchmark import bench_fleet
+from fedfmx.federation.simulation import make_plan
+from fedfmx.learner.model import build_model
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_CACHE = Path.home() / ".cache" / "fedfmx-bench-taps"

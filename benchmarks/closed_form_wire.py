@@ -27,12 +27,12 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from fedfmx.benchmark import BENCH_FLEET, REDUCED, bench_fleet
-from fedfmx.codec import UPDATE_MAGIC, parse_header, unframe
 from fedfmx.config import FleetConfig
-from fedfmx.federation import MAX_UPDATE_BYTES
-from fedfmx.messages import UpdateHeader
-from fedfmx.simulation import load_fleet_dataset, run_inproc
+from fedfmx.evaluation.benchmark import BENCH_FLEET, REDUCED, bench_fleet
+from fedfmx.federation.rounds import MAX_UPDATE_BYTES
+from fedfmx.federation.simulation import load_fleet_dataset, run_inproc
+from fedfmx.wire.codec import UPDATE_MAGIC, parse_header, unframe
+from fedfmx.wire.messages import UpdateHeader
 
 RESULTS = Path(__file__).parent / "results"
 Section = dict[str, object]

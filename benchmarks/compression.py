@@ -10,7 +10,7 @@ log x) and prints a markdown table. The reference is `fedavg`'s uplink: the whol
 `--demo` runs the README's demo fleet with the SGD FedFMX (in process, full data, seed 0;
 `--fleet`, `--method`, `--seed` for another) with the old wire (float32 updates, every version
 in full float32) and with the defaults (int8 + zstd updates, each version as an int8 + zstd
-delta against the previous one, `fedfmx.model_delta`), and writes compression_demo.{json,png}:
+delta against the previous one, `fedfmx.wire.model_delta`), and writes compression_demo.{json,png}:
 downlink and uplink bytes per device per round, accuracy.
 """
 
@@ -21,7 +21,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedfmx.benchmark import (
+from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.evaluation.benchmark import (
     BENCH_FLEET,
     FULL,
     REDUCED,
@@ -31,10 +32,9 @@ from fedfmx.benchmark import (
     stat,
     summarise,
 )
-from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.messages import CodecSettings
-from fedfmx.plots import plot_accuracy_vs_bytes, plot_wire_bytes
-from fedfmx.simulation import load_fleet_dataset, run_simulation
+from fedfmx.evaluation.plots import plot_accuracy_vs_bytes, plot_wire_bytes
+from fedfmx.federation.simulation import load_fleet_dataset, run_simulation
+from fedfmx.wire.messages import CodecSettings
 
 RESULTS = Path(__file__).parent / "results"
 CODECS: dict[str, CodecSettings] = {

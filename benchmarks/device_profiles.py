@@ -109,9 +109,9 @@ def rounds_summary(
 def measure(profile_name: str, method: str, backbone: str, int8_trunk: bool) -> dict[str, object]:
     import torch
 
-    from fedfmx.benchmark import time_device_rounds
-    from fedfmx.device import DeviceLearner
-    from fedfmx.simulation import load_fleet_dataset, own_partition
+    from fedfmx.device.learner import DeviceLearner
+    from fedfmx.evaluation.benchmark import time_device_rounds
+    from fedfmx.federation.simulation import load_fleet_dataset, own_partition
 
     profile = load_profile(profile_name)
     fleet = fleet_of(profile, method, backbone)
@@ -154,8 +154,8 @@ def run_torch_free(profile_name: str, method: str, backbone: str, int8_trunk: bo
     import yaml
 
     from export.feature_maps import FEATURE_MAPS_FILE
-    from fedfmx.federation import RoundKeeper
-    from fedfmx.simulation import initial_model
+    from fedfmx.federation.rounds import RoundKeeper
+    from fedfmx.federation.simulation import initial_model
     from fedfmx_cli.serving import export_serving
 
     fleet = fleet_of(load_profile(profile_name), method, backbone)
@@ -195,9 +195,9 @@ def measure_torch_free(
     from edge_client.config import DeviceConfig, PartitionSource
     from edge_client.device_data import DeviceData
     from edge_client.statistics_learner import open_statistics_learner
-    from fedfmx.codec import MAX_MODEL_BYTES, decode_model
-    from fedfmx.fleet_data import load_fleet_dataset, own_partition
-    from fedfmx.messages import RoundAnnouncement
+    from fedfmx.data.fleet_data import load_fleet_dataset, own_partition
+    from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model
+    from fedfmx.wire.messages import RoundAnnouncement
 
     profile = load_profile(profile_name)
     fleet = fleet_of(profile, method, backbone)
@@ -252,10 +252,10 @@ def prepare_serving(profile_name: str, backbone: str, folder: Path) -> Path:
     from export.checkpoint import Checkpoint, InputSpec
     from export.template import export_template
     from export.trunk import export_trunk, fp32_trunk_path
-    from fedfmx.codec import encode_model
-    from fedfmx.messages import ModelHeader
-    from fedfmx.model import build_model, state_to_numpy
-    from fedfmx.simulation import load_fleet_dataset
+    from fedfmx.federation.simulation import load_fleet_dataset
+    from fedfmx.learner.model import build_model, state_to_numpy
+    from fedfmx.wire.codec import encode_model
+    from fedfmx.wire.messages import ModelHeader
 
     fleet = fleet_of(load_profile(profile_name), "fedfmx", backbone)
     dataset = load_fleet_dataset(fleet)
@@ -277,7 +277,7 @@ def prepare_serving(profile_name: str, backbone: str, folder: Path) -> Path:
 def measure_serving(profile_name: str, folder: Path) -> dict[str, object]:
     """A serving-only device's life in this process (which must not import torch)."""
     from edge_client.serving_model import ServingModel
-    from fedfmx.codec import MAX_MODEL_BYTES, decode_model
+    from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model
 
     started = time.perf_counter()
     profile = load_profile(profile_name)

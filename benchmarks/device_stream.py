@@ -52,12 +52,12 @@ from edge_client.stream_config import (
 )
 from export.checkpoint import InputSpec
 from fedfmx.config import load_fleet
-from fedfmx.datasets import ImageDataset, load_dataset
+from fedfmx.data.datasets import ImageDataset, load_dataset
+from fedfmx.data.preprocessing import fleet_image_input, model_input
 from fedfmx.errors import DataError
-from fedfmx.messages import ModelHeader
-from fedfmx.model import build_model, state_to_numpy
-from fedfmx.preprocessing import fleet_image_input, model_input
+from fedfmx.learner.model import build_model, state_to_numpy
 from fedfmx.profiles import PeakRss, apply_profile, load_profile
+from fedfmx.wire.messages import ModelHeader
 from fedfmx_cli.stream_demo import write_video
 
 RESULTS = Path(__file__).parent / "results"

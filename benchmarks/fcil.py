@@ -15,7 +15,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from fedfmx.benchmark import (
+from fedfmx.config import load_fleet
+from fedfmx.evaluation.benchmark import (
     FULL,
     FULL_SETTINGS,
     REDUCED,
@@ -24,7 +25,6 @@ from fedfmx.benchmark import (
     run_grid,
     write_outputs,
 )
-from fedfmx.config import load_fleet
 
 RESULTS = Path(__file__).parent / "results"
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "fcil-fmnist.yaml"

@@ -56,13 +56,13 @@ from export.pipeline import (
 )
 from export.torchscript_model import load_torchscript
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.datasets import load_dataset
-from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
-from fedfmx.messages import ModelHeader
-from fedfmx.model import FedFMXModel, build_model
-from fedfmx.pretrained import BACKBONE_ID, PretrainedBackbone
-from fedfmx.simulation import load_fleet_dataset, run_simulation
-from fedfmx.training import LocalData, train_local
+from fedfmx.data.datasets import load_dataset
+from fedfmx.federation.simulation import load_fleet_dataset, run_simulation
+from fedfmx.learner.model import FedFMXModel, build_model
+from fedfmx.learner.training import LocalData, train_local
+from fedfmx.trunk.feature_cache import FeatureCache, trunk_feature_fn
+from fedfmx.trunk.pretrained import BACKBONE_ID, PretrainedBackbone
+from fedfmx.wire.messages import ModelHeader
 
 RESULTS = Path(__file__).parent / "results"
 PRETRAINED_FLEET = Path(__file__).parent.parent / "device_configs/fleets/manyclass-fmnist.yaml"
@@ -134,7 +134,7 @@ def cnn_subject(epochs: int) -> Subject:
         description={
             "dataset": "fashion_mnist",
             "training": f"central, {epochs} epochs on 60,000 images with "
-            "fedfmx.training.train_local (plain cross-entropy)",
+            "fedfmx.learner.training.train_local (plain cross-entropy)",
             "training_seconds": time.perf_counter() - started,
         },
     )

@@ -37,15 +37,23 @@ import numpy as np
 import psutil
 import torch
 
-from fedfmx.benchmark import Grid, Progress, Setting, percent, run_grid, stat, time_device_rounds
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.datasets import ImageDataset
-from fedfmx.device import DeviceLearner
-from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
-from fedfmx.pretrained import BACKBONE_ID, PretrainedBackbone
+from fedfmx.data.datasets import ImageDataset
+from fedfmx.device.learner import DeviceLearner
+from fedfmx.evaluation.benchmark import (
+    Grid,
+    Progress,
+    Setting,
+    percent,
+    run_grid,
+    stat,
+    time_device_rounds,
+)
+from fedfmx.federation.simulation import load_fleet_dataset, own_partition
 from fedfmx.profiles import apply_profile, load_profile
-from fedfmx.simulation import load_fleet_dataset, own_partition
-from fedfmx.trunk_taps import taps_id
+from fedfmx.trunk.feature_cache import FeatureCache, trunk_feature_fn
+from fedfmx.trunk.pretrained import BACKBONE_ID, PretrainedBackbone
+from fedfmx.trunk.taps import taps_id
 
 RESULTS = Path(__file__).parent / "results"
 FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"
@@ -154,7 +162,7 @@ class TrunkFeatures:
 
     Each distinct image crosses the trunk once for the whole grid (the cache is keyed by the
     image's bytes, so seeds and slices share entries). With `taps` the rows are the trunk's tap
-    vectors (`fedfmx.trunk_taps`), whose prefix is the pooled features: closed-form FedFMX
+    vectors (`fedfmx.trunk.taps`), whose prefix is the pooled features: closed-form FedFMX
     reads every tap, the other methods the prefix.
     """
 

@@ -36,11 +36,11 @@ import psutil
 
 from aggregator.service import ServiceHooks, first_model, open_aggregator
 from aggregator.state import AggregatorState, StoredModel
-from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS
-from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
-from fedfmx.federation import RoundKeeper, expected_update_shapes
-from fedfmx.messages import CodecSettings, Hello, UpdateHeader
+from fedfmx.federation.aggregation import FISHER_PREFIX, HEAD_ROWS
+from fedfmx.federation.rounds import RoundKeeper, expected_update_shapes
+from fedfmx.wire.codec import encode_update
+from fedfmx.wire.messages import CodecSettings, Hello, UpdateHeader
 from transport import (
     MosquittoBroker,
     TopicKind,

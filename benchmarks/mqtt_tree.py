@@ -36,10 +36,10 @@ from aggregator.districts.provisioning import DeviceSetup, ProvisionedTree, prov
 from aggregator.provisioning import AGGREGATOR
 from aggregator.service import first_model
 from aggregator.state import AggregatorState, StoredModel
-from fedfmx.codec import UPDATE_MAGIC, frame, unframe
 from fedfmx.config import FleetConfig
-from fedfmx.federation import RoundKeeper
-from fedfmx.messages import Hello, UpdateHeader
+from fedfmx.federation.rounds import RoundKeeper
+from fedfmx.wire.codec import UPDATE_MAGIC, frame, unframe
+from fedfmx.wire.messages import Hello, UpdateHeader
 from fedfmx_cli.tree_simulation import district_name, tree_brokers
 from transport import TopicKind, client_topic, decode_chunk, free_port, split_message
 from transport.district_topics import DistrictTopic, districts_filter

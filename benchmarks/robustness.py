@@ -37,13 +37,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fedfmx.aggregation import FISHER_PREFIX, delta_norm
-from fedfmx.benchmark import BENCH_FLEET
-from fedfmx.codec import decode_update, encode_update
 from fedfmx.config import FleetConfig, RobustnessConfig
-from fedfmx.datasets import ImageDataset
-from fedfmx.federation import MAX_UPDATE_BYTES, expected_update_shapes
-from fedfmx.simulation import device_id, load_fleet_dataset, run_inproc
+from fedfmx.data.datasets import ImageDataset
+from fedfmx.evaluation.benchmark import BENCH_FLEET
+from fedfmx.federation.aggregation import FISHER_PREFIX, delta_norm
+from fedfmx.federation.rounds import MAX_UPDATE_BYTES, expected_update_shapes
+from fedfmx.federation.simulation import device_id, load_fleet_dataset, run_inproc
+from fedfmx.wire.codec import decode_update, encode_update
 
 RESULTS = Path(__file__).parent / "results"
 ATTACKS = ("sign_flip", "scale", "random")

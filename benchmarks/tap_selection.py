@@ -34,10 +34,10 @@ import torch
 from manyclass import DATASETS, REDUCED, SETTING, TrunkFeatures, base_fleet, cell_grid
 from scipy.linalg import cho_factor, cho_solve
 
-from fedfmx.benchmark import bench_fleet
-from fedfmx.datasets import ImageDataset
-from fedfmx.feature_maps import RandomReluFeatures, TapFeatures
-from fedfmx.trunk_taps import TAPS
+from fedfmx.closed_form.feature_maps import RandomReluFeatures, TapFeatures
+from fedfmx.data.datasets import ImageDataset
+from fedfmx.evaluation.benchmark import bench_fleet
+from fedfmx.trunk.taps import TAPS
 
 RESULTS = Path(__file__).parent / "results"
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1)

@@ -38,9 +38,9 @@ from export.tap_trunk import export_tap_trunk
 from export.trunk import TrunkFeatures, quantize_trunk, trunk_parity
 from export.trunk_runtime import TrunkRuntime, fp32_trunk_path
 from fedfmx.config import FleetConfig
-from fedfmx.datasets import load_dataset
-from fedfmx.trunk_spec import INPUT_SIZE, TRUNK_FEATURES
-from fedfmx.trunk_taps import TAPS_BY_NAME, tap_sources
+from fedfmx.data.datasets import load_dataset
+from fedfmx.trunk.spec import INPUT_SIZE, TRUNK_FEATURES
+from fedfmx.trunk.taps import TAPS_BY_NAME, tap_sources
 
 RESULTS = Path(__file__).parent / "results"
 CALIBRATION = 256

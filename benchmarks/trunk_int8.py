@@ -55,9 +55,9 @@ from export.trunk import (
     trunk_parity,
 )
 from export.trunk_runtime import TrunkRuntime
-from fedfmx.datasets import load_dataset
+from fedfmx.data.datasets import load_dataset
 from fedfmx.profiles import load_profile
-from fedfmx.trunk_spec import INPUT_SIZE
+from fedfmx.trunk.spec import INPUT_SIZE
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES: dict[str, dict[str, Any]] = {

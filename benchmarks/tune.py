@@ -13,8 +13,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from fedfmx.benchmark import BENCH_FLEET, REDUCED, run_grid, stat
 from fedfmx.config import FleetConfig
+from fedfmx.evaluation.benchmark import BENCH_FLEET, REDUCED, run_grid, stat
 
 RESULTS = Path(__file__).parent / "results"
 CANDIDATES: dict[str, list[dict[str, dict[str, object]]]] = {

@@ -32,12 +32,13 @@ from edge_client.statistics_learner import (
     open_statistics_learner,
     torch_free_problem,
 )
-from fedfmx.aggregation import Arrays
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.device_round import validate_announcement
+from fedfmx.device.round import validate_announcement
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
-from fedfmx.messages import (
+from fedfmx.federation.aggregation import Arrays
+from fedfmx.profiles import DeviceProfile, PeakRss, apply_profile, load_profile, training_device
+from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model
+from fedfmx.wire.messages import (
     DeviceActivity,
     DeviceStatus,
     Hello,
@@ -45,8 +46,7 @@ from fedfmx.messages import (
     RoundAnnouncement,
     UpdateReceipt,
 )
-from fedfmx.profiles import DeviceProfile, PeakRss, apply_profile, load_profile, training_device
-from fedfmx.signing import (
+from fedfmx.wire.signing import (
     Manifest,
     assemble_verified,
     chunk_payload,
@@ -54,7 +54,7 @@ from fedfmx.signing import (
     verify_announcement,
     verify_manifest,
 )
-from fedfmx.verified_delta import full_from_delta
+from fedfmx.wire.verified_delta import full_from_delta
 from transport import (
     LastWill,
     MqttSession,
@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from edge_client.device_data import DeviceData
     from edge_client.feed import StreamFeed
     from edge_client.inference import DeviceModelServer
-    from fedfmx.device import DeviceLearner
+    from fedfmx.device.learner import DeviceLearner
 
 log = logging.getLogger(__name__)
 
@@ -707,7 +707,7 @@ def _torch_learner(
     """The torch learner (every method), its frozen trunk int8 in ONNX Runtime if asked."""
     import torch
 
-    from fedfmx.device import DeviceLearner
+    from fedfmx.device.learner import DeviceLearner
 
     torch.set_num_threads(fleet.training.threads)
     trunk = None

@@ -1,11 +1,11 @@
 """Predictions of a torch-free closed-form training device: the current head on the same `φ`.
 
-A closed-form head is linear in the fixed features, `logits = φ(x)·Wᵀ` (`fedfmx.model.LinearHead`),
-and a device without torch already computes `φ` to train (its ONNX trunk, int8 or fp32, then the
-fixed maps in numpy: `edge_client.statistics_learner`). So serving exports nothing: each
-verified version's head rows are taken as they are and frames go through the learner's own
-`features` — no torch, no second trunk session, and no parity check against another graph,
-since the served function is the one the fleet's head was solved on.
+A closed-form head is linear in the fixed features, `logits = φ(x)·Wᵀ`
+(`fedfmx.learner.model.LinearHead`), and a device without torch already computes `φ` to train
+(its ONNX trunk, int8 or fp32, then the fixed maps in numpy: `edge_client.statistics_learner`). So
+serving exports nothing: each verified version's head rows are taken as they are and frames go
+through the learner's own `features` — no torch, no second trunk session, and no parity check
+against another graph, since the served function is the one the fleet's head was solved on.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 
 from edge_client.predictions import Served
 from edge_client.statistics_learner import StatisticsLearner
-from fedfmx.aggregation import HEAD_WEIGHT, Arrays
 from fedfmx.errors import FedFMXError
-from fedfmx.messages import ModelHeader
+from fedfmx.federation.aggregation import HEAD_WEIGHT, Arrays
+from fedfmx.wire.messages import ModelHeader
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from edge_client.sources.base import SampleSource
 from edge_client.store_stream import StoreStream
 from edge_client.stream_config import CameraSourceConfig, FolderSourceConfig
 from fedfmx.config import FleetConfig
-from fedfmx.feature_cache import FeatureFn, trunk_feature_fn
-from fedfmx.preprocessing import fleet_image_input
-from fedfmx.stream import DeviceStream, SampleTable
+from fedfmx.data.preprocessing import fleet_image_input
+from fedfmx.data.stream import DeviceStream, SampleTable
+from fedfmx.trunk.feature_cache import FeatureFn, trunk_feature_fn
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _trunk(config: DeviceConfig, fleet: FleetConfig) -> FeatureFn | None:
     """The frozen trunk, for a store that keeps features only (pretrained backbone, no raw)."""
     if config.store.keep_raw_images or fleet.model.backbone != "efficientnet_lite0":
         return None
-    from fedfmx.pretrained import PretrainedBackbone
+    from fedfmx.trunk.pretrained import PretrainedBackbone
 
     return trunk_feature_fn(PretrainedBackbone(1, fleet.model.trunk_input_size))
 

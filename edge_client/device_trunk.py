@@ -20,9 +20,9 @@ from edge_client.device_data import DeviceData
 from export.checkpoint import InputSpec
 from export.trunk_runtime import TrunkRuntime, int8_trunk_path
 from fedfmx.config import FleetConfig
+from fedfmx.data.stream import DeviceStream, SampleTable
 from fedfmx.errors import ConfigError
-from fedfmx.stream import DeviceStream, SampleTable
-from fedfmx.trunk_taps import tap_sources
+from fedfmx.trunk.taps import tap_sources
 
 CALIBRATION_IMAGES = 256
 

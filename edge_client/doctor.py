@@ -30,7 +30,7 @@ from edge_client.config import DeviceConfig, PartitionSource, load_device_config
 from edge_client.health import existing_parent, free_disk_mb
 from edge_client.stream_config import CameraSourceConfig, FolderSourceConfig
 from fedfmx.errors import FedFMXError
-from fedfmx.messages import ClockProbe
+from fedfmx.wire.messages import ClockProbe
 from transport import MqttSession, TopicKind, client_topic, session_settings
 
 Verdict = Literal["ok", "warn", "fail"]
@@ -124,7 +124,7 @@ def check_data(config: DeviceConfig) -> Finding:
 
 def _check_partition(config: DeviceConfig, source: PartitionSource) -> Finding:
     from fedfmx.config import load_fleet
-    from fedfmx.simulation import load_fleet_dataset
+    from fedfmx.federation.simulation import load_fleet_dataset
 
     fleet = load_fleet(config.fleet_file)
     if source.path is not None:

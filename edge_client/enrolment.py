@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from edge_client.config import DeviceConfig, PartitionSource, save_device_config
 from fedfmx.config import BrokerConfig
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
-from fedfmx.messages import EnrolmentReply, EnrolmentRequest
+from fedfmx.wire.messages import EnrolmentReply, EnrolmentRequest
 from transport import MqttSession, SessionSettings, TlsSettings, check_id
 from transport.topics import fleet_prefix
 

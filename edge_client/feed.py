@@ -23,8 +23,8 @@ from edge_client.predictions import StreamPredictor
 from edge_client.sample_store import SampleStore, StoreUsage
 from edge_client.sources.base import Sample, SampleSource, SourceHealth
 from fedfmx.config import ImageInputConfig
+from fedfmx.data.preprocessing import model_input
 from fedfmx.errors import FedFMXError
-from fedfmx.preprocessing import model_input
 
 log = logging.getLogger(__name__)
 

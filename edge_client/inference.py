@@ -21,11 +21,11 @@ from export.errors import ParityError
 from export.formats import ExportFormat, InferenceProvider, Quantization
 from export.inference import ModelServer, Prediction
 from export.pipeline import EvalSet, ExportResult, export_checkpoint
-from fedfmx.aggregation import Arrays
 from fedfmx.config import FleetConfig
 from fedfmx.errors import FedFMXError
-from fedfmx.messages import ModelHeader
+from fedfmx.federation.aggregation import Arrays
 from fedfmx.profiles import DeviceProfile
+from fedfmx.wire.messages import ModelHeader
 
 log = logging.getLogger(__name__)
 

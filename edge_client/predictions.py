@@ -1,6 +1,6 @@
 """Live predictions on unlabelled frames, and the queue of frames a person should label.
 
-Every unlabelled frame goes through the one preprocessing path (`fedfmx.preprocessing`) and
+Every unlabelled frame goes through the one preprocessing path (`fedfmx.data.preprocessing`) and
 the served int8 ONNX model (`edge_client.inference`), batch 1, and becomes one JSON line:
 
     {"time": "2026-12-01T11:02:03.123Z", "device_id": "cam-1", "origin": "rtsp://…#42",
@@ -37,8 +37,8 @@ from PIL import Image
 from edge_client.sources.base import Sample
 from edge_client.stream_config import PredictionsConfig
 from fedfmx.config import ImageInputConfig
+from fedfmx.data.preprocessing import model_input
 from fedfmx.errors import FedFMXError
-from fedfmx.preprocessing import model_input
 
 log = logging.getLogger(__name__)
 

@@ -42,11 +42,11 @@ import numpy as np
 from edge_client.sources.base import Sample
 from edge_client.stream_config import StoreConfig
 from fedfmx.config import ClassPolicyConfig, ImageInputConfig
+from fedfmx.data.preprocessing import decode_image, fit_pixels, normalise
 from fedfmx.errors import DataError
-from fedfmx.feature_cache import FeatureFn
-from fedfmx.preprocessing import decode_image, fit_pixels, normalise
 from fedfmx.storage import transaction
-from fedfmx.trunk_spec import TRUNK_FEATURES
+from fedfmx.trunk.feature_cache import FeatureFn
+from fedfmx.trunk.spec import TRUNK_FEATURES
 
 log = logging.getLogger(__name__)
 

@@ -24,20 +24,20 @@ from edge_client.health import free_disk_mb, process_rss_mb
 from edge_client.predictions import StreamPredictor
 from edge_client.sample_store import SampleStore
 from edge_client.serving_model import ServingModel
-from fedfmx.aggregation import Arrays
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model
 from fedfmx.config import FleetConfig, load_fleet
+from fedfmx.data.preprocessing import fleet_image_input
 from fedfmx.errors import ConfigError, FedFMXError, ProtocolError
-from fedfmx.messages import DeviceActivity, DeviceStatus, ModelHeader
-from fedfmx.preprocessing import fleet_image_input
+from fedfmx.federation.aggregation import Arrays
 from fedfmx.profiles import DeviceProfile, load_profile
-from fedfmx.signing import (
+from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model
+from fedfmx.wire.messages import DeviceActivity, DeviceStatus, ModelHeader
+from fedfmx.wire.signing import (
     assemble_verified,
     chunk_payload,
     load_verify_key,
     verify_manifest,
 )
-from fedfmx.verified_delta import full_from_delta
+from fedfmx.wire.verified_delta import full_from_delta
 from transport import (
     LastWill,
     MqttSession,
@@ -198,7 +198,7 @@ class ServingDevice:
     def _from_delta(
         self, wanted: int, manifest: bytes, delta: bytes | None, running: int | None
     ) -> bytes | None:
-        """The full payload from the received delta (`fedfmx.verified_delta`); None while it
+        """The full payload from the received delta (`fedfmx.wire.verified_delta`); None while it
         has not arrived, or when it fails or is late: then the full body is fetched instead."""
         if delta is None:
             if time.monotonic() - self._fetch_started > DELTA_FETCH_S:

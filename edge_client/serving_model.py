@@ -31,10 +31,10 @@ from export.parity import ParityReport, batched_logits, compare_logits, require_
 from export.quantize import quantize_onnx
 from export.template import fill_template
 from export.trunk_runtime import TrunkRuntime
-from fedfmx.aggregation import Arrays
 from fedfmx.errors import FedFMXError
-from fedfmx.messages import ModelHeader
+from fedfmx.federation.aggregation import Arrays
 from fedfmx.profiles import DeviceProfile
+from fedfmx.wire.messages import ModelHeader
 
 log = logging.getLogger(__name__)
 

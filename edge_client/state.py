@@ -19,14 +19,14 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from fedfmx.device_round import DeviceState
+from fedfmx.device.round import DeviceState
 from fedfmx.errors import DataError
-from fedfmx.exemplars import ExemplarBuffer
+from fedfmx.learner.exemplars import ExemplarBuffer
 
 if TYPE_CHECKING:
     from edge_client.statistics_learner import StatisticsLearner
-    from fedfmx.device import DeviceLearner
-    from fedfmx.fisher import TensorMap
+    from fedfmx.device.learner import DeviceLearner
+    from fedfmx.learner.fisher import TensorMap
 
     Learner = DeviceLearner | StatisticsLearner
     """A torch learner, or the torch-free closed-form one (no Fisher, anchor or generator)."""

@@ -1,7 +1,7 @@
 """A closed-form device's learner without torch (issue 16): ONNX Runtime and numpy only.
 
 The closed-form methods (`ridge`, `fedfmx_cf`) train nothing: a device computes `φ` of its new
-rows and sends their sums (`fedfmx.device_round.statistics_update`, the same update, row
+rows and sends their sums (`fedfmx.device.round.statistics_update`, the same update, row
 bookkeeping and wire format as the torch `DeviceLearner`). Here the frozen trunk runs in ONNX
 Runtime (the device's int8 trunk with `int8_trunk: true`, else the fp32 file `export-serving`
 wrote) and the fixed maps in numpy (`export.feature_maps`), so the process never imports
@@ -27,9 +27,9 @@ from export.feature_maps import (
     closed_form_features,
     load_feature_maps,
 )
-from fedfmx.aggregation import Arrays
 from fedfmx.config import FleetConfig
-from fedfmx.device_round import (
+from fedfmx.data.stream import DeviceStream, SampleTable
+from fedfmx.device.round import (
     DeviceState,
     LocalRows,
     StatisticsRound,
@@ -37,10 +37,10 @@ from fedfmx.device_round import (
     statistics_update,
 )
 from fedfmx.errors import ConfigError
-from fedfmx.exemplars import ExemplarBuffer
-from fedfmx.messages import ModelHeader, RoundAnnouncement
-from fedfmx.stream import DeviceStream, SampleTable
-from fedfmx.trunk_taps import tap_sources
+from fedfmx.federation.aggregation import Arrays
+from fedfmx.learner.exemplars import ExemplarBuffer
+from fedfmx.trunk.taps import tap_sources
+from fedfmx.wire.messages import ModelHeader, RoundAnnouncement
 
 log = logging.getLogger(__name__)
 

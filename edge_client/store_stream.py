@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_client.sample_store import SampleStore
-from fedfmx.stream import StreamPosition
+from fedfmx.data.stream import StreamPosition
 
 
 class StoreStream:

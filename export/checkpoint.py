@@ -1,9 +1,9 @@
 """Checkpoints: one safetensors file holding a trained global model and what it needs to run.
 
-Tensors are the model's float32 weights (`fedfmx.model.state_to_numpy` names); the safetensors
-metadata header (string to string) carries the fleet configuration, the model header (version,
-class names in global-id order) and the input specification as JSON. No pickle anywhere, so a
-checkpoint from an untrusted source can be inspected and loaded without running its code.
+Tensors are the model's float32 weights (`fedfmx.learner.model.state_to_numpy` names); the
+safetensors metadata header (string to string) carries the fleet configuration, the model header
+(version, class names in global-id order) and the input specification as JSON. No pickle anywhere,
+so a checkpoint from an untrusted source can be inspected and loaded without running its code.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from safetensors.numpy import save_file
 
 from export.errors import MAX_MODEL_FILE_BYTES, first_line, refuse_oversize
 from fedfmx.config import FleetConfig, ImageInputConfig
-from fedfmx.datasets import ImageDataset
+from fedfmx.data.datasets import ImageDataset
+from fedfmx.data.preprocessing import fleet_image_input
 from fedfmx.errors import DataError
-from fedfmx.messages import ModelHeader
-from fedfmx.preprocessing import fleet_image_input
+from fedfmx.wire.messages import ModelHeader
 
 if TYPE_CHECKING:  # torch only to build or read a model: a serving device reads specs only
-    from fedfmx.model import FedFMXModel
+    from fedfmx.learner.model import FedFMXModel
 
 CHECKPOINT_FORMAT = "fedfmx-checkpoint/1"
 PIXEL_MAX = {"fashion_mnist": 255.0, "digits": 16.0}
@@ -48,7 +48,7 @@ class InputSpec(BaseModel):
     width: int = Field(gt=0)
     pixel_max: float = Field(default=255.0, gt=0)
     fit: Literal["stretch", "center_crop"] = "stretch"
-    """How a PNG/JPEG of another size is fitted (`fedfmx.preprocessing.fit_pixels`)."""
+    """How a PNG/JPEG of another size is fitted (`fedfmx.data.preprocessing.fit_pixels`)."""
 
     @classmethod
     def of_dataset(cls, dataset: ImageDataset) -> InputSpec:
@@ -94,7 +94,7 @@ class Checkpoint:
 
     def build(self) -> FedFMXModel:
         """The torch model in eval mode, routed exactly as the fleet trains it."""
-        from fedfmx.model import build_model, load_numpy_state
+        from fedfmx.learner.model import build_model, load_numpy_state
 
         model = build_model(
             self.fleet.network, self.fleet.routing, len(self.header.class_names), self.fleet.seed
@@ -106,7 +106,7 @@ class Checkpoint:
     def of_model(
         cls, model: FedFMXModel, fleet: FleetConfig, header: ModelHeader, spec: InputSpec
     ) -> Checkpoint:
-        from fedfmx.model import state_to_numpy
+        from fedfmx.learner.model import state_to_numpy
 
         return cls(fleet=fleet, header=header, input=spec, weights=state_to_numpy(model))
 

@@ -1,7 +1,7 @@
 """A closed-form fleet's fixed feature maps as a file, and `φ` computed from it in numpy.
 
-The random projection and the expert banks of `fedfmx.feature_maps` are drawn from torch's
-generator and never travel in a model version (they are non-persistent buffers), so a device
+The random projection and the expert banks of `fedfmx.closed_form.feature_maps` are drawn from
+torch's generator and never travel in a model version (they are non-persistent buffers), so a device
 without torch cannot redraw them. `fedfmx-edge export-serving` (where torch is) writes them once
 per fleet into `feature-maps.safetensors`, under their buffer names, with the network's
 parameter shapes (what `check_model_tensors` checks a version against) in its metadata. It
@@ -31,8 +31,8 @@ from safetensors.numpy import load_file, save_file
 
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ConfigError, DataError
-from fedfmx.trunk_spec import FEATURES_NAME, TRUNK_FEATURES
-from fedfmx.trunk_taps import TAPS_BY_NAME
+from fedfmx.trunk.spec import FEATURES_NAME, TRUNK_FEATURES
+from fedfmx.trunk.taps import TAPS_BY_NAME
 
 FEATURE_MAPS_FILE = "feature-maps.safetensors"
 PROJECTION = "random_features.projection"
@@ -64,7 +64,7 @@ class FixedMaps:
     parameters: dict[str, tuple[int, ...]]
     """The network's parameter shapes (a version's tensors are checked against them)."""
     taps: tuple[str, ...] = ()
-    """Closed-form FedFMX on the trunk: the tap each expert reads (`fedfmx.trunk_taps`); the
+    """Closed-form FedFMX on the trunk: the tap each expert reads (`fedfmx.trunk.taps`); the
     rows are then those taps' vectors side by side (`tap_rows`)."""
 
     @property
@@ -93,7 +93,7 @@ def closed_form_features(maps: FixedMaps, rows: np.ndarray) -> np.ndarray:
 
 def _tap_features(maps: FixedMaps, rows: np.ndarray) -> np.ndarray:
     """`[φ_t]` over the maps' taps, `φ_t = ReLU(R_t · t / ‖t‖ · √n_t)` with the √n_t of
-    `RandomReluFeatures`' `R/√n` folded back (`fedfmx.feature_maps.TapFeatures`)."""
+    `RandomReluFeatures`' `R/√n` folded back (`fedfmx.closed_form.feature_maps.TapFeatures`)."""
     widths = [TAPS_BY_NAME[name].width for name in maps.taps]
     if sum(widths) != rows.shape[1]:
         raise ValueError(f"tap rows are {rows.shape[1]} wide, the maps' taps {sum(widths)}")
@@ -135,7 +135,7 @@ def adaptive_avg_pool(maps: np.ndarray, grid: int) -> np.ndarray:
 
 def tap_rows(outputs: Mapping[str, np.ndarray], taps: Sequence[str]) -> np.ndarray:
     """The vectors of `taps` side by side [N, Σ n_t], from a tap trunk's named outputs
-    (`export.tap_trunk`): `t = vec(pool_{g×g}(A_s))` as `fedfmx.trunk_taps.tap_vector`
+    (`export.tap_trunk`): `t = vec(pool_{g×g}(A_s))` as `fedfmx.trunk.taps.tap_vector`
     computes it, the pool tap being the trunk's pooled output itself."""
     parts = []
     for name in taps:
@@ -195,7 +195,7 @@ def export_feature_maps(fleet: FleetConfig, out: Path, trunk: Path | None = None
     import torch
 
     from export.checkpoint import InputSpec
-    from fedfmx.model import build_model
+    from fedfmx.learner.model import build_model
 
     network = build_model(fleet.network, fleet.routing, 1, fleet.seed)
     pretrained = fleet.model.backbone == "efficientnet_lite0"

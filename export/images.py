@@ -9,9 +9,9 @@ import numpy as np
 
 from export.checkpoint import InputSpec
 from export.errors import MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, refuse_oversize
-from fedfmx.datasets import read_idx
+from fedfmx.data.datasets import read_idx
+from fedfmx.data.preprocessing import decode_image, model_input
 from fedfmx.errors import DataError
-from fedfmx.preprocessing import decode_image, model_input
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -35,7 +35,7 @@ def load_images(
 def _load_png_dir(
     directory: Path, spec: InputSpec, limit: int | None
 ) -> tuple[np.ndarray, list[str]]:
-    """PNG/JPEG files through the devices' one preprocessing path (`fedfmx.preprocessing`)."""
+    """PNG/JPEG files through the devices' one preprocessing path (`fedfmx.data.preprocessing`)."""
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     arrays = []
     for file in files:

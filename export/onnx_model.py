@@ -23,7 +23,7 @@ from export.metadata import METADATA_KEY, ExportMetadata
 if TYPE_CHECKING:  # torch only to export: a serving device quantizes and reads files only
     import torch
 
-    from fedfmx.model import FedFMXModel
+    from fedfmx.learner.model import FedFMXModel
 
 OPSET = 18
 INPUT_NAME = "images"

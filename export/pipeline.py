@@ -22,8 +22,8 @@ from export.onnx_model import OPSET, export_onnx
 from export.parity import Logits, ParityReport, batched_logits, compare_logits, require_parity
 from export.quantize import QuantMode, quantize_onnx
 from export.torchscript_model import export_torchscript, load_torchscript
-from fedfmx.datasets import ImageDataset, load_dataset
-from fedfmx.model import FedFMXModel
+from fedfmx.data.datasets import ImageDataset, load_dataset
+from fedfmx.learner.model import FedFMXModel
 
 
 def precision_of(fmt: ExportFormat, quantization: Quantization) -> Precision:

@@ -1,7 +1,7 @@
 """The frozen trunk as ONNX with its taps as extra outputs: closed-form FedFMX without torch.
 
 `fedfmx_cf` on the trunk reads, beside the pooled features, stage outputs of the trunk
-(`fedfmx.trunk_taps`), which the pooled-only trunk (`export.trunk.export_trunk`) does not give.
+(`fedfmx.trunk.taps`), which the pooled-only trunk (`export.trunk.export_trunk`) does not give.
 This graph is the same single pass with those maps as extra outputs, named by their source
 (`block<i>`, `head`), after the pooled `features`; the pooling to each tap's grid, the unit norm
 and the projections are numpy on the device (`export.feature_maps`). It is quantized by the
@@ -24,7 +24,7 @@ from onnx import helper
 from export.checkpoint import InputSpec
 from export.onnx_model import trace_onnx
 from export.trunk import export_trunk, save_prepared
-from fedfmx.trunk_spec import FEATURES_NAME
+from fedfmx.trunk.spec import FEATURES_NAME
 
 STREAM_SUFFIX = ".stream"
 """The name an exposed map keeps inside the graph; the output itself is its `Identity`."""
@@ -38,8 +38,8 @@ def export_tap_trunk(spec: InputSpec, input_size: int, sources: tuple[str, ...],
         return export_trunk(spec, input_size, out)
     import torch
 
-    from fedfmx.pretrained import efficientnet_lite0_trunk, imagenet_input
-    from fedfmx.trunk_taps import trunk_outputs
+    from fedfmx.trunk.pretrained import efficientnet_lite0_trunk, imagenet_input
+    from fedfmx.trunk.taps import trunk_outputs
 
     class TrunkTaps(torch.nn.Module):
         def __init__(self) -> None:

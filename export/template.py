@@ -22,9 +22,9 @@ from onnx import numpy_helper
 from export.checkpoint import Checkpoint
 from export.metadata import ExportMetadata
 from export.onnx_model import OPSET, OUTPUT_NAME, trace_onnx, write_onnx_metadata
-from fedfmx.aggregation import HEAD_WEIGHT, Arrays
 from fedfmx.errors import ConfigError, DataError, ProtocolError
-from fedfmx.trunk_spec import TRUNK_FEATURES
+from fedfmx.federation.aggregation import HEAD_WEIGHT, Arrays
+from fedfmx.trunk.spec import TRUNK_FEATURES
 
 PARAMETERS_KEY = "fedfmx.template_parameters"
 """ONNX metadata entry: JSON object, parameter name -> shape, of the traced model."""
@@ -37,7 +37,7 @@ def export_template(checkpoint: Checkpoint, out: Path) -> Path:
     model = checkpoint.build()
     if model.uses_taps:
         raise ConfigError(
-            "fedfmx_cf on the trunk reads its intermediate taps (fedfmx.trunk_taps), which the "
+            "fedfmx_cf on the trunk reads its intermediate taps (fedfmx.trunk.taps), which the "
             "serving trunk does not output yet: serve it with torch"
         )
     spec = checkpoint.input

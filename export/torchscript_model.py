@@ -23,7 +23,7 @@ import torch
 from export.errors import first_line
 from export.metadata import TORCHSCRIPT_METADATA_FILE, ExportMetadata
 from fedfmx.errors import DataError
-from fedfmx.model import FedFMXModel
+from fedfmx.learner.model import FedFMXModel
 
 
 def export_torchscript(

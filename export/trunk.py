@@ -52,9 +52,9 @@ from export.reconstruction import reconstruct
 from export.rounding import adarounded_weights, conv_inputs, rounded_weights
 from export.trunk_runtime import fp32_trunk_path as fp32_trunk_path  # importable from here
 from export.trunk_runtime import int8_trunk_path
-from fedfmx.analytic import FeatureStatistics, ridge_scale, solve_head
+from fedfmx.closed_form.head import FeatureStatistics, ridge_scale, solve_head
 from fedfmx.errors import DataError
-from fedfmx.trunk_spec import FEATURES_NAME
+from fedfmx.trunk.spec import FEATURES_NAME
 
 QUANTIZED_OPS = ["Conv", "Clip", "Add", "ReduceMean"]
 Rounding = Literal["nearest", "adaround"]
@@ -75,7 +75,7 @@ def export_trunk(spec: InputSpec, input_size: int, out: Path) -> Path:
     installed, and the device that quantizes the trunk may have none."""
     import torch
 
-    from fedfmx.pretrained import efficientnet_lite0_trunk, imagenet_input
+    from fedfmx.trunk.pretrained import efficientnet_lite0_trunk, imagenet_input
 
     class TrunkFeatures(torch.nn.Module):
         def __init__(self) -> None:

@@ -17,8 +17,8 @@ import onnxruntime as ort
 from export.feature_maps import tap_rows
 from export.inference import open_session
 from fedfmx.errors import ConfigError
-from fedfmx.trunk_spec import FEATURES_NAME, backbone_id
-from fedfmx.trunk_taps import tap_sources
+from fedfmx.trunk.spec import FEATURES_NAME, backbone_id
+from fedfmx.trunk.taps import tap_sources
 
 TRUNK_BATCH = 16
 """Images run through the trunk at a time: activations at batch 64 cost a Pi-4 process more
@@ -47,7 +47,7 @@ def int8_trunk_path(folder: Path, input_size: int, sources: Sequence[str] = ()) 
 class TrunkRuntime:
     """One trunk file in an ONNX Runtime session: images in, float32 features out.
 
-    With `taps` (closed-form FedFMX on the trunk, `fedfmx.trunk_taps`) the features are those
+    With `taps` (closed-form FedFMX on the trunk, `fedfmx.trunk.taps`) the features are those
     taps' vectors side by side, pooled in numpy from the maps the file outputs."""
 
     path: Path

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedfmx.errors import ConfigError
-from fedfmx.messages import CodecSettings
+from fedfmx.wire.messages import CodecSettings
 
 MethodName = Literal[
     "fedfmx",
@@ -35,7 +35,8 @@ MethodName = Literal[
 """FedFMX, the baselines, FedFMX's ablations, and the centralised upper bound."""
 
 CLOSED_FORM_METHODS = ("ridge", "fedfmx_cf", "fedfmx_cf_no_experts")
-"""Methods whose head is solved in closed form from feature statistics (`fedfmx.analytic`)."""
+"""Methods whose head is solved in closed form from feature statistics
+(`fedfmx.closed_form.head`)."""
 
 
 class Section(BaseModel):
@@ -47,7 +48,7 @@ class Section(BaseModel):
 class ImageInputConfig(Section):
     """The fleet's input spec: what every image becomes before the model sees it.
 
-    One preprocessing path (`fedfmx.preprocessing`) reads it for training, Fisher, export,
+    One preprocessing path (`fedfmx.data.preprocessing`) reads it for training, Fisher, export,
     parity and serving alike: decode, convert to `channels`, fit to `height` x `width`
     (`stretch` resizes, `center_crop` keeps the aspect ratio and crops the middle), scale to
     [0, 1]. Unset, the fleet's data set decides (its images' shape, stretched).
@@ -63,7 +64,7 @@ class DataConfig(Section):
     dataset: Literal[
         "fashion_mnist", "digits", "mnist5k", "omniglot_small", "coil20", "yaleb", "orl"
     ] = "fashion_mnist"
-    """`fedfmx.datasets.DATASET_NAMES`; the last four are read from `../shared/datasets`."""
+    """`fedfmx.data.datasets.DATASET_NAMES`; the last four are read from `../shared/datasets`."""
     path: Path | None = None
     """Directory of the data files; None uses the dataset's standard location."""
     train_per_class: int | None = Field(default=None, gt=0)
@@ -126,7 +127,7 @@ class ModelConfig(Section):
     expert_hidden: int = Field(default=32, gt=0)
     head: Literal["sgd", "closed_form", "closed_form_experts"] = "sgd"
     """`sgd`: the head trains with the network. `closed_form`: a ridge head on fixed features
-    (`fedfmx.feature_maps`), solved by the aggregator from summed statistics.
+    (`fedfmx.closed_form.feature_maps`), solved by the aggregator from summed statistics.
     `closed_form_experts`: the same head on the shared features *and* the expert banks'
     (`expert_kernels`). The closed-form methods set it (`FleetConfig.network`)."""
     shared_features: int = Field(default=512, gt=0)
@@ -138,10 +139,11 @@ class ModelConfig(Section):
     """Each expert pools its maps to `grid × grid`: `filters·grid²` features per expert."""
     expert_taps: list[str] = Field(default=["block4_4x4", "block7_4x4", "block10_2x2"])
     """`closed_form_experts` on the `efficientnet_lite0` trunk: one expert per trunk tap
-    (`fedfmx.trunk_taps.TAPS`), in place of `expert_kernels`; chosen on validation rows by
+    (`fedfmx.trunk.taps.TAPS`), in place of `expert_kernels`; chosen on validation rows by
     `benchmarks/tap_selection.py` (docs/decisions.md). Raw-pixel models ignore it."""
     tap_features: int = Field(default=512, gt=0)
-    """Width of each tap expert's random projection (`fedfmx.feature_maps.TapFeatures`)."""
+    """Width of each tap expert's random projection
+    (`fedfmx.closed_form.feature_maps.TapFeatures`)."""
     trunk_shared_features: int = Field(default=512, gt=0)
     """`closed_form_experts` on the trunk: width of `φ_0`, the projection of the pooled tap."""
     random_features: int = Field(default=2048, ge=0)
@@ -150,7 +152,7 @@ class ModelConfig(Section):
     @field_validator("expert_taps")
     @classmethod
     def _known_taps(cls, taps: list[str]) -> list[str]:
-        from fedfmx.trunk_taps import TAPS_BY_NAME
+        from fedfmx.trunk.taps import TAPS_BY_NAME
 
         unknown = [tap for tap in taps if tap not in TAPS_BY_NAME]
         if unknown:
@@ -204,7 +206,7 @@ class TrainingConfig(Section):
     feature_cache_mb: int = Field(default=64, ge=0)
     """With a frozen pretrained backbone, each device keeps its samples' trunk features in an
     on-disk cache of at most this many MiB, so local epochs, Fisher estimation and FRES skip
-    the trunk (`fedfmx.feature_cache`); 0 runs every image through the trunk every time."""
+    the trunk (`fedfmx.trunk.feature_cache`); 0 runs every image through the trunk every time."""
 
 
 class BaselineConfig(Section):
@@ -222,7 +224,7 @@ class AnalyticConfig(Section):
 
     lambdas: list[float] = Field(default=[1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
     """Candidate `λ` in units of `tr(G)/d`; the aggregator keeps the one with the least
-    squared error on held-out *devices*' statistics (`fedfmx.analytic.choose_lambda`)."""
+    squared error on held-out *devices*' statistics (`fedfmx.closed_form.head.choose_lambda`)."""
     default_lambda: float = Field(default=1e-2, gt=0)
     """`λ` (in units of `tr(G)/d`) while fewer than two folds of devices have sent rows."""
     folds: int = Field(default=2, ge=2, le=8)
@@ -234,7 +236,7 @@ class AnalyticConfig(Section):
     send_factor: bool = True
     """Devices send a round's Gram matrix as its exact factor (`d·r` values, `r ≤` the rows)
     when that is smaller than its triangle (`d(d+1)/2`); False: always the triangle. The
-    aggregator accepts both either way (`fedfmx.analytic_state`)."""
+    aggregator accepts both either way (`fedfmx.closed_form.state`)."""
 
 
 class BrokerConfig(Section):
@@ -348,7 +350,7 @@ class RobustnessConfig(Section):
     """`mean`: Fisher-weighted experts, sample-weighted router/backbone, count-weighted head rows
     (associative sums). `median` / `trimmed_mean`: unweighted coordinate-wise statistic per
     tensor and head row over the devices that sent it; the aggregator then holds the round's
-    decoded updates in memory (`fedfmx.federation.OpenRound.updates`)."""
+    decoded updates in memory (`fedfmx.federation.rounds.OpenRound.updates`)."""
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
     """`trimmed_mean`: drop the ⌊β·n⌋ smallest and largest of the n values at each coordinate."""
 
@@ -357,7 +359,7 @@ class DownlinkConfig(Section):
     """How model versions travel to devices (docs/decisions.md §18)."""
 
     delta: bool = True
-    """Send each new version as a delta against the previous one (`fedfmx.model_delta`), the
+    """Send each new version as a delta against the previous one (`fedfmx.wire.model_delta`), the
     full version staying available for devices that do not hold that base; false: only the
     full fp32 version."""
     quantize: Literal["none", "int8"] = "int8"

@@ -33,16 +33,16 @@ from aggregator.state import RoundTotals
 from edge_client.config import DeviceConfig, PartitionSource, save_device_config
 from edge_client.stream_config import FolderSourceConfig
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.datasets import ImageDataset
+from fedfmx.data.datasets import ImageDataset
 from fedfmx.errors import ConfigError, FedFMXError
-from fedfmx.profiles import load_profile
-from fedfmx.simulation import (
+from fedfmx.federation.simulation import (
     RoundLog,
     SimulationResult,
     device_id,
     make_plan,
     task_evaluator,
 )
+from fedfmx.profiles import load_profile
 from fedfmx_cli.stream_demo import FolderFeeder
 from transport import EmbeddedBroker, MosquittoBroker
 from transport.brokers import BrokerChoice

@@ -33,7 +33,7 @@ from fedfmx_cli.console import console, one_line_errors
 from transport.brokers import BrokerChoice
 
 if TYPE_CHECKING:
-    from fedfmx.simulation import RoundLog, SimulationResult
+    from fedfmx.federation.simulation import RoundLog, SimulationResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -133,9 +133,9 @@ def simulate(
 ) -> None:
     """Run a whole class-incremental federation: every task, every round, every device."""
     from export.checkpoint import Checkpoint, InputSpec, save_checkpoint
-    from fedfmx.messages import ModelHeader
-    from fedfmx.plots import plot_seen_accuracy
-    from fedfmx.simulation import load_fleet_dataset, run_simulation
+    from fedfmx.evaluation.plots import plot_seen_accuracy
+    from fedfmx.federation.simulation import load_fleet_dataset, run_simulation
+    from fedfmx.wire.messages import ModelHeader
     from fedfmx_cli.fleet_simulation import MqttRun, run_over_mqtt
 
     fleet = _apply_overrides(load_fleet(fleet_file), method, seed, data_path)
@@ -230,7 +230,7 @@ def bench_fcil(
     name: Annotated[str, typer.Option(help="Output file stem.")] = "fcil_fmnist",
 ) -> None:
     """FedFMX against the baselines and ablations: methods x seeds x settings."""
-    from fedfmx.benchmark import (
+    from fedfmx.evaluation.benchmark import (
         ALL_METHODS,
         BENCH_FLEET,
         FULL,

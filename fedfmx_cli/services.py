@@ -106,7 +106,10 @@ def serve(
     fleet = _with_broker_url(load_fleet(fleet_file), broker_url)
     hooks = ServiceHooks()
     if evaluate:
-        from fedfmx.simulation import load_fleet_dataset, task_evaluator  # torch: only here
+        from fedfmx.federation.simulation import (  # torch: only here
+            load_fleet_dataset,
+            task_evaluator,
+        )
 
         hooks = ServiceHooks(evaluate=task_evaluator(fleet, load_fleet_dataset(fleet)))
     state_path = state or fleet.service.state_file(fleet.name)

@@ -40,9 +40,9 @@ def export_serving(
     from export.tap_trunk import export_tap_trunk
     from export.template import export_template
     from export.trunk import fp32_trunk_path
-    from fedfmx.messages import ModelHeader
-    from fedfmx.model import build_model, state_to_numpy
-    from fedfmx.trunk_taps import tap_sources
+    from fedfmx.learner.model import build_model, state_to_numpy
+    from fedfmx.trunk.taps import tap_sources
+    from fedfmx.wire.messages import ModelHeader
 
     config = load_fleet(fleet)
     model = build_model(config.network, config.routing, TEMPLATE_CLASSES, config.seed)

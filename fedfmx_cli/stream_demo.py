@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from fedfmx.config import FleetConfig
-from fedfmx.datasets import ImageDataset
+from fedfmx.data.datasets import ImageDataset
 from fedfmx.errors import DataError
-from fedfmx.simulation import make_plan
+from fedfmx.federation.simulation import make_plan
 
 
 def write_video(path: Path, images: list[np.ndarray], fps: float = 10.0) -> Path:
@@ -89,7 +89,7 @@ def camera_demo(out: Path, data_path: Path | None, broker_url: str) -> list[Path
     """
     import yaml
 
-    from fedfmx.datasets import load_dataset
+    from fedfmx.data.datasets import load_dataset
 
     dataset = load_dataset("coil20", data_path)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ from aggregator.districts.root import open_root
 from aggregator.service import ServiceHooks
 from aggregator.state import RoundTotals
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.datasets import ImageDataset
+from fedfmx.data.datasets import ImageDataset
 from fedfmx.errors import ConfigError
-from fedfmx.simulation import RoundLog, SimulationResult, device_id, task_evaluator
+from fedfmx.federation.simulation import RoundLog, SimulationResult, device_id, task_evaluator
 from fedfmx_cli.fleet_simulation import _device_profile, _spawn, round_log, run_to_the_end
 from transport import MosquittoBroker, free_port
 

@@ -26,12 +26,12 @@ from aggregator.districts.config import load_district_config, save_district_conf
 from aggregator.districts.provisioning import ProvisionedTree, provision_tree
 from aggregator.districts.root import RootAggregator, open_root
 from aggregator.service import ServiceHooks, first_model
-from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS
-from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.federation import GlobalModel, RoundKeeper, expected_update_shapes
-from fedfmx.messages import Hello, UpdateHeader, UpdateReceipt
-from fedfmx.signing import SignedAnnouncement
+from fedfmx.federation.aggregation import FISHER_PREFIX, HEAD_ROWS
+from fedfmx.federation.rounds import GlobalModel, RoundKeeper, expected_update_shapes
+from fedfmx.wire.codec import encode_update
+from fedfmx.wire.messages import Hello, UpdateHeader, UpdateReceipt
+from fedfmx.wire.signing import SignedAnnouncement
 from fedfmx_cli.tree_simulation import spread_devices, tree_brokers
 from transport import MosquittoBroker, MqttSession, TopicKind, client_topic, free_port
 from transport.session import session_settings

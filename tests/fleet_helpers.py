@@ -16,7 +16,7 @@ from aggregator.service import Aggregator
 from edge_client.agent import open_device
 from edge_client.config import load_device_config
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.simulation import device_id
+from fedfmx.federation.simulation import device_id
 
 FLEET_FILE = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 WAIT_S = 120.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fedfmx.errors import ConfigError
-from fedfmx.pretrained import weights_path
+from fedfmx.trunk.pretrained import weights_path
 
 try:
     weights_path()

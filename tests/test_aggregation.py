@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from fedfmx.aggregation import (
+from fedfmx.federation.aggregation import (
     ExpertSum,
     MergeSums,
     apply_merge,
@@ -10,7 +10,7 @@ from fedfmx.aggregation import (
     usage_fractions,
     weighted_sum,
 )
-from fedfmx.messages import UpdateHeader
+from fedfmx.wire.messages import UpdateHeader
 
 
 def _header(

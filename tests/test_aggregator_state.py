@@ -13,7 +13,7 @@ from aggregator.state import (
     UpdateRow,
 )
 from fedfmx.errors import ConfigError
-from fedfmx.messages import DeviceStatus, Hello, RoundAnnouncement
+from fedfmx.wire.messages import DeviceStatus, Hello, RoundAnnouncement
 
 
 def announcement(round_index: int, version: int, participants: list[str]) -> RoundAnnouncement:

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedfmx.analytic import (
+from fedfmx.closed_form.head import (
     FeatureStatistics,
     choose_lambda,
     merged,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedfmx.analytic import FeatureStatistics, solve_head, squared_error
-from fedfmx.analytic_fres import fres_block_scores, fres_keep
+from fedfmx.closed_form.fres import fres_block_scores, fres_keep
+from fedfmx.closed_form.head import FeatureStatistics, solve_head, squared_error
 
 OLD, NEW = ("a", "b"), ("c", "d")
 CLASSES = (*OLD, *NEW)

@@ -5,13 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from fedfmx.buffered import BufferKeeper, staleness_weight
-from fedfmx.codec import encode_update
 from fedfmx.config import FedFMXConfig, FleetConfig, ModelConfig
 from fedfmx.errors import ProtocolError
-from fedfmx.federation import GlobalModel, expected_update_shapes
-from fedfmx.messages import UpdateHeader
-from fedfmx.simulation import initial_model
+from fedfmx.federation.buffered import BufferKeeper, staleness_weight
+from fedfmx.federation.rounds import GlobalModel, expected_update_shapes
+from fedfmx.federation.simulation import initial_model
+from fedfmx.wire.codec import encode_update
+from fedfmx.wire.messages import UpdateHeader
 
 FLEET = FleetConfig.model_validate(
     {

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedfmx.analytic import FeatureStatistics, solve_head
-from fedfmx.analytic_state import (
+from fedfmx.closed_form.head import FeatureStatistics, solve_head
+from fedfmx.closed_form.state import (
     CANDIDATES,
     FLEET_SUMS_PREFIX,
     GRAM,
@@ -19,13 +19,13 @@ from fedfmx.analytic_state import (
     prequential_hits,
     statistics_tensors,
 )
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model, encode_update
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ProtocolError
-from fedfmx.federation import RoundKeeper
-from fedfmx.messages import UpdateHeader
-from fedfmx.model import build_model
-from fedfmx.simulation import initial_model, load_fleet_dataset, make_plan, run_inproc
+from fedfmx.federation.rounds import RoundKeeper
+from fedfmx.federation.simulation import initial_model, load_fleet_dataset, make_plan, run_inproc
+from fedfmx.learner.model import build_model
+from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model, encode_update
+from fedfmx.wire.messages import UpdateHeader
 
 CI_FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 DIM = 16

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from fedfmx.codec import (
+from fedfmx.errors import ProtocolError
+from fedfmx.wire.codec import (
     decode_model,
     decode_update,
     dequantize_rows,
@@ -17,8 +18,7 @@ from fedfmx.codec import (
     encode_update,
     quantize_rows,
 )
-from fedfmx.errors import ProtocolError
-from fedfmx.messages import CodecSettings, ModelHeader, UpdateHeader
+from fedfmx.wire.messages import CodecSettings, ModelHeader, UpdateHeader
 
 SHAPES = {"experts.0.w": (3, 4), "router.bias": (2,), "fisher.experts.0.w": (3, 1)}
 LIMIT = 1 << 20

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from fedfmx.benchmark import BENCH_FLEET
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ConfigError
+from fedfmx.evaluation.benchmark import BENCH_FLEET
 
 FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"
 

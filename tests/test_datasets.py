@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from fedfmx.config import DataConfig
-from fedfmx.datasets import (
+from fedfmx.data.datasets import (
     DATASET_NAMES,
     FASHION_MNIST_DIR,
     SHARED_DATASETS_DIR,

@@ -24,18 +24,18 @@ from test_mqtt_federation import (
 
 from aggregator.state import AggregatorState
 from edge_client.agent import EdgeDevice
-from fedfmx.codec import encode_model
 from fedfmx.config import FleetConfig
-from fedfmx.messages import DeltaHeader, ModelHeader, RoundAnnouncement
-from fedfmx.model_delta import EncodedDelta, encode_delta, payload_digest, publishable
-from fedfmx.signing import (
+from fedfmx.federation.simulation import initial_model
+from fedfmx.wire.codec import encode_model
+from fedfmx.wire.messages import DeltaHeader, ModelHeader, RoundAnnouncement
+from fedfmx.wire.model_delta import EncodedDelta, encode_delta, payload_digest, publishable
+from fedfmx.wire.signing import (
     DeltaPayload,
     chunk_payload,
     load_signing_key,
     sign_announcement,
     sign_manifest,
 )
-from fedfmx.simulation import initial_model
 from transport import (
     MosquittoBroker,
     TopicKind,

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfmx.codec import decode_update
 from fedfmx.config import FleetConfig
-from fedfmx.datasets import load_digits, subsample
-from fedfmx.device import DeviceLearner
-from fedfmx.federation import RoundKeeper, expected_update_shapes
-from fedfmx.messages import UpdateHeader
-from fedfmx.simulation import initial_model, own_partition
+from fedfmx.data.datasets import load_digits, subsample
+from fedfmx.device.learner import DeviceLearner
+from fedfmx.federation.rounds import RoundKeeper, expected_update_shapes
+from fedfmx.federation.simulation import initial_model, own_partition
+from fedfmx.wire.codec import decode_update
+from fedfmx.wire.messages import UpdateHeader
 
 ROUNDS = 3
 """Rounds 0-1 learn task 0; round 2 meets task 1 (Fisher, exemplars, replay, FRES)."""

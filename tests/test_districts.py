@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from aggregator.districts.provisioning import bridge_lines, district_acl_lines
-from fedfmx.aggregation import MergeSums, WeightedSum
 from fedfmx.config import parse_fleet
 from fedfmx.errors import ConfigError, FedFMXError
-from fedfmx.federation import GlobalModel
-from fedfmx.messages import DistrictReport
-from fedfmx.partials import PartialHeader, encode_partial
+from fedfmx.federation.aggregation import MergeSums, WeightedSum
+from fedfmx.federation.rounds import GlobalModel
+from fedfmx.wire.messages import DistrictReport
+from fedfmx.wire.partials import PartialHeader, encode_partial
 from tests.district_helpers import DEVICES, Tree, flat_models, running_tree, tree_fleet
 from transport import MqttSession, find_mosquitto
 from transport.district_topics import DistrictTopic, district_topic

@@ -15,7 +15,7 @@ from aggregator.provisioning import ProvisionedFleet, provision
 from aggregator.service import ServiceHooks, open_aggregator
 from edge_client.doctor import Finding, diagnose
 from fedfmx.config import load_fleet
-from fedfmx.messages import ClockProbe
+from fedfmx.wire.messages import ClockProbe
 from transport import MosquittoBroker, find_mosquitto
 
 FLEET_FILE = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"

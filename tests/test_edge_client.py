@@ -9,10 +9,10 @@ import torch
 from edge_client.config import load_device_config
 from edge_client.state import STATE_FILE, Progress, Snapshot, load_snapshot, save_snapshot
 from fedfmx.config import load_fleet
-from fedfmx.device import DeviceLearner
+from fedfmx.device.learner import DeviceLearner
 from fedfmx.errors import ConfigError, DataError
-from fedfmx.federation import RoundKeeper
-from fedfmx.simulation import initial_model, load_fleet_dataset, own_partition
+from fedfmx.federation.rounds import RoundKeeper
+from fedfmx.federation.simulation import initial_model, load_fleet_dataset, own_partition
 
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 

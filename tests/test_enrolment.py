@@ -179,7 +179,7 @@ def test_approve_refuses_a_request_for_another_identity(live_fleet: LiveFleet) -
     from aggregator.enrolment import certificate_for
     from edge_client.enrolment import certificate_request, device_key
     from fedfmx.errors import ProtocolError
-    from fedfmx.messages import EnrolmentRequest
+    from fedfmx.wire.messages import EnrolmentRequest
 
     key = device_key(live_fleet.credentials.directory / "intruder.key")
     forged = EnrolmentRequest(device_id=DEVICE, csr_pem=certificate_request("aggregator", key))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedfmx.errors import DataError
-from fedfmx.exemplars import ExemplarBuffer
+from fedfmx.learner.exemplars import ExemplarBuffer
 
 
 def samples(values: range | list[int]) -> np.ndarray:

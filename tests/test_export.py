@@ -30,13 +30,13 @@ from export.pipeline import (
 )
 from export.torchscript_model import load_torchscript
 from fedfmx.config import FleetConfig
-from fedfmx.datasets import ImageDataset, load_digits
+from fedfmx.data.datasets import ImageDataset, load_digits
 from fedfmx.errors import DataError
-from fedfmx.feature_cache import trunk_feature_fn
-from fedfmx.messages import ModelHeader
-from fedfmx.model import build_model
-from fedfmx.pretrained import PretrainedBackbone
-from fedfmx.training import LocalData, train_local
+from fedfmx.learner.model import build_model
+from fedfmx.learner.training import LocalData, train_local
+from fedfmx.trunk.feature_cache import trunk_feature_fn
+from fedfmx.trunk.pretrained import PretrainedBackbone
+from fedfmx.wire.messages import ModelHeader
 from fedfmx_cli.deploy import register
 
 REPO = Path(__file__).resolve().parents[1]

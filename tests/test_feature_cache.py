@@ -13,9 +13,9 @@ import torch
 
 from fedfmx.config import FedFMXConfig, ModelConfig
 from fedfmx.errors import ConfigError
-from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
-from fedfmx.model import build_model
-from fedfmx.pretrained import BACKBONE_ID, TRUNK_FEATURES, PretrainedBackbone
+from fedfmx.learner.model import build_model
+from fedfmx.trunk.feature_cache import FeatureCache, trunk_feature_fn
+from fedfmx.trunk.pretrained import BACKBONE_ID, TRUNK_FEATURES, PretrainedBackbone
 
 DIM = 16
 
@@ -118,7 +118,7 @@ def test_corrupt_entry_is_logged_deleted_and_recomputed(
     path = tmp_path / f"{cache.key(rows[1])}.safetensors"
     path.write_bytes(damage(path.read_bytes()))
     trunk = CountingTrunk()
-    with caplog.at_level(logging.WARNING, logger="fedfmx.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="fedfmx.trunk.feature_cache"):
         recovered = cache.features(rows, trunk)
     assert trunk.rows == 1 and cache.stats.corrupt == 1
     assert "dropping entry" in caplog.text

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedfmx.benchmark import time_device_rounds
+from fedfmx.closed_form.feature_maps import RandomConvFeatures, RandomReluFeatures
 from fedfmx.config import FleetConfig, load_fleet, parse_fleet
-from fedfmx.device import DeviceLearner
+from fedfmx.device.learner import DeviceLearner
 from fedfmx.errors import ConfigError
-from fedfmx.feature_maps import RandomConvFeatures, RandomReluFeatures
-from fedfmx.model import build_model
-from fedfmx.simulation import load_fleet_dataset, own_partition
+from fedfmx.evaluation.benchmark import time_device_rounds
+from fedfmx.federation.simulation import load_fleet_dataset, own_partition
+from fedfmx.learner.model import build_model
 
 CI_FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 

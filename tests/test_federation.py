@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from fedfmx.codec import encode_update
 from fedfmx.config import FedFMXConfig, FleetConfig, ModelConfig
 from fedfmx.errors import ProtocolError
-from fedfmx.federation import RoundKeeper, expected_update_shapes
-from fedfmx.messages import UpdateHeader
-from fedfmx.simulation import initial_model
+from fedfmx.federation.rounds import RoundKeeper, expected_update_shapes
+from fedfmx.federation.simulation import initial_model
+from fedfmx.wire.codec import encode_update
+from fedfmx.wire.messages import UpdateHeader
 
 FLEET = FleetConfig(
     name="t",

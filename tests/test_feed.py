@@ -13,7 +13,7 @@ from edge_client.sample_store import SampleStore
 from edge_client.sources.folder import FolderSource
 from edge_client.stream_config import FolderSourceConfig, StoreConfig
 from fedfmx.config import ClassPolicyConfig, ImageInputConfig
-from fedfmx.preprocessing import model_input
+from fedfmx.data.preprocessing import model_input
 
 SPEC = ImageInputConfig(channels=1, height=8, width=8)
 

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from fedfmx.config import FedFMXConfig, ModelConfig
-from fedfmx.fisher import (
+from fedfmx.learner.fisher import (
     accumulate_fisher,
     diagonal_fisher,
     expert_parameter_names,
@@ -14,7 +14,7 @@ from fedfmx.fisher import (
     new_class_gradients,
     select_trained_experts,
 )
-from fedfmx.model import build_model
+from fedfmx.learner.model import build_model
 
 
 def test_fres_scores_hand_computed() -> None:

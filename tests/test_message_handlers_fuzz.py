@@ -24,11 +24,11 @@ from aggregator.service import Aggregator
 from aggregator.state import AggregatorState
 from edge_client.agent import EdgeDevice, open_device
 from edge_client.config import load_device_config
-from fedfmx.codec import encode_model, encode_update
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.device import validate_announcement
-from fedfmx.messages import CodecSettings, ModelHeader, RoundAnnouncement, UpdateHeader
-from fedfmx.signing import sign_announcement, sign_manifest
+from fedfmx.device.learner import validate_announcement
+from fedfmx.wire.codec import encode_model, encode_update
+from fedfmx.wire.messages import CodecSettings, ModelHeader, RoundAnnouncement, UpdateHeader
+from fedfmx.wire.signing import sign_announcement, sign_manifest
 from transport import (
     DeliveryDeferred,
     MqttSession,

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fedfmx.metrics import (
+from fedfmx.evaluation.metrics import (
     accuracy,
     average_incremental_accuracy,
     backward_transfer,

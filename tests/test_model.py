@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from fedfmx.config import FedFMXConfig, ModelConfig
-from fedfmx.model import build_model, load_numpy_state, state_to_numpy
+from fedfmx.learner.model import build_model, load_numpy_state, state_to_numpy
 
 CONFIG = ModelConfig(backbone_channels=[4, 8], feature_dim=8, num_experts=4, expert_hidden=4)
 

@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import zstandard
 
-from fedfmx.codec import MAX_MODEL_BYTES, encode_model, encode_update
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import ProtocolError
-from fedfmx.federation import GlobalModel, RoundKeeper
-from fedfmx.messages import DeltaHeader, ModelHeader, UpdateHeader
-from fedfmx.model_delta import (
+from fedfmx.federation.rounds import GlobalModel, RoundKeeper
+from fedfmx.federation.simulation import initial_model
+from fedfmx.wire.codec import MAX_MODEL_BYTES, encode_model, encode_update
+from fedfmx.wire.messages import DeltaHeader, ModelHeader, UpdateHeader
+from fedfmx.wire.model_delta import (
     DELTA_MAGIC,
     decode_delta,
     encode_delta,
     payload_digest,
     publishable,
 )
-from fedfmx.simulation import initial_model
 
 FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"
 RNG = np.random.default_rng(0)

@@ -35,7 +35,7 @@ from aggregator.monitoring import rejection_bucket, serve_metrics
 from aggregator.service import ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
 from aggregator.status_page import serve_status_page
-from fedfmx.simulation import load_fleet_dataset, task_evaluator
+from fedfmx.federation.simulation import load_fleet_dataset, task_evaluator
 from transport import MosquittoBroker, MqttSession, SessionSettings, free_port
 
 DOCS = Path(__file__).parent.parent / "docs"

@@ -33,12 +33,19 @@ from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
 from edge_client.agent import EdgeDevice, open_device
 from edge_client.config import load_device_config
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model, decode_update, encode_model, encode_update
 from fedfmx.config import BrokerConfig, FleetConfig, load_fleet
-from fedfmx.device import DeviceLearner
+from fedfmx.device.learner import DeviceLearner
 from fedfmx.errors import FedFMXError
-from fedfmx.federation import expected_update_shapes
-from fedfmx.messages import (
+from fedfmx.federation.rounds import expected_update_shapes
+from fedfmx.federation.simulation import device_id, initial_model, load_fleet_dataset, own_partition
+from fedfmx.wire.codec import (
+    MAX_MODEL_BYTES,
+    decode_model,
+    decode_update,
+    encode_model,
+    encode_update,
+)
+from fedfmx.wire.messages import (
     CodecSettings,
     DeviceStatus,
     Hello,
@@ -46,14 +53,13 @@ from fedfmx.messages import (
     RoundAnnouncement,
     UpdateReceipt,
 )
-from fedfmx.signing import (
+from fedfmx.wire.signing import (
     SignedAnnouncement,
     chunk_payload,
     load_signing_key,
     sign_announcement,
     sign_manifest,
 )
-from fedfmx.simulation import device_id, initial_model, load_fleet_dataset, own_partition
 from transport import (
     MosquittoBroker,
     MqttSession,

@@ -34,10 +34,10 @@ from test_mqtt_federation import (
 
 from aggregator.service import ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState
-from fedfmx.codec import encode_model
-from fedfmx.messages import Hello, ModelHeader, RoundAnnouncement
-from fedfmx.signing import chunk_payload, load_signing_key, sign_announcement, sign_manifest
-from fedfmx.simulation import initial_model
+from fedfmx.federation.simulation import initial_model
+from fedfmx.wire.codec import encode_model
+from fedfmx.wire.messages import Hello, ModelHeader, RoundAnnouncement
+from fedfmx.wire.signing import chunk_payload, load_signing_key, sign_announcement, sign_manifest
 from transport import (
     MosquittoBroker,
     MqttSession,

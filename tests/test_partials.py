@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import zstandard
 
-from fedfmx import partials
-from fedfmx.aggregation import MergeSums, WeightedSum
-from fedfmx.codec import frame
 from fedfmx.errors import ProtocolError
-from fedfmx.federation import RoundKeeper
-from fedfmx.partials import PartialHeader, decode_partial, encode_partial
+from fedfmx.federation.aggregation import MergeSums, WeightedSum
+from fedfmx.federation.rounds import RoundKeeper
+from fedfmx.wire import partials
+from fedfmx.wire.codec import frame
+from fedfmx.wire.partials import PartialHeader, decode_partial, encode_partial
 from tests.district_helpers import flat_models, scripted_update, tree_fleet
 
 ALL = [f"device-{i:03d}" for i in range(4)]

@@ -16,7 +16,7 @@ from export.checkpoint import load_checkpoint
 from export.formats import ExportFormat, InferenceProvider, Quantization
 from export.inference import ModelServer, execution_providers
 from export.pipeline import EvalSet, export_checkpoint
-from fedfmx.datasets import ImageDataset, load_digits
+from fedfmx.data.datasets import ImageDataset, load_digits
 from fedfmx.errors import ConfigError, DataError
 from fedfmx_cli.deploy import register
 

@@ -13,7 +13,7 @@ from edge_client.predictions import LabelQueue, Served, StreamPredictor, scores
 from edge_client.sources.base import Sample
 from edge_client.stream_config import PredictionsConfig
 from fedfmx.config import ImageInputConfig
-from fedfmx.preprocessing import model_input
+from fedfmx.data.preprocessing import model_input
 
 SPEC = ImageInputConfig(channels=1, height=8, width=8)
 

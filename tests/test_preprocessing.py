@@ -14,11 +14,11 @@ from stream_images import digit_pixels, encode
 from export.checkpoint import InputSpec
 from export.images import load_images
 from fedfmx.config import FleetConfig, ImageInputConfig, parse_fleet
-from fedfmx.device import DeviceLearner
+from fedfmx.data.preprocessing import decode_image, fit_pixels, model_input
+from fedfmx.data.stream import ArraySamples, StreamPosition
+from fedfmx.device.learner import DeviceLearner
 from fedfmx.errors import ConfigError, DataError
-from fedfmx.model import build_model
-from fedfmx.preprocessing import decode_image, fit_pixels, model_input
-from fedfmx.stream import ArraySamples, StreamPosition
+from fedfmx.learner.model import build_model
 
 
 def test_center_crop_keeps_the_middle_and_stretch_keeps_everything() -> None:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedfmx import pretrained
 from fedfmx.config import FedFMXConfig, ModelConfig
-from fedfmx.datasets import load_digits
+from fedfmx.data.datasets import load_digits
 from fedfmx.errors import ConfigError
-from fedfmx.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
-from fedfmx.pretrained import TRUNK_FEATURES, PretrainedBackbone
-from fedfmx.training import LocalData, train_local
+from fedfmx.learner.model import FedFMXModel, build_model, load_numpy_state, state_to_numpy
+from fedfmx.learner.training import LocalData, train_local
+from fedfmx.trunk import pretrained
+from fedfmx.trunk.pretrained import TRUNK_FEATURES, PretrainedBackbone
 
 CONFIG = ModelConfig(backbone="efficientnet_lite0", feature_dim=16, num_experts=4, expert_hidden=8)
 ROUTING = FedFMXConfig(k_max=2)

@@ -8,16 +8,6 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from fedfmx.aggregation import (
-    MergeSums,
-    clip_update,
-    coordinate_median,
-    delta_norm,
-    robust_delta,
-    trimmed_mean,
-    update_sums,
-)
-from fedfmx.codec import encode_update
 from fedfmx.config import (
     DownlinkConfig,
     FedFMXConfig,
@@ -27,9 +17,19 @@ from fedfmx.config import (
     parse_fleet,
 )
 from fedfmx.errors import ConfigError
-from fedfmx.federation import GlobalModel, RoundKeeper, expected_update_shapes
-from fedfmx.messages import UpdateHeader
-from fedfmx.simulation import initial_model
+from fedfmx.federation.aggregation import (
+    MergeSums,
+    clip_update,
+    coordinate_median,
+    delta_norm,
+    robust_delta,
+    trimmed_mean,
+    update_sums,
+)
+from fedfmx.federation.rounds import GlobalModel, RoundKeeper, expected_update_shapes
+from fedfmx.federation.simulation import initial_model
+from fedfmx.wire.codec import encode_update
+from fedfmx.wire.messages import UpdateHeader
 
 DEVICES = ["a", "b", "c", "d", "e"]
 

@@ -17,9 +17,9 @@ from aggregator.rollback import roll_back
 from aggregator.service import ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState, RoundTotals, StoredModel
 from aggregator.state_lock import exclusive_state
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model, encode_model
 from fedfmx.config import load_fleet
 from fedfmx.errors import ConfigError
+from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model, encode_model
 from fedfmx_cli.main import app
 from transport import MosquittoBroker
 

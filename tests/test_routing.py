@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fedfmx.routing import (
+from fedfmx.learner.routing import (
     aes_mask,
     fres_route_loss,
     fres_route_target,

@@ -16,10 +16,10 @@ from edge_client.sources.base import Sample
 from edge_client.store_stream import StoreStream
 from edge_client.stream_config import StoreConfig
 from fedfmx.config import ClassPolicyConfig, ImageInputConfig, load_fleet
-from fedfmx.device import DeviceLearner
-from fedfmx.federation import RoundKeeper
-from fedfmx.preprocessing import model_input
-from fedfmx.simulation import initial_model
+from fedfmx.data.preprocessing import model_input
+from fedfmx.device.learner import DeviceLearner
+from fedfmx.federation.rounds import RoundKeeper
+from fedfmx.federation.simulation import initial_model
 
 SPEC = ImageInputConfig(channels=1, height=8, width=8)
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
@@ -173,8 +173,8 @@ def test_a_learner_trains_on_new_arrivals_plus_its_memory(tmp_path: Path) -> Non
 def test_a_pretrained_device_without_raw_images_keeps_and_trains_on_trunk_features(
     tmp_path: Path,
 ) -> None:
-    from fedfmx.feature_cache import trunk_feature_fn
-    from fedfmx.pretrained import TRUNK_FEATURES, PretrainedBackbone
+    from fedfmx.trunk.feature_cache import trunk_feature_fn
+    from fedfmx.trunk.pretrained import TRUNK_FEATURES, PretrainedBackbone
 
     base = load_fleet(FLEET)
     fleet = base.model_copy(

@@ -28,8 +28,8 @@ from export.onnx_model import INPUT_NAME
 from export.template import export_template, fill_template
 from fedfmx.config import load_fleet
 from fedfmx.errors import ConfigError, ProtocolError
-from fedfmx.messages import ModelHeader
-from fedfmx.model import build_model, state_to_numpy
+from fedfmx.learner.model import build_model, state_to_numpy
+from fedfmx.wire.messages import ModelHeader
 from fedfmx_cli.serving import export_serving
 from transport import find_mosquitto
 

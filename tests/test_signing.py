@@ -4,7 +4,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedfmx.errors import ProtocolError
-from fedfmx.signing import (
+from fedfmx.wire.signing import (
     DeltaPayload,
     assemble_verified,
     chunk_payload,

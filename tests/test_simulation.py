@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedfmx.config import load_fleet
-from fedfmx.datasets import load_digits
-from fedfmx.simulation import holdout_validation, load_fleet_dataset, run_simulation
+from fedfmx.data.datasets import load_digits
+from fedfmx.federation.simulation import holdout_validation, load_fleet_dataset, run_simulation
 from fedfmx_cli.main import app
 
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"

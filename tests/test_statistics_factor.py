@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedfmx.analytic import (
+from fedfmx.closed_form.head import (
     FeatureStatistics,
     factor_is_smaller,
     factor_problem,
@@ -17,11 +17,11 @@ from fedfmx.analytic import (
     merged,
     solve_head,
 )
-from fedfmx.analytic_state import FACTOR, MOMENTS, factor_tensors, fleet_folds
+from fedfmx.closed_form.state import FACTOR, MOMENTS, factor_tensors, fleet_folds
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
-from fedfmx.federation import RoundKeeper
-from fedfmx.simulation import initial_model, load_fleet_dataset, run_inproc
+from fedfmx.federation.rounds import RoundKeeper
+from fedfmx.federation.simulation import initial_model, load_fleet_dataset, run_inproc
 from tests.test_closed_form_federation import DIM, fleet, keeper_for, payload
 from tests.test_statistics_partials import DEVICES, EAST, WEST, district_partial
 
@@ -219,7 +219,7 @@ def test_hostile_factors_are_refused_with_a_reason_and_change_nothing(
 
 
 def test_devices_send_the_factor_when_smaller_and_the_head_is_the_triangles() -> None:
-    """The in-process engine (the torch learner's path through `fedfmx.device_round`): with
+    """The in-process engine (the torch learner's path through `fedfmx.device.round`): with
     `send_factor` the updates of fewer than (d + 1)/2 rows carry the factor, fewer bytes
     travel, and the fleet's head is the one of the run that sends only triangles."""
     runs = {}

@@ -7,16 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedfmx.analytic import FeatureStatistics
-from fedfmx.analytic_state import fold_of
+from fedfmx.closed_form.head import FeatureStatistics
+from fedfmx.closed_form.state import fold_of
 from fedfmx.errors import ProtocolError
-from fedfmx.federation import RoundKeeper
-from fedfmx.partials import (
+from fedfmx.federation.rounds import RoundKeeper
+from fedfmx.federation.simulation import initial_model
+from fedfmx.wire.partials import (
     PartialHeader,
     decode_statistics_partial,
     encode_statistics_partial,
 )
-from fedfmx.simulation import initial_model
 from tests.test_closed_form_federation import device_statistics, fleet, payload
 
 DEVICES = ["device-000", "device-001", "device-002", "device-003"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedfmx.errors import ConfigError, DataError
-from fedfmx.stream import (
+from fedfmx.data.stream import (
     IncrementalPlan,
     StreamPosition,
     class_order,
@@ -14,6 +13,7 @@ from fedfmx.stream import (
     dirichlet_partition,
     split_tasks,
 )
+from fedfmx.errors import ConfigError, DataError
 
 
 def test_class_order_is_a_seeded_permutation() -> None:

@@ -10,8 +10,8 @@ import yaml
 
 from edge_client.config import load_device_config
 from fedfmx.config import load_fleet
-from fedfmx.datasets import DataError, load_dataset
-from fedfmx.simulation import load_fleet_dataset, make_plan
+from fedfmx.data.datasets import DataError, load_dataset
+from fedfmx.federation.simulation import load_fleet_dataset, make_plan
 from fedfmx_cli.stream_demo import FolderFeeder, camera_demo
 
 FLEETS = Path(__file__).parent.parent / "device_configs" / "fleets"

@@ -25,9 +25,9 @@ from aggregator.provisioning import signing_key_files
 from aggregator.service import Aggregator, ServiceHooks, open_aggregator
 from aggregator.state import AggregatorState, RoundTotals
 from fedfmx.config import BrokerConfig, FleetConfig, load_fleet
-from fedfmx.metrics import predict
-from fedfmx.model import build_model, load_numpy_state
-from fedfmx.preprocessing import fleet_image_input, model_input
+from fedfmx.data.preprocessing import fleet_image_input, model_input
+from fedfmx.evaluation.metrics import predict
+from fedfmx.learner.model import build_model, load_numpy_state
 from fedfmx_cli.main import app
 from fedfmx_cli.stream_demo import write_video
 from transport import MosquittoBroker, MqttSession, TopicKind, client_topic, session_settings

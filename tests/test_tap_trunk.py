@@ -19,10 +19,10 @@ from export.feature_maps import ExpertBank, FixedMaps, closed_form_features, tap
 from export.tap_trunk import STREAM_SUFFIX, export_tap_trunk
 from export.trunk import quantize_trunk
 from export.trunk_runtime import TrunkRuntime, fp32_trunk_path
-from fedfmx.datasets import load_dataset
-from fedfmx.feature_maps import TapFeatures
-from fedfmx.trunk_spec import FEATURES_NAME
-from fedfmx.trunk_taps import TAP_WIDTH, TAPS, tap_slice, tap_sources, tap_vector
+from fedfmx.closed_form.feature_maps import TapFeatures
+from fedfmx.data.datasets import load_dataset
+from fedfmx.trunk.spec import FEATURES_NAME
+from fedfmx.trunk.taps import TAP_WIDTH, TAPS, tap_slice, tap_sources, tap_vector
 
 FLEET_TAPS = ("pool", "block4_4x4", "block7_4x4", "block10_2x2")
 """The default fleet's: `φ_0`'s pool and the three expert taps."""

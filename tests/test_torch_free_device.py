@@ -25,19 +25,19 @@ from edge_client.statistics_learner import StatisticsLearner
 from export.checkpoint import InputSpec
 from export.feature_maps import FEATURE_MAPS_FILE, closed_form_features, load_feature_maps
 from export.trunk_runtime import TrunkRuntime, fp32_trunk_path
-from fedfmx.analytic import FeatureStatistics, solve_head
-from fedfmx.analytic_state import LAMBDA, ROWS_PREFIX, device_view
+from fedfmx.closed_form.head import FeatureStatistics, solve_head
+from fedfmx.closed_form.state import LAMBDA, ROWS_PREFIX, device_view
 from fedfmx.config import FleetConfig, load_fleet
-from fedfmx.device import DeviceLearner
-from fedfmx.device_round import STATISTICS_BATCH
+from fedfmx.data.fleet_data import load_fleet_dataset, own_partition
+from fedfmx.data.stream import SampleTable
+from fedfmx.device.learner import DeviceLearner
+from fedfmx.device.round import STATISTICS_BATCH
 from fedfmx.errors import ConfigError
-from fedfmx.federation import RoundKeeper
-from fedfmx.fleet_data import load_fleet_dataset, own_partition
-from fedfmx.messages import ModelHeader
-from fedfmx.model import build_model, state_to_numpy
-from fedfmx.simulation import initial_model
-from fedfmx.stream import SampleTable
-from fedfmx.trunk_taps import tap_sources
+from fedfmx.federation.rounds import RoundKeeper
+from fedfmx.federation.simulation import initial_model
+from fedfmx.learner.model import build_model, state_to_numpy
+from fedfmx.trunk.taps import tap_sources
+from fedfmx.wire.messages import ModelHeader
 from fedfmx_cli.serving import export_serving
 
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"

@@ -6,8 +6,8 @@ import torch
 from torch.nn import functional as F
 
 from fedfmx.config import FedFMXConfig, ModelConfig
-from fedfmx.model import build_model
-from fedfmx.training import (
+from fedfmx.learner.model import build_model
+from fedfmx.learner.training import (
     Batch,
     Forward,
     LocalData,

@@ -23,7 +23,7 @@ from export.trunk import (
     trunk_parity,
 )
 from export.trunk_runtime import TrunkRuntime
-from fedfmx.datasets import load_dataset
+from fedfmx.data.datasets import load_dataset
 from fedfmx.errors import ConfigError, DataError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -107,7 +107,7 @@ def test_a_trunk_needs_calibration_images(tmp_path: Path) -> None:
 
 def _efficientnet_installed() -> bool:
     try:
-        from fedfmx.pretrained import weights_path
+        from fedfmx.trunk.pretrained import weights_path
 
         weights_path()
     except ConfigError:

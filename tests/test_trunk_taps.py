@@ -10,15 +10,15 @@ import torch
 from lite0_helpers import needs_weights
 from pydantic import ValidationError
 
-from fedfmx.analytic import FeatureStatistics, solve_head
-from fedfmx.analytic_state import LAMBDA
+from fedfmx.closed_form.feature_maps import TapFeatures
+from fedfmx.closed_form.head import FeatureStatistics, solve_head
+from fedfmx.closed_form.state import LAMBDA
 from fedfmx.config import FleetConfig, ModelConfig, load_fleet
-from fedfmx.datasets import ImageDataset
-from fedfmx.feature_cache import FeatureCache, trunk_feature_fn
-from fedfmx.feature_maps import TapFeatures
-from fedfmx.model import build_model
-from fedfmx.simulation import make_plan, run_inproc
-from fedfmx.trunk_taps import TAP_WIDTH, TAPS, tap_slice, tap_vector, taps_id
+from fedfmx.data.datasets import ImageDataset
+from fedfmx.federation.simulation import make_plan, run_inproc
+from fedfmx.learner.model import build_model
+from fedfmx.trunk.feature_cache import FeatureCache, trunk_feature_fn
+from fedfmx.trunk.taps import TAP_WIDTH, TAPS, tap_slice, tap_vector, taps_id
 
 CI_FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
 
@@ -115,8 +115,8 @@ def test_the_cache_keeps_tap_vectors_and_rejects_a_corrupt_one(tmp_path: Path) -
 
 @needs_weights
 def test_the_trunk_pass_gives_the_pool_and_the_taps_at_once() -> None:
-    from fedfmx.pretrained import PretrainedBackbone, imagenet_input
-    from fedfmx.trunk_taps import trunk_outputs
+    from fedfmx.trunk.pretrained import PretrainedBackbone, imagenet_input
+    from fedfmx.trunk.taps import trunk_outputs
 
     backbone = PretrainedBackbone(feature_dim=1)
     images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))

@@ -9,9 +9,9 @@ import zstandard
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from fedfmx.codec import decode_update, decompress_bounded, dequantize_rows, encode_update
 from fedfmx.errors import ProtocolError
-from fedfmx.messages import CodecSettings, UpdateHeader
+from fedfmx.wire.codec import decode_update, decompress_bounded, dequantize_rows, encode_update
+from fedfmx.wire.messages import CodecSettings, UpdateHeader
 from tests.test_codec import _header as codec_header
 
 INT8 = CodecSettings(quantize="int8", zstd_level=3)

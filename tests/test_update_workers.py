@@ -18,12 +18,12 @@ from aggregator.pooled import PooledAggregator
 from aggregator.service import ServiceHooks, first_model, open_aggregator
 from aggregator.state import AggregatorState
 from aggregator.update_workers import UpdatePool, Verdict
-from fedfmx.aggregation import FISHER_PREFIX, HEAD_ROWS
-from fedfmx.codec import encode_update
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
-from fedfmx.federation import GlobalModel, RoundKeeper, expected_update_shapes
-from fedfmx.messages import CodecSettings, Hello, UpdateHeader
+from fedfmx.federation.aggregation import FISHER_PREFIX, HEAD_ROWS
+from fedfmx.federation.rounds import GlobalModel, RoundKeeper, expected_update_shapes
+from fedfmx.wire.codec import encode_update
+from fedfmx.wire.messages import CodecSettings, Hello, UpdateHeader
 from transport import (
     MosquittoBroker,
     TopicKind,

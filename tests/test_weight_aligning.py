@@ -2,7 +2,7 @@
 
 import torch
 
-from fedfmx.methods import align_weights
+from fedfmx.learner.methods import align_weights
 
 
 def test_hand_computed_alignment() -> None:

@@ -28,15 +28,15 @@ from aggregator.districts.side_tables import SideTable
 from aggregator.events import log_event
 from aggregator.service import Aggregator, ServiceHooks
 from aggregator.state import AggregatorState, StoredModel
-from fedfmx.analytic import FeatureStatistics
-from fedfmx.analytic_state import HEAD_WEIGHT, rows_held
-from fedfmx.codec import MAX_MODEL_BYTES, decode_model
+from fedfmx.closed_form.head import FeatureStatistics
+from fedfmx.closed_form.state import HEAD_WEIGHT, rows_held
 from fedfmx.config import FleetConfig, load_fleet
 from fedfmx.errors import FedFMXError, ProtocolError
-from fedfmx.federation import GlobalModel, OpenRound
-from fedfmx.messages import DistrictReport, RoundAnnouncement
-from fedfmx.partials import PartialHeader, encode_partial, encode_statistics_partial
-from fedfmx.signing import (
+from fedfmx.federation.rounds import GlobalModel, OpenRound
+from fedfmx.wire.codec import MAX_MODEL_BYTES, decode_model
+from fedfmx.wire.messages import DistrictReport, RoundAnnouncement
+from fedfmx.wire.partials import PartialHeader, encode_partial, encode_statistics_partial
+from fedfmx.wire.signing import (
     assemble_verified,
     chunk_payload,
     load_verify_key,

@@ -5,7 +5,7 @@ evaluation) with districts in the devices' place. Each district tells it which d
 part (`DistrictReport`, retained); a round names them all, and the root signs one announcement
 per district naming that district's devices, on `districts/<id>/round`, which the district's
 bridge maps onto the district broker's own `round` topic. Each district answers with one
-partial (`fedfmx.partials`), which the root validates and adds to the round's sums exactly as
+partial (`fedfmx.wire.partials`), which the root validates and adds to the round's sums exactly as
 it adds a device's update: the merge is the flat merge (DESIGN §8).
 
 Partials are keyed by (round, district): the first valid one is stored and counts, a re-send
@@ -33,9 +33,9 @@ from aggregator.service import Aggregator, ServiceHooks
 from aggregator.state import AggregatorState, StoredRound
 from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
-from fedfmx.messages import DistrictReport
-from fedfmx.partials import PartialHeader
-from fedfmx.signing import load_signing_key, sign_announcement
+from fedfmx.wire.messages import DistrictReport
+from fedfmx.wire.partials import PartialHeader
+from fedfmx.wire.signing import load_signing_key, sign_announcement
 from transport import MqttSession, model_filters, mqtt_client_id, session_settings
 from transport.district_topics import (
     DistrictTopic,

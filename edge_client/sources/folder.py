@@ -27,8 +27,8 @@ from watchdog.observers.polling import PollingObserver
 
 from edge_client.sources.base import Sample, SourceHealth, SourceState
 from edge_client.stream_config import FolderSourceConfig
+from fedfmx.data.preprocessing import decode_image
 from fedfmx.errors import DataError
-from fedfmx.preprocessing import decode_image
 
 log = logging.getLogger(__name__)
 

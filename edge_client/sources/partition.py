@@ -1,16 +1,16 @@
 """The simulation's source: this device's share of a fleet data set, as the seeded plan deals it.
 
 The stand-in for a camera when a whole fleet runs on one machine: the device loads the data
-set once, keeps its own rows only, and receives them round by round (`fedfmx.stream`).
+set once, keeps its own rows only, and receives them round by round (`fedfmx.data.stream`).
 """
 
 from __future__ import annotations
 
 from edge_client.config import PartitionSource
 from fedfmx.config import FleetConfig
+from fedfmx.data.fleet_data import load_fleet_dataset, own_partition
+from fedfmx.data.stream import ArraySamples, OwnRowsStream
 from fedfmx.errors import ConfigError
-from fedfmx.fleet_data import load_fleet_dataset, own_partition
-from fedfmx.stream import ArraySamples, OwnRowsStream
 
 
 def open_partition(

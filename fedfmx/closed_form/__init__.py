@@ -1,0 +1,1 @@
+"""The closed-form (analytic) head: summed feature statistics, fixed feature maps, FRES."""

@@ -1,0 +1,1 @@
+"""A device's round, free of any transport: the torch learner, the torch-free state and checks."""

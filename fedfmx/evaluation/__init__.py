@@ -1,0 +1,1 @@
+"""Benchmarks' grid, class-incremental metrics and plots."""

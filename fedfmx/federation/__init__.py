@@ -1,0 +1,1 @@
+"""The aggregator's side: round logic, merges, buffered rounds, the in-process engine."""

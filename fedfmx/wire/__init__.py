@@ -1,0 +1,1 @@
+"""What travels between devices, districts and the aggregator: codecs, messages, signatures."""
