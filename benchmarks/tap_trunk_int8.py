@@ -15,7 +15,9 @@ rows), on three kinds of rows:
 - `fedfmx_cf φ`: the fleet's closed-form features (2,048: pool and taps, unit-normed and
   projected, `export.feature_maps`) from the tap trunk's outputs — what a device sends.
 
-SQNR per tap: `10·log10(Σ t² / Σ (t_int8 − t)²)` over the judged images.
+SQNR per tap: `10·log10(Σ t² / Σ (t_int8 − t)²)` over the judged images. Latency: the tap
+trunk's session (every output) at batch 1, fp32 against int8, with the `raspberry-pi-4`
+profile's threads and with 1.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ from export.trunk import TrunkFeatures, quantize_trunk, trunk_parity
 from export.trunk_runtime import TrunkRuntime, fp32_trunk_path
 from fedfmx.config import FleetConfig
 from fedfmx.data.datasets import load_dataset
+from fedfmx.profiles import load_profile
 from fedfmx.trunk.spec import INPUT_SIZE, TRUNK_FEATURES
 from fedfmx.trunk.taps import TAPS_BY_NAME, tap_sources
 
 RESULTS = Path(__file__).parent / "results"
 CALIBRATION = 256
+RUNS = 200
+"""Timed runs per latency cell (batch 1, median), as `trunk_int8.py` times its files."""
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -93,6 +98,15 @@ def main() -> None:
             "fit": rows(pooled_int8, (), fit_x),
             "judge": rows(pooled_int8, (), judge_x),
         }
+        threads = load_profile("raspberry-pi-4").threads
+        latency = {
+            f"{kind}_batch1_ms_{count}t": TrunkRuntime.load(
+                path, INPUT_SIZE, count, maps.taps
+            ).median_run_ms(judge_x, 1, RUNS)
+            for kind, path in (("fp32", taps_fp32), ("int8", taps_int8))
+            for count in (threads, 1)
+        }
+        print(f"tap trunk latency: {json.dumps(latency)}", flush=True)
         files = {
             "fp32_mb": taps_fp32.stat().st_size / 2**20,
             "taps_int8_vs_fp32": taps_int8.stat().st_size / taps_fp32.stat().st_size,
@@ -145,6 +159,8 @@ def main() -> None:
         "results": results,
         "tap_sqnr_db": per_tap,
         "files": files,
+        "latency_ms": latency,
+        "profile_threads": threads,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tap_trunk_int8.json").write_text(json.dumps(document, indent=2))

@@ -80,19 +80,6 @@ def sqnr_db(features: TrunkFeatures) -> float:
     return float(10 * np.log10((features.fp32**2).sum() / (error**2).sum()))
 
 
-def latency_ms(runtime: TrunkRuntime, images: np.ndarray, batch: int, runs: int) -> float:
-    """Median wall time of one `batch`-image run, in ms (after a warm-up)."""
-    feed = {runtime.session.get_inputs()[0].name: np.ascontiguousarray(images[:batch])}
-    for _ in range(5):
-        runtime.session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        begin = time.perf_counter()
-        runtime.session.run(None, feed)
-        times.append(time.perf_counter() - begin)
-    return float(np.median(times) * 1e3)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=200)
@@ -158,8 +145,8 @@ def main() -> None:
             for count in (threads, 1):
                 runtime = TrunkRuntime.load(path, INPUT_SIZE, count)
                 images = dataset.test_x[:16]
-                cell[f"batch1_ms_{count}t"] = latency_ms(runtime, images, 1, args.runs)
-                cell[f"batch16_ms_{count}t"] = latency_ms(runtime, images, 16, args.runs // 4)
+                cell[f"batch1_ms_{count}t"] = runtime.median_run_ms(images, 1, args.runs)
+                cell[f"batch16_ms_{count}t"] = runtime.median_run_ms(images, 16, args.runs // 4)
             print(name, {k: v for k, v in cell.items() if "ms" in k or "size" in k}, flush=True)
     document = {
         "benchmark": "trunk_int8",

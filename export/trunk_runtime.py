@@ -7,6 +7,7 @@ tools, ~40 MB more resident): a device makes its trunk once in a child process a
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,3 +84,16 @@ class TrunkRuntime:
             pooled = outputs[FEATURES_NAME] if not self.taps else tap_rows(outputs, self.taps)
             parts.append(np.asarray(pooled, np.float32))
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+    def median_run_ms(self, images: np.ndarray, batch: int, runs: int) -> float:
+        """Median wall time of one session run on `batch` images, in ms, after 5 warm-up runs:
+        the trunk alone (every output the file has), as a benchmark compares files."""
+        feed = {self.session.get_inputs()[0].name: np.ascontiguousarray(images[:batch])}
+        for _ in range(5):
+            self.session.run(None, feed)
+        times = []
+        for _ in range(runs):
+            begin = time.perf_counter()
+            self.session.run(None, feed)
+            times.append(time.perf_counter() - begin)
+        return float(np.median(times) * 1e3)
