@@ -551,7 +551,14 @@ class Aggregator:
             self._accepted.append(Acceptance(sender, digest, row, experts))
 
     def _refuse(self, round_index: int | None, sender: str, digest: str, reason: str) -> None:
-        """An update refused: logged and stored with its reason, and receipted as refused."""
+        """An update refused: logged and stored with its reason, and receipted as refused —
+        unless the fleet stored that very update already (re-sent after a lost receipt, or
+        a copy that raced its round's close): its receipt is then an acceptance again, so
+        the device neither sends it once more nor takes a stored update for a refused one."""
+        if self.state.stores_digest(sender, digest):
+            log_event("update_duplicate", device=sender, round=round_index)
+            self._receipt(sender, digest, "")
+            return
         self._reject(round_index, sender, reason)
         self._receipt(sender, digest, reason)
 

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS buffered_folds (
     PRIMARY KEY (round, device_id)
 );
 CREATE INDEX IF NOT EXISTS buffered_folds_by_buffer ON buffered_folds (buffer);
+CREATE INDEX IF NOT EXISTS updates_by_digest ON updates (sha256);
 CREATE TABLE IF NOT EXISTS skips (
     round INTEGER NOT NULL,
     device_id TEXT NOT NULL,
@@ -480,6 +481,13 @@ class AggregatorState:
             (round_index,),
         )
         return [(str(d), str(h)) for d, h in rows]
+
+    def stores_digest(self, device_id: str, sha256: str) -> bool:
+        """Whether this device's update with this digest is stored, in any round."""
+        rows = self._read(
+            "SELECT 1 FROM updates WHERE sha256 = ? AND device_id = ? LIMIT 1", (sha256, device_id)
+        )
+        return bool(rows)
 
     def record_skip(self, round_index: int, device_id: str) -> None:
         """A participant answered that it has nothing to send this round."""

@@ -284,8 +284,13 @@ def test_update_workers_are_refused_where_the_merge_is_not_partial_sums(change: 
 
 
 def test_an_update_after_its_round_closed_is_refused_not_folded(
-    mosquitto_broker: MosquittoBroker, model: GlobalModel, tmp_path: Path
+    mosquitto_broker: MosquittoBroker,
+    model: GlobalModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A new update after the close is refused; a copy of the one stored (it raced the close,
+    or its receipt was lost) is receipted as accepted again, not refused."""
     fleet = _fleet(mosquitto_broker.url, devices=1)
     aggregator = open_aggregator(fleet, tmp_path / "state.sqlite", ServiceHooks())
     assert isinstance(aggregator, PooledAggregator)
@@ -302,8 +307,13 @@ def test_an_update_after_its_round_closed_is_refused_not_folded(
         assert aggregator.keeper.current is None and aggregator.keeper.model.version == 1
         aggregator._take_update("d0", late, _digest(late))  # the workers still hold round 0
         aggregator._commit_accepted()
+        receipts: list[tuple[str, str, str]] = []
+        monkeypatch.setattr(aggregator, "_receipt", lambda *receipt: receipts.append(receipt))
+        aggregator._take_update("d0", first, _digest(first))
+        aggregator._commit_accepted()
     finally:
         aggregator.pool.close()
         aggregator.session.close()
     assert aggregator.state.update_digests(0) == [("d0", _digest(first))]
-    assert (None, "d0", "no round is open") in aggregator.state.rejections()
+    assert [why for _, d, why in aggregator.state.rejections() if d == "d0"] == ["no round is open"]
+    assert receipts == [("d0", _digest(first), "")]
