@@ -374,12 +374,6 @@ UPLINK_DEFAULT = CodecSettings(quantize="int8", zstd_level=3)
 UPLINK_DEFAULT_CLOSED_FORM = CodecSettings(zstd_level=3)
 """Closed-form methods send their statistics in float32 + zstd: int8 Gram matrices cost up to
 21 points (benchmarks/README, closed-form wire)."""
-UPLINK_DEFAULT_FACTOR = CodecSettings(quantize="fp16", zstd_level=3)
-"""A round's statistics sent as their exact factor (`fedfmx.closed_form.head.gram_factor`) go in
-float16 + zstd: half the bytes at no measured cost (86.27 vs 86.23 % for `fedfmx_cf`, 84.23 both
-for `ridge`; benchmarks/README, "The exact factor on the wire"), where fp16 triangles cost
-0.7-2.2 points (a Gram matrix's small eigenvalues are what λ resolves; a factor's rows carry
-them at their own scale)."""
 
 
 class DistrictsConfig(Section):
@@ -468,13 +462,6 @@ class FleetConfig(Section):
         if self.codec is not None:
             return self.codec
         return UPLINK_DEFAULT_CLOSED_FORM if self.closed_form else UPLINK_DEFAULT
-
-    def statistics_codec(self, factor: bool) -> CodecSettings:
-        """The codec of a closed-form update: the fleet's `codec`, or float16 + zstd for a
-        factor and float32 + zstd for a triangle."""
-        if self.codec is None and factor:
-            return UPLINK_DEFAULT_FACTOR
-        return self.uplink_codec
 
     @property
     def closed_form(self) -> bool:

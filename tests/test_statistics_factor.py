@@ -22,7 +22,6 @@ from fedfmx.config import FleetConfig
 from fedfmx.errors import ProtocolError
 from fedfmx.federation.rounds import RoundKeeper
 from fedfmx.federation.simulation import initial_model, load_fleet_dataset, run_inproc
-from fedfmx.wire.messages import CodecSettings
 from tests.test_closed_form_federation import DIM, fleet, keeper_for, payload
 from tests.test_statistics_partials import DEVICES, EAST, WEST, district_partial
 
@@ -236,19 +235,3 @@ def test_devices_send_the_factor_when_smaller_and_the_head_is_the_triangles() ->
     head, reference = (r.final_model.weights["head.weight"] for r in (with_factor, triangles))
     np.testing.assert_allclose(head, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
     assert with_factor.accuracy_matrix == triangles.accuracy_matrix
-
-
-def test_a_fleet_without_a_codec_sends_factors_in_fp16_and_triangles_in_fp32() -> None:
-    """`FleetConfig.statistics_codec`: a fleet's own codec wins; without one a factor travels in
-    float16 (free in accuracy on the wire benchmark), a triangle in float32. Over the engine the
-    fp16 factors cost fewer bytes and at most a point of final accuracy (the heads may differ
-    more: the prequential choice of λ can move to a neighbouring candidate)."""
-    explicit = fleet(128, quantize="none", zstd_level=3)
-    default = explicit.model_copy(update={"codec": None})
-    assert default.statistics_codec(True) == CodecSettings(quantize="fp16", zstd_level=3)
-    assert default.statistics_codec(False) == CodecSettings(quantize="none", zstd_level=3)
-    assert explicit.statistics_codec(True) == explicit.codec
-    fp32, fp16 = (run_inproc(c, load_fleet_dataset(c)) for c in (explicit, default))
-    assert fp16.uplink_bytes < fp32.uplink_bytes  # the runs differ only in the factors' codec
-    final = [float(np.mean(r.accuracy_matrix[-1])) for r in (fp16, fp32)]
-    assert abs(final[0] - final[1]) <= 0.01

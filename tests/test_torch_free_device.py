@@ -37,7 +37,7 @@ from fedfmx.federation.rounds import RoundKeeper
 from fedfmx.federation.simulation import initial_model
 from fedfmx.learner.model import build_model, state_to_numpy
 from fedfmx.trunk.taps import tap_sources
-from fedfmx.wire.messages import CodecSettings, ModelHeader
+from fedfmx.wire.messages import ModelHeader
 from fedfmx_cli.serving import export_serving
 
 FLEET = Path(__file__).parent.parent / "device_configs" / "fleets" / "ci-digits.yaml"
@@ -314,9 +314,7 @@ def test_the_torch_free_update_is_the_torch_learners(tmp_path: Path) -> None:
     """Same rows, same round: the same header (rows_before, counts, λ hits) and the same
     statistics to float rounding, accepted by the aggregator's validation; rows are read in
     batches, and a round with nothing new sends nothing."""
-    # float32 + zstd for factors too (their default is float16): the two learners' features
-    # differ by float rounding, which a float16 step could round apart
-    fleet = _fleet("fedfmx_cf").model_copy(update={"codec": CodecSettings(zstd_level=3)})
+    fleet = _fleet("fedfmx_cf")  # closed-form uplink default: float32 + zstd
     export_serving(out=tmp_path, fleet=write_fleet(tmp_path, fleet))
     maps = load_feature_maps(tmp_path / FEATURE_MAPS_FILE)
     samples, stream = own_partition(fleet, load_fleet_dataset(fleet), 0)

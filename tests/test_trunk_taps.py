@@ -161,7 +161,7 @@ def test_closed_form_fedfmx_on_the_trunk_reads_images_or_cached_taps_alike() -> 
 def test_federated_head_on_tap_vectors_equals_the_pooled_solve() -> None:
     """Rows given as tap vectors (as a cache serves them): the merged head is the exact one."""
     base = load_fleet(CI_FLEET).model_dump()
-    base |= {"method": "fedfmx_cf", "codec": {"zstd_level": 3}}  # float32 factors: exact
+    base |= {"method": "fedfmx_cf"}
     base["model"] |= {
         "backbone": "efficientnet_lite0",
         "tap_features": 24,

@@ -208,7 +208,7 @@ def statistics_update(
         factor_rank=0 if factor is None else len(factor),
         rows_before=held_before,
         lambda_hits=[int(h) for h in hits],
-        codec=round_.fleet.statistics_codec(factor is not None),
+        codec=round_.fleet.uplink_codec,
         train_loss=0.0,
     )
     payload = encode_update(header, tensors).payload
