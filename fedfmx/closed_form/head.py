@@ -57,10 +57,7 @@ class FeatureStatistics:
         if phi.ndim != 2 or len(labels) != len(phi):
             raise ValueError(f"features {phi.shape} and {len(labels)} names do not line up")
         stats = cls(phi.T @ phi)
-        for name in sorted(set(labels.tolist())):
-            rows = labels == name
-            stats.moments[str(name)] = phi[rows].sum(axis=0)
-            stats.counts[str(name)] = int(rows.sum())
+        add_class_sums(stats.moments, stats.counts, phi, names)
         return stats
 
     @property

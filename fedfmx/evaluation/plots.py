@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def plot_seen_accuracy(
@@ -39,10 +40,7 @@ def plot_seen_accuracy(
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_accuracy_vs_bytes(
@@ -67,10 +65,7 @@ def plot_accuracy_vs_bytes(
     axes.set_ylabel("final accuracy (%)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_wire_bytes(
@@ -98,6 +93,11 @@ def plot_wire_bytes(
     axes.set_title(title)
     axes.legend()
     axes.grid(alpha=0.3, axis="y")
+    _save(figure, path)
+
+
+def _save(figure: Figure, path: Path) -> None:
+    """Lay out, write the PNG (its folder made if needed) and free the figure."""
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
